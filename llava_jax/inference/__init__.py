@@ -1,0 +1,1 @@
+"""llava_jax.inference"""

@@ -1,0 +1,51 @@
+"""llava_jax: LLaVA (Visual Instruction Tuning) in JAX/Flax for TPU pods and NVIDIA GPUs."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10,<0.12",
+    "flax>=0.12,<0.14",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.12",
+    "array_record>=0.7",
+    "ml_collections>=1.0",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "sentencepiece>=0.2",
+    "transformers>=4.50",
+    "tqdm>=4.60",
+]
+
+EXTRAS = {
+    # Parity tests build the same random weights in PyTorch transformers. The pin keeps pip on the
+    # CPU wheel where one is provided locally; a range would let pip pick a multi-GB CUDA build.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3",
+        "torch==2.13.0",
+        "accelerate>=1.0",
+        "scikit-image>=0.22",
+        "gguf>=0.10",
+    ],
+    "cuda": ["jax[cuda12]>=0.10,<0.12"],
+    "tpu": ["jax[tpu]>=0.10,<0.12"],
+    "tensorboard": ["tensorboardX>=2.6"],
+}
+
+setup(
+    name="llava_jax",
+    version="0.1.0",
+    description="LLaVA (Visual Instruction Tuning) in JAX/Flax: models, two-stage sharded training, interop",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    include_package_data=True,
+    license="Apache-2.0",
+)
