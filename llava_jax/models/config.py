@@ -1,0 +1,126 @@
+"""Architecture configs for the three model parts and the LLaVA composite.
+
+Frozen dataclasses, so a config is hashable and can be a static argument of `jax.jit`. Each part's
+config also carries the runtime choices that change how (not what) it computes: `dtype` (compute),
+`param_dtype` (storage at init), `attention` (kernel, see `attention.py`) and `remat` (policy name,
+see `remat.py`). `LlavaConfig.with_runtime(...)` sets them on every part at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+IMAGE_TOKEN_ID = 32000  # "<image>", llava-hf convention
+PAD_TOKEN_ID = 32001  # "<pad>"
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT vision tower (transformers `CLIPVisionConfig` names in comments)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24  # num_hidden_layers
+    num_heads: int = 16  # num_attention_heads
+    layer_norm_eps: float = 1e-5
+    # LLaVA's use of the tower: hidden_states[select_layer]; 'patch' drops CLS, 'cls_patch' keeps it.
+    select_layer: int = -2
+    select_feature: Literal["patch", "cls_patch"] = "patch"
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1  # + CLS
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens one image occupies in the LLM sequence."""
+        return self.num_patches + (1 if self.select_feature == "cls_patch" else 0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def layers_needed(self) -> int:
+        """Encoder blocks that must run to produce hidden_states[select_layer] (25 entries for 24 blocks)."""
+        n = self.num_layers + 1
+        if not -n <= self.select_layer < n:
+            raise ValueError(f"vision select_layer={self.select_layer} out of range for {self.num_layers} layers")
+        return self.select_layer % n
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA / Vicuna decoder (transformers `LlamaConfig` names in comments)."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32  # num_hidden_layers
+    num_heads: int = 32  # num_attention_heads
+    num_kv_heads: int = 32  # num_key_value_heads (< num_heads: grouped-query attention)
+    head_dim_override: int | None = None  # head_dim when not hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.hidden_size // self.num_heads
+
+
+ProjectorType = Literal["linear", "mlp2x_gelu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    vision: VisionConfig = VisionConfig()
+    llm: LlamaConfig = LlamaConfig()
+    projector: ProjectorType = "linear"
+    image_token_id: int = IMAGE_TOKEN_ID
+    pad_token_id: int = PAD_TOKEN_ID
+
+    def __post_init__(self):
+        if self.projector not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"projector={self.projector!r}: use 'linear' (paper) or 'mlp2x_gelu' (v1.5)")
+        if not 0 <= self.image_token_id < self.llm.vocab_size:
+            raise ValueError(f"image_token_id={self.image_token_id} outside vocab_size={self.llm.vocab_size}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_image_tokens
+
+    def with_runtime(self, **kw) -> "LlavaConfig":
+        """Set runtime fields (dtype, param_dtype, attention, remat) on both towers."""
+        allowed = {"dtype", "param_dtype", "attention", "remat"}
+        if bad := set(kw) - allowed:
+            raise ValueError(f"with_runtime got {sorted(bad)}; allowed: {sorted(allowed)}")
+        return dataclasses.replace(
+            self, vision=dataclasses.replace(self.vision, **kw), llm=dataclasses.replace(self.llm, **kw)
+        )

@@ -1,0 +1,164 @@
+"""LLaMA / Vicuna decoder (transformers `LlamaForCausalLM` semantics) with a KV-cache path.
+
+tokens [B, T] (or embeddings [B, T, D]) + positions [B, T] + segment ids [B, T] (0 = padding,
+1..k = packed samples) -> logits [B, T, V] float32. RMSNorm, RoPE in the Hugging Face half-split
+("rotate_half") layout, grouped-query attention, SwiGLU MLP, tied or untied output embedding. The
+blocks are stacked and scanned; `cfg.remat` names the rematerialisation policy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name as _name
+
+from llava_jax.models import attention
+from llava_jax.models.config import LlamaConfig
+from llava_jax.models.norms import RMSNorm
+from llava_jax.models.stacking import scan, stacked
+
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of every layer.
+
+    k, v: [L, B, S, K, H]; segment_ids: [B, S] (0 = empty or padding slot); index: int32 scalar, the
+    next slot to write (all rows advance together; rows of different prompt lengths are left-padded).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+            jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32),
+        )
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _dense(cfg: LlamaConfig, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        kernel_init=nnx.initializers.normal(0.02), kernel_metadata={"axes": axes},
+    )
+
+
+class LlamaBlock(nnx.Module):
+    """x + attn(rmsnorm(x)); x + mlp(rmsnorm(x)). [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.q_proj = _dense(cfg, d, cfg.num_heads * hd, ("embed", "heads"), rngs)
+        self.k_proj = _dense(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs)
+        self.v_proj = _dense(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs)
+        self.o_proj = _dense(cfg, cfg.num_heads * hd, d, ("heads", "embed"), rngs)
+        self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.gate_proj = _dense(cfg, d, f, ("embed", "mlp"), rngs)
+        self.up_proj = _dense(cfg, d, f, ("embed", "mlp"), rngs)
+        self.down_proj = _dense(cfg, f, d, ("mlp", "embed"), rngs)
+
+    def __call__(self, x, positions, mask, kv=None, cache_index=None):
+        """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: this layer's (k, v) cache [B, S, K, H].
+        Returns (x, updated kv or None)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = _name(apply_rope(q, positions, cfg.rope_theta), "query_proj")
+        k = _name(apply_rope(k, positions, cfg.rope_theta), "key_proj")
+        v = _name(v, "value_proj")
+        impl = cfg.attention
+        if kv is not None:
+            ck, cv = kv
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            kv = (k, v)
+            impl = "xla"  # fused kernels take no cache offsets
+        a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=impl, causal=True)
+        x = x + _name(self.o_proj(a.reshape(b, t, -1)), "out_proj")
+        h = self.post_attention_layernorm(x)
+        m = _name(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), "mlp_hidden")
+        return x + self.down_proj(m), kv
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM. Parameter names follow transformers' `model.*` / `lm_head` keys."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+            embedding_init=nnx.initializers.normal(0.02), embedding_metadata={"axes": ("vocab", "embed")},
+        )
+        self.layers = stacked(lambda r: LlamaBlock(cfg, rngs=r), cfg.num_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _dense(
+            cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs
+        )
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D] in the compute dtype."""
+        return self.embed_tokens(tokens).astype(self.cfg.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [B, T, D] -> logits [B, T, V] float32."""
+        out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def hidden(self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache)."""
+        cfg = self.cfg
+        b, t, _ = embeddings.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = embeddings.astype(cfg.dtype)
+        if cache is None:
+            mask = attention.make_mask(segment_ids, segment_ids, causal=True)
+
+            def body(blk, c, _):
+                return blk(c, positions, mask)[0], None
+
+            x, _ = scan(self.layers, body, x, policy=cfg.remat)
+        else:
+            kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+            mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
+
+            def body(blk, c, kv):
+                return blk(c, positions, mask, kv, cache.index)
+
+            x, (ks, vs) = scan(self.layers, body, x, (cache.k, cache.v), policy=cfg.remat)
+            cache = KVCache(ks, vs, kv_seg, cache.index + t)
+        return self.norm(x), cache
+
+    def __call__(self, tokens=None, *, embeddings=None, positions=None, segment_ids=None, cache=None):
+        """tokens [B, T] or embeddings [B, T, D] -> (logits [B, T, V] float32, cache or None)."""
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens or embeddings")
+        x = self.embed(tokens) if embeddings is None else embeddings
+        h, cache = self.hidden(x, positions=positions, segment_ids=segment_ids, cache=cache)
+        return self.logits(h), cache
