@@ -1,0 +1,178 @@
+"""Import checkpoints into llava_jax modules through the mapping tables.
+
+    model = from_pretrained("path/to/llava-hf-dir")             # config.json + weights
+    load_weights(model.vision_tower, "path/to/clip")           # one part of a model
+    load_weights(model, "path/to/vicuna")                        # fills model.language_model
+
+Every array is checked: a checkpoint key with no rule (and not on the format's ignore list), a rule
+whose key is missing, and a shape mismatch are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.convert import hf_config
+from llava_jax.convert.files import TensorSource, open_checkpoint
+from llava_jax.convert.mapping import FORMATS, Rule, detect_format, to_ours
+from llava_jax.models.clip import ClipVisionTower
+from llava_jax.models.llama import Llama
+from llava_jax.models.llava import Llava
+
+# Where each part sits inside each llava_jax root module ('' = the root itself; None = absent).
+_PART_PREFIX = {
+    Llava: {"vision": "vision_tower", "llm": "language_model", "projector": "multi_modal_projector"},
+    Llama: {"vision": None, "llm": "", "projector": None},
+    ClipVisionTower: {"vision": "", "llm": None, "projector": None},
+}
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint does not fit the model: the message names the key and the shapes."""
+
+
+def _root_kind(module) -> dict[str, str | None]:
+    for cls, prefixes in _PART_PREFIX.items():
+        if isinstance(module, cls):
+            return prefixes
+    raise TypeError(f"cannot load into {type(module).__name__}; use Llava, Llama or ClipVisionTower")
+
+
+def _config_of(module):
+    cfg = module.cfg
+    if isinstance(module, Llava):
+        return cfg.projector, cfg.llm.tie_word_embeddings
+    if isinstance(module, Llama):
+        return None, cfg.tie_word_embeddings
+    return None, False
+
+
+def rules_for(module, fmt: str, keys) -> list[Rule]:
+    """The format's table laid over this module: the parts both the module and checkpoint have."""
+    f = FORMATS[fmt]
+    projector, tied = _config_of(module)
+    return f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision_prefix(keys), projector=projector,
+                   tied=tied)
+
+
+def _fold_identity_act_projector(source: TensorSource, prefix: str) -> dict[str, np.ndarray]:
+    """llava-hf stores a linear projector as linear_2(linear_1(x)) with the identity activation;
+    fold it into one layer: W = W2 W1, b = W2 b1 + b2 (torch layout)."""
+    w1, b1 = source.get(f"{prefix}.linear_1.weight"), source.get(f"{prefix}.linear_1.bias")
+    w2, b2 = source.get(f"{prefix}.linear_2.weight"), source.get(f"{prefix}.linear_2.bias")
+    w1, b1, w2, b2 = (np.asarray(a, np.float64) for a in (w1, b1, w2, b2))
+    return {f"{prefix}.linear_1.weight": (w2 @ w1).astype(np.float32),
+            f"{prefix}.linear_1.bias": (w2 @ b1 + b2).astype(np.float32)}
+
+
+def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict[str, np.ndarray]:
+    """{llava_jax param path: array in llava_jax layout} for every rule the module and format share.
+
+    `module` may be abstract (`nnx.eval_shape`); only shapes are read from it.
+    """
+    keys = source.keys()
+    fmt = fmt or detect_format(keys)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; one of {sorted(FORMATS)}")
+    rules = rules_for(module, fmt, keys)
+    overrides: dict[str, np.ndarray] = {}
+    f = FORMATS[fmt]
+    if (isinstance(module, Llava) and module.cfg.projector == "linear" and f.projector_style == "hf"
+            and f"{f.projector}.linear_2.weight" in keys):
+        overrides = _fold_identity_act_projector(source, f.projector)
+
+    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    out: dict[str, np.ndarray] = {}
+    used: set[str] = {f"{f.projector}.linear_2.{w}" for w in ("weight", "bias")} if overrides else set()
+    keyset = set(keys) | set(overrides)
+
+    def read(key: str) -> np.ndarray:
+        if key not in keyset:
+            raise CheckpointMismatch(f"checkpoint ({fmt}) has no key {key!r}, which the model needs")
+        used.add(key)
+        return overrides[key] if key in overrides else source.get(key)
+
+    for rule in rules:
+        if rule.ours not in flat:
+            raise CheckpointMismatch(f"mapping rule for {rule.theirs!r} targets {rule.ours!r}, not a model parameter")
+        want = tuple(flat[rule.ours].shape)
+        if rule.stacked:
+            arr = np.stack([to_ours(rule.kind, read(rule.theirs.format(i=i))) for i in range(want[0])])
+        else:
+            arr = to_ours(rule.kind, read(rule.theirs))
+        if tuple(arr.shape) != want:
+            raise CheckpointMismatch(
+                f"{rule.theirs!r}: checkpoint shape {tuple(arr.shape)} (in llava_jax layout) does not match "
+                f"parameter {rule.ours!r} of shape {want}; is the config right for this checkpoint?"
+            )
+        out[rule.ours] = arr
+    _check_tied_head(module, f, keyset, used, read)
+    ignore = [re.compile(p) for p in f.ignore]
+    unknown = [k for k in keys if k not in used and not any(p.search(k) for p in ignore)]
+    if unknown:
+        raise CheckpointMismatch(
+            f"checkpoint ({fmt}) has {len(unknown)} key(s) the model does not use, e.g. {unknown[:5]}; "
+            "the config (layer count, tied embeddings, projector) probably differs from the checkpoint's"
+        )
+    return out
+
+
+def _check_tied_head(module, f, keyset, used, read) -> None:
+    """A tied model's state_dict still lists `lm_head.weight` (the same tensor as the embedding):
+    accept it when equal, refuse it when the checkpoint really has a separate head."""
+    _, tied = _config_of(module)
+    if not tied or f.lm_head is None or f"{f.lm_head}.weight" not in keyset:
+        return
+    head, embed = f"{f.lm_head}.weight", f"{f.llm_body}.embed_tokens.weight"
+    if not np.array_equal(read(head), read(embed)):
+        raise CheckpointMismatch(
+            f"{head!r} differs from {embed!r} but the config ties them (tie_word_embeddings=True)"
+        )
+
+
+def load_weights(module, path_or_source: Any, fmt: str | None = None):
+    """Load a checkpoint (path or source) into `module` in place; returns the module."""
+    source = open_checkpoint(path_or_source) if not hasattr(path_or_source, "get") else path_or_source
+    arrays = convert_arrays(module, source, fmt)
+    state = nnx.state(module, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        key = "/".join(map(str, path))
+        if key in arrays:
+            var.value = jnp.asarray(arrays[key], dtype=var.value.dtype)
+    nnx.update(module, state)
+    return module
+
+
+def config_from_hf(d: dict):
+    """A HF config dict -> (llava_jax module class, config)."""
+    mt = d.get("model_type")
+    if mt == "llava":
+        return Llava, hf_config.llava_config_from_hf(d)
+    if mt in ("llama",):
+        return Llama, hf_config.llama_config_from_hf(d)
+    if mt in ("clip", "clip_vision_model"):
+        return ClipVisionTower, hf_config.vision_config_from_hf(d)
+    raise ValueError(f"model_type {mt!r} is not supported (llava, llama, clip, clip_vision_model)")
+
+
+def from_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, fmt: str | None = None):
+    """Build a module from a Hugging Face directory (config.json + weights), without random init."""
+    import dataclasses
+
+    cls, cfg = config_from_hf(hf_config.read_config(path))
+    runtime = dict(dtype=dtype, param_dtype=param_dtype)
+    cfg = cfg.with_runtime(**runtime) if cls is Llava else dataclasses.replace(cfg, **runtime)
+    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    arrays = convert_arrays(abstract, open_checkpoint(path), fmt)
+    graphdef, state = nnx.split(abstract)
+    for p, var in nnx.to_flat_state(state):
+        key = "/".join(map(str, p))
+        if key not in arrays:
+            raise CheckpointMismatch(f"parameter {key!r} has no entry in the {fmt or 'detected'} mapping table")
+        var.value = jnp.asarray(arrays[key], dtype=var.value.dtype)
+    return nnx.merge(graphdef, state)
