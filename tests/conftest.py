@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,6 +15,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # shared test helpers, e.g. hf_reference
 
 
 @pytest.fixture(scope="session")
