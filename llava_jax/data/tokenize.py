@@ -183,7 +183,7 @@ def tokenize_conversation(
             )
         ids, labels = ids[:max_length], labels[:max_length]
     if not (labels != IGNORE_INDEX).any():
-        raise BadSample(record_id, f"no target tokens (after truncation to max_length={max_length})")
+        raise BadSample(record_id, f"no target tokens left within max_length={max_length}")
     return {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32)}
 
 
@@ -195,15 +195,17 @@ def tokenize_record(
     max_length: int,
     *,
     missing_placeholder: str = "raise",
+    record_id: Any = None,
 ) -> dict[str, np.ndarray]:
     """Tokenize a LLaVA JSON record ``{id, image?, conversations: [{from, value}, ...]}``.
 
     A record has an image when its ``image`` key holds a path (a missing key or null means
-    text-only). Arguments and result as `tokenize_conversation`.
+    text-only). Errors name the record's ``id``, or ``record_id`` (e.g. its index) when it has
+    none. Other arguments and the result as `tokenize_conversation`.
     """
     if not isinstance(record, Mapping):
-        raise BadSample(None, f"a record must be a JSON object, got {type(record).__name__}")
-    record_id = record.get("id")
+        raise BadSample(record_id, f"a record must be a JSON object, got {type(record).__name__}")
+    record_id = record.get("id", record_id)
     image = record.get("image")
     if image is not None and not isinstance(image, str):
         raise BadSample(record_id, f"'image' must be one path string (one image per record), got {image!r:.80}")

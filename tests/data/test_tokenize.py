@@ -449,6 +449,9 @@ def test_bad_records_for_plain(tokenizer):
         tokenize_record(record(conv("A", "b"), image=None), "plain", tokenizer, N_IMG, 2048)
     with pytest.raises(BadSample, match="JSON object"):
         tokenize_record(["not", "a", "dict"], "v1", tokenizer, N_IMG, 2048)
+    with pytest.raises(BadSample, match="line 12") as err:  # no id: the caller's record_id is named
+        tokenize_record({"conversations": []}, "v1", tokenizer, N_IMG, 2048, record_id="line 12")
+    assert err.value.record_id == "line 12"
 
 
 def test_missing_placeholder_prepend(tokenizer):
