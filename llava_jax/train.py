@@ -1,0 +1,57 @@
+"""Entry point: python -m llava_jax.train --config configs/<file>.py[:arg] --workdir DIR [--config.key=value ...]
+
+Without --config it runs the bundled demo (configs/demo.py): synthetic data, stage 1, stage 2, and the
+held-out accuracy. `--aot --fake_devices 8` compiles the real-size train step of every configured stage
+for a mesh of fake CPU devices without allocating weights and prints per-device memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEMO = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+_CONFIG = config_flags.DEFINE_config_file("config", str(_DEMO), "experiment config file (configs/*.py[:arg])",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config name>)")
+_AOT = flags.DEFINE_bool("aot", False, "compile the train step ahead of time and report memory; no training")
+_FAKE = flags.DEFINE_integer("fake_devices", 0, "with --aot: pretend to have this many CPU devices")
+
+
+def _default_workdir(config_file: str) -> str:
+    arg = _CONFIG.value.get("arg", "") if hasattr(_CONFIG.value, "get") else ""
+    name = pathlib.Path(config_file).stem
+    return str(pathlib.Path("runs") / (f"{name}_{arg}" if arg else name))
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if _FAKE.value:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", _FAKE.value)
+    from llava_jax.parallel.distributed import initialize
+
+    initialize(_CONFIG.value.distributed)
+    config = _CONFIG.value
+    if _AOT.value:
+        from llava_jax.training.aot import report
+
+        report(config)
+        return 0
+    workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    from llava_jax.training.job import main as run_job
+
+    return run_job(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

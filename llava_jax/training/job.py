@@ -1,0 +1,92 @@
+"""The whole job behind `python -m llava_jax.train`: prepare data (the demo's synthetic set), run the
+stages, evaluate, and write a summary (`<workdir>/summary.json`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+
+import jax
+from flax import nnx
+
+from llava_jax.training import loop
+
+log = logging.getLogger("llava_jax.train")
+
+
+def _resolve_paths(config, workdir: pathlib.Path) -> None:
+    """Paths may start with {workdir}; fill it in (the demo keeps its data under the run)."""
+    def fill(d):
+        for k, v in d.items():
+            if isinstance(v, str) and "{workdir}" in v:
+                d[k] = v.replace("{workdir}", str(workdir))
+            elif hasattr(v, "items"):
+                fill(v)
+
+    with config.unlocked():
+        fill(config)
+
+
+def prepare_synthetic(config) -> None:
+    s = config.synthetic
+    if not s.enabled:
+        return
+    out = pathlib.Path(s.out)
+    if (out / "meta.json").exists():
+        log.info("synthetic data already at %s", out)
+        return
+    if jax.process_index() == 0:
+        from llava_jax.data.synthetic import generate
+
+        t = time.time()
+        generate(str(out), image_size=s.image_size, num_pretrain=s.num_pretrain, num_instruct=s.num_instruct,
+                 num_eval=s.num_eval, seed=s.seed)
+        log.info("synthetic data written to %s in %.1fs", out, time.time() - t)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic data")
+
+
+def evaluate(config, params) -> dict:
+    from llava_jax.data.tokenizer import load_tokenizer
+    from llava_jax.models import Llava
+    from llava_jax.training.evaluate import qa_accuracy
+
+    spec_cfg = loop.model_config(config)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llava(spec_cfg, rngs=nnx.Rngs(0))))
+    model = nnx.merge(graphdef, jax.device_get(params))
+    e = config.eval
+    tok = load_tokenizer(config.stage2.data.tokenizer_path or None)
+    return qa_accuracy(model, e.json_path, tokenizer=tok, template=config.stage2.data.template,
+                       max_examples=e.max_examples, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+
+
+def main(config, workdir) -> int:
+    workdir = pathlib.Path(workdir).absolute()
+    _resolve_paths(config, workdir)
+    t0 = time.time()
+    prepare_synthetic(config)
+    results = loop.run(config, workdir)
+    summary = {name: {"steps": r.steps, "final_loss": r.final_loss, "seconds": round(r.seconds, 1)}
+               for name, r in results.items()}
+    if config.eval.json_path:
+        last = results[list(results)[-1]]
+        params = last.params
+        if params is None:  # the stage had finished earlier: read its final parameters
+            from llava_jax.training.checkpoint import restore_params
+            from llava_jax.training.state import ModelSpec
+
+            spec = ModelSpec.create(loop.model_config(config))
+            params = restore_params(workdir / last.name / "final_params", spec.abstract)
+        summary["eval"] = evaluate(config, params)
+        ev = summary["eval"]
+        log.info("held-out accuracy %.3f on %d questions (chance %s); per category %s", ev["accuracy"], ev["n"],
+                 f"{ev['chance']:.3f}" if ev["chance"] else "n/a", ev["per_category"])
+    summary["total_seconds"] = round(time.time() - t0, 1)
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,259 @@
+"""The training loop: run the configured stages in order, each resumable.
+
+    for each stage (stage1: projector; stage2: projector + LLM):
+        mask      = which parameters train                      (partition.py)
+        tx        = clip + AdamW on trainable, set_to_zero else  (optimizer.py)
+        state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
+        loop:       global batch -> jitted step -> metrics, checkpoints
+        final     = final_params/ for the next stage, chat and export
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llava_jax.models import Llava, LlavaConfig, get_preset
+from llava_jax.parallel.mesh import describe, make_mesh
+from llava_jax.training import optimizer, partition
+from llava_jax.training.loss import max_targets_per_row
+from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings, restore_params, save_params
+from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
+from llava_jax.training.state import ModelSpec, TrainState, cast, init_params, param_shardings, state_shardings
+from llava_jax.training.step import MODEL_KEYS, make_train_step
+
+log = logging.getLogger("llava_jax.train")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _dtype(name: str, key: str):
+    if name not in DTYPES:
+        raise ValueError(f"config.{key}={name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_config(config) -> LlavaConfig:
+    return get_preset(config.model, dtype=_dtype(config.dtype, "dtype"), attention=config.attention,
+                      remat=config.remat)
+
+
+def data_iterator(config, stage, cfg: LlavaConfig):
+    """This process's batches for a stage (repeating forever; the loop stops by step count)."""
+    from llava_jax.data import pipeline
+
+    d = stage.data
+    source = pipeline.source_from_config({k: v for k, v in d.items() if v != ""})
+    overrides = dict(image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
+                     global_batch_size=stage.batch_size, seed=config.seed, num_epochs=None)
+    if d.max_images_per_row:
+        overrides["max_images_per_row"] = d.max_images_per_row
+    fields = {k: v for k, v in d.items() if k not in ("max_images_per_row",) and v != ""}
+    it = pipeline.from_config(fields, source=source, **overrides)
+    return it, len(source)
+
+
+def total_steps(stage, num_records: int) -> int:
+    if stage.num_steps > 0:
+        return int(stage.num_steps)
+    if stage.data.packing:
+        raise ValueError("with data.packing the number of rows per epoch is not known in advance: set num_steps")
+    return max(1, math.ceil(num_records * stage.epochs / stage.batch_size))
+
+
+def check_batch_divides(stage, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if stage.batch_size % (shards * stage.micro_batches):
+        raise ValueError(
+            f"batch_size={stage.batch_size} must be divisible by data*fsdp={shards} times "
+            f"micro_batches={stage.micro_batches}"
+        )
+    if stage.batch_size % jax.process_count():
+        raise ValueError(f"batch_size={stage.batch_size} must be divisible by the {jax.process_count()} processes")
+
+
+# ----------------------------------------------------------------------------- initial weights
+
+
+def _place(arrays: dict[str, np.ndarray], target: Any, shardings: Any) -> Any:
+    """Put host arrays (by '/'-path) into a params tree, each directly into its shards."""
+    def put(path, a, sh):
+        key = partition.path_str(path)
+        if key not in arrays:
+            return a
+        host = np.asarray(arrays[key]).astype(a.dtype)
+        return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+    return jax.tree_util.tree_map_with_path(put, target, shardings)
+
+
+def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None) -> Any:
+    """Random init (seeded), then the pretrained parts named in config.init, then the projector of the
+    previous stage (the original's `--pretrain_mm_mlp_adapter`)."""
+    from llava_jax.convert import convert_arrays, open_checkpoint
+
+    frozen_dtype = _dtype(config.frozen_dtype, "frozen_dtype")
+    params = init_params(spec, config.seed, mask, frozen_dtype, shardings)
+    abstract_model = nnx.eval_shape(lambda: Llava(spec.cfg, rngs=nnx.Rngs(0)))
+    for key in ("llava", "vision", "llm"):
+        path = config.init[key]
+        if path:
+            log.info("loading %s weights from %s", key, path)
+            params = _place(convert_arrays(abstract_model, open_checkpoint(path)), params, shardings)
+    if previous_stage:
+        prev = pathlib.Path(previous_stage)
+        prev = prev / "final_params" if (prev / "final_params").exists() else prev
+        log.info("projector from %s", prev)
+        target = {"multi_modal_projector": jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            params["multi_modal_projector"], shardings["multi_modal_projector"])}
+        params = {**params, **restore_params(prev, target, partial=True)}
+    return params
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    steps: int
+    final_loss: float | None
+    seconds: float
+    params: Any = None
+
+
+def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib.Path,
+                previous_stage: str | None) -> StageResult:
+    stage = config[name]
+    stage_dir = workdir / name
+    done_marker = stage_dir / "DONE"
+    psh = param_shardings(spec, mesh)
+    if done_marker.exists():
+        log.info("%s already finished (%s): skipping", name, done_marker)
+        return StageResult(name, json.loads(done_marker.read_text())["steps"], None, 0.0)
+    check_batch_divides(stage, mesh)
+    t_start = time.time()
+
+    mask = partition.trainable_mask(spec.abstract, stage.trainable)
+    data_iter, num_records = data_iterator(config, stage, spec.cfg)
+    steps = total_steps(stage, num_records)
+    tx, lr = optimizer.make(stage.optim, spec.abstract, mask, steps)
+    frozen_dtype = _dtype(config.frozen_dtype, "frozen_dtype")
+    abstract_params = cast(spec.abstract, mask, frozen_dtype)
+    abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+        opt_state=jax.eval_shape(tx.init, abstract_params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    ssh = state_shardings(abstract_state, psh, mesh)
+    log.info("%s: %d steps of %d rows (%d records), mesh %s, trainable %s / %s params", name, steps,
+             stage.batch_size, num_records, describe(mesh), f"{spec.num_params(mask):,}", f"{spec.num_params():,}")
+
+    ckpt = Checkpointer(stage_dir / "checkpoints", every=stage.checkpoint_every, keep=stage.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        log.info("%s: resuming from step %d", name, latest)
+        state = ckpt.restore(latest, abstract_with_shardings(abstract_state, ssh), data_iter)
+    else:
+        params = initial_params(config, spec, mask, psh, previous_stage)
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32), params=params,
+            opt_state=jax.jit(tx.init, out_shardings=ssh.opt_state)(params),
+            rng=jax.random.key_data(jax.random.key(config.seed)),
+        )
+
+    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    step_fn = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row),
+                      in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+    flops = None
+    peak = peak_flops()
+    writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
+    skipped_total = 0
+    last = None
+    t_log, step_at_log = time.time(), int(state.step)
+    try:
+        with jax.set_mesh(mesh):
+            while int(state.step) < steps:
+                local = next(data_iter)
+                skipped_total += int(np.sum(local.get("meta_skipped", 0)))
+                if stage.targets_per_row and max_targets_per_row(local["labels"]) > stage.targets_per_row:
+                    raise ValueError(
+                        f"{name}: a row has {max_targets_per_row(local['labels'])} target tokens, more than "
+                        f"targets_per_row={stage.targets_per_row}; raise it (or set 0 for all positions)"
+                    )
+                batch = {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in MODEL_KEYS}
+                state, metrics = step_fn(state, batch)
+                step = int(state.step)
+                writer.advance()
+                if flops is None:
+                    flops = step_flops(spec.cfg, tokens=batch["input_ids"].size, seq_len=batch["input_ids"].shape[1],
+                                       images=int(np.prod(batch["images"].shape[:2])),
+                                       llm_trainable="llm" in partition.parse_trainable(stage.trainable))
+                is_log = step % config.log_every == 0 or step == steps
+                will_save = step % stage.checkpoint_every == 0 or step == steps
+                if is_log or will_save:
+                    m = jax.device_get(metrics)
+                    if not np.isfinite(m["loss"]):
+                        raise NonFiniteLoss(
+                            f"{name}: loss is {m['loss']} at step {step}; stopping without saving. The last good "
+                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr, "
+                            "raise warmup, or check the data."
+                        )
+                    dt = (time.time() - t_log) / max(step - step_at_log, 1)
+                    t_log, step_at_log = time.time(), step
+                    m.update(step_time=dt, tokens_per_s=float(m["tokens"]) / dt, skipped_samples=skipped_total,
+                             flops_per_step=flops)
+                    if peak:
+                        m["mfu"] = flops / dt / (peak * mesh.size)
+                    writer.write(step, m)
+                    last = float(m["loss"])
+                ckpt.save(step, state, data_iter, force=step == steps)
+        ckpt.wait()
+        save_params(stage_dir / "final_params", state.params)
+        if jax.process_index() == 0:
+            done_marker.write_text(json.dumps({"steps": steps, "final_loss": last}))
+    finally:
+        writer.close()
+        ckpt.close()
+    return StageResult(name, steps, last, time.time() - t_start, state.params)
+
+
+# ----------------------------------------------------------------------------- all stages
+
+
+def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Run every stage in `config.stages`; returns per-stage results (and eval, if configured)."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = make_mesh(config.mesh.ici, config.mesh.dcn)
+    spec = ModelSpec.create(model_config(config))
+    previous = config.init.stage1 or None
+    results: dict[str, Any] = {}
+    names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    for name in names:
+        if name not in config:
+            raise ValueError(f"config.stages names {name!r}, which is not a stage dict of this config")
+        res = train_stage(config, name, spec, mesh, workdir, previous)
+        results[name] = res
+        previous = str(workdir / name)
+    return results

@@ -1,0 +1,100 @@
+"""The jitted train step: micro-batched gradients of the trainable leaves, masked AdamW update.
+
+Gradients are taken with respect to the trainable leaves only (the frozen ones enter as constants),
+summed over micro-batches, and divided once by the number of target tokens of the whole global
+batch, so accumulation gives the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llava_jax.parallel.rules import constrain
+from llava_jax.training.loss import gather_targets, shifted_targets, target_loss_sums
+from llava_jax.training.state import TrainState
+
+MODEL_KEYS = ("input_ids", "labels", "positions", "segment_ids", "images")
+
+
+def _split(params, mask):
+    trainable = jax.tree.map(lambda t, p: p if t else None, mask, params)
+    frozen = jax.tree.map(lambda t, p: None if t else p, mask, params)
+    return trainable, frozen
+
+
+def _join(mask, trainable, frozen):
+    return jax.tree.map(lambda t, a, b: a if t else b, mask, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...], micro-batch i = rows i, i+n, ...: every micro-batch spans all the
+    devices the batch is sharded over."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token NLL, number of target tokens) for one (micro-)batch.
+
+    targets_per_row > 0: logits only at the first that-many target positions of each row (rows with
+    more must have been refused on the host); 0: logits at every position."""
+    model = nnx.merge(graphdef, params)
+    batch = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
+    embeddings = model.embed(batch["input_ids"], batch["images"])
+    hidden, _ = model.language_model.hidden(embeddings, positions=batch["positions"],
+                                            segment_ids=batch["segment_ids"])
+    targets = shifted_targets(batch["labels"])
+    if 0 < targets_per_row < targets.shape[1]:
+        hidden, targets = gather_targets(hidden, targets, targets_per_row)
+    return target_loss_sums(model.language_model.logits(hidden), targets)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, mask: Any, lr_schedule: Callable,
+                    micro_batches: int = 1, targets_per_row: int = 0
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns step(state, batch) -> (state, metrics). `batch` holds the MODEL_KEYS arrays."""
+
+    def grads_and_sums(trainable, frozen, batch):
+        def f(tr):
+            return loss_fn(graphdef, _join(mask, tr, frozen), batch, targets_per_row)
+
+        (total, count), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return g, total, count
+
+    def step(state: TrainState, batch: dict):
+        batch = {k: batch[k] for k in MODEL_KEYS}
+        trainable, frozen = _split(state.params, mask)
+        if micro_batches == 1:
+            g, total, count = grads_and_sums(trainable, frozen, batch)
+        else:
+            def body(acc, mb):
+                g, t, c = grads_and_sums(trainable, frozen, mb)
+                return jax.tree.map(jnp.add, acc, (g, t, c)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (g, total, count), _ = jax.lax.scan(body, zeros, _micro_batches(batch, micro_batches))
+        denom = jnp.maximum(count, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        # Frozen leaves enter the optax masks as zeros; set_to_zero ignores them (and XLA drops them).
+        full_grads = _join(mask, g, jax.tree.map(lambda p: jnp.zeros((), p.dtype), frozen))
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda t, p, u: (p + u).astype(p.dtype) if t else p, mask, state.params, updates)
+        metrics = {
+            "loss": total / denom,
+            "target_tokens": count,
+            "tokens": jnp.sum(batch["segment_ids"] != 0),
+            "grad_norm": optax.global_norm(g),
+            "lr": lr_schedule(state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
