@@ -1,0 +1,491 @@
+"""The grain input pipeline: LLaVA records -> fixed-shape, host-local numpy batches.
+
+    it = make_batches(source, tokenizer=tok, template="v1", image_size=336, image_aspect_ratio="pad",
+                      num_image_tokens=576, max_length=2048, global_batch_size=128, seed=0,
+                      num_epochs=None, packing=False, worker_count=4, on_bad_sample="skip")
+    batch = next(it)                  # dict of numpy arrays, this process's share of the global batch
+    state = it.get_state()            # save with the checkpoint; a fresh iterator + set_state(state)
+    it.set_state(state)               # continues with exactly the batches the old one would have given
+
+Stages (grain dataset API; everything up to batching runs inside the worker processes):
+  1. `MapDataset.source(source)[shard_index::shard_count]`: this process's records (disjoint across
+     processes, together the whole dataset).
+  2. `.shuffle(seed).repeat(num_epochs)`: a seeded global shuffle of the shard, reshuffled every epoch
+     (the epoch number is folded into the seed); `num_epochs=None` repeats forever.
+  3. `.map(PrepareSample)`: render + tokenize (`tokenize_record`), then decode + CLIP-preprocess the
+     image to uint8. A `BadSample` is raised (`on_bad_sample="raise"`) or turned into a skip marker
+     (`"skip"`) that is counted into the batch.
+  4. `.to_iter_dataset()` + `BatchRows`: fill rows (one sample per row, or several with `packing`) and
+     emit fixed-shape batches.
+  5. `.mp_prefetch(worker_count)` when `worker_count > 0`.
+
+Batch (B = global_batch_size // shard_count rows, L = max_length or the length bucket, M = images per
+row: 1 without packing, `max_images_per_row` with it, S = image_size):
+  input_ids    int32 [B, L]  token ids; PAD_TOKEN_ID at padding; images are runs of IMAGE_TOKEN_ID
+  labels       int32 [B, L]  HF-aligned (unshifted: labels[t] is the token at t or -100); -100 where
+                             not trained, at padding and at the first token of every segment, so a
+                             shifted loss never predicts across a segment boundary
+  positions    int32 [B, L]  0, 1, 2, ... restarting at every segment; 0 at padding
+  segment_ids  int32 [B, L]  1..k for the k samples in a row, 0 at padding
+  images       uint8 [B, M, S, S, 3]  the i-th run of image tokens in row b is images[b, i]; zeros
+                             where a row has fewer images (text-only rows are all zeros). The model
+                             normalizes on device: (x / 255 - CLIP_MEAN) / CLIP_STD
+  meta_skipped int32 [B]     records skipped (bad samples under "skip") while this batch was filled,
+                             put on the row that received the last sample before each skip;
+                             `meta_skipped.sum()` over batches counts every skipped record exactly once
+
+A batch always has these shapes. The last batch of a finite run (num_epochs set) is completed with
+empty rows (segment_ids all 0, labels all -100); it can even be all padding when only skipped records
+remained, so the loss must divide by max(1, number of target tokens).
+
+Checkpointing: `get_state()`/`set_state()` of the returned grain iterator cover the shuffle position
+and the packing buffer, so a restored iterator yields exactly the batches the saved one would have.
+Restore with the same source, seed, batch size, packing settings and worker_count (grain hands each
+worker a fixed slice of the records, so the worker count is part of the order).
+
+Multi-host: use `num_epochs=None` and stop by step count; with a finite run processes may reach the
+end at different steps. Worker processes are started with `spawn` and re-import the main module: a
+training script must not call `jax.distributed.initialize()` when `in_data_worker()` is true
+(google/grain#802). Workers are also pinned to JAX's CPU backend in case anything imports jax there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import sys
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from llava_jax.data.errors import BadSample
+from llava_jax.data.image import ASPECT_RATIOS, DEFAULT_MAX_PIXELS, load_image
+
+log = logging.getLogger(__name__)
+
+ON_BAD_SAMPLE = ("raise", "skip")
+BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "images", "meta_skipped")
+_LOGGED_SKIPS_LIMIT = 20
+_skips_logged = 0
+
+
+def in_data_worker() -> bool:
+    """True inside a data worker process (or any child process); skip distributed start-up there."""
+    return multiprocessing.parent_process() is not None
+
+
+def _token_constants() -> tuple[int, int, int]:
+    from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID
+
+    return IMAGE_TOKEN_ID, PAD_TOKEN_ID, IGNORE_INDEX
+
+
+def _log_skip(e: BadSample) -> None:
+    global _skips_logged
+    _skips_logged += 1
+    if _skips_logged <= _LOGGED_SKIPS_LIMIT:
+        log.warning("skipping %s%s", e, " (further skips are logged at DEBUG level)" if _skips_logged == _LOGGED_SKIPS_LIMIT else "")
+    else:
+        log.debug("skipping %s", e)
+
+
+class PrepareSample:
+    """Record (see `sources`) -> {"input_ids": int32 [n], "labels": int32 [n], "image": uint8 [S,S,3] | None}.
+
+    Under `on_bad_sample="skip"` a bad record becomes {"skipped": 1}; under "raise" its BadSample
+    propagates (through worker processes too) naming the record id and file.
+    """
+
+    def __init__(self, *, tokenizer, template, image_size: int, image_aspect_ratio: str, num_image_tokens: int,
+                 max_length: int, on_bad_sample: str = "raise", fast_image: bool = False,
+                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+        from llava_jax.data.templates import get_template
+        from llava_jax.data.tokenizer import text_encoder
+
+        self.tokenizer = text_encoder(tokenizer)  # small, picklable, exact SentencePiece semantics
+        self.template = get_template(template)
+        self.image_size = image_size
+        self.image_aspect_ratio = image_aspect_ratio
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+        self.fast_image = fast_image
+        self.max_image_pixels = max_image_pixels
+        self.image_token_id, _, _ = _token_constants()
+
+    def __call__(self, record: dict) -> dict:
+        try:
+            return self.prepare(record)
+        except BadSample as e:
+            if self.on_bad_sample == "raise":
+                raise
+            _log_skip(e)
+            return {"skipped": 1}
+
+    def prepare(self, record: dict) -> dict:
+        from llava_jax.data.tokenize import tokenize_record
+
+        rid = record.get("id")
+        path = record.get("image_path") or record.get("image")
+        if record.get("_error"):
+            raise BadSample(rid, record["_error"], path=path)
+        has_image = record.get("image") is not None
+        tokens = tokenize_record(record, self.template, self.tokenizer, self.num_image_tokens, self.max_length)
+        input_ids = np.asarray(tokens["input_ids"], dtype=np.int32)
+        labels = np.asarray(tokens["labels"], dtype=np.int32)
+        n = len(input_ids)
+        if n > self.max_length:
+            raise BadSample(rid, f"sample is {n} tokens, longer than max_length={self.max_length}; raise max_length or drop the record", path=path)
+        if n == 0:
+            raise BadSample(rid, "sample has no tokens", path=path)
+        n_image_tokens = int(np.count_nonzero(input_ids == self.image_token_id))
+        expected = self.num_image_tokens if has_image else 0
+        if n_image_tokens != expected:
+            what = "an image but" if has_image else "no image but"
+            raise BadSample(
+                rid,
+                f"record has {what} {n_image_tokens} image tokens after tokenization (expected {expected}); "
+                "an image record needs exactly one '<image>' in its first human turn, a text-only record none",
+                path=path,
+            )
+        image = self._load_image(record, rid) if has_image else None
+        return {"input_ids": input_ids, "labels": labels, "image": image}
+
+    def _load_image(self, record: dict, rid) -> np.ndarray:
+        kw = dict(record_id=rid, fast=self.fast_image, max_pixels=self.max_image_pixels)
+        if record.get("image_bytes") is not None:
+            return load_image(record["image_bytes"], self.image_size, self.image_aspect_ratio, path_hint=record.get("image"), **kw)
+        if record.get("image_array") is not None:
+            from llava_jax.data.image import preprocess
+
+            return preprocess(np.asarray(record["image_array"]), self.image_size, self.image_aspect_ratio, fast=self.fast_image)
+        return load_image(record["image_path"], self.image_size, self.image_aspect_ratio, **kw)
+
+
+# Batching.
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Static shape of a batch: rows, tokens per row (max), images per row, image side."""
+
+    batch_size: int
+    max_length: int
+    packing: bool
+    max_images_per_row: int
+    image_size: int
+    length_buckets: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_length < 1 or self.max_images_per_row < 1:
+            raise ValueError(f"batch_size, max_length and max_images_per_row must be >= 1: {self}")
+        if self.length_buckets and (list(self.length_buckets) != sorted(set(self.length_buckets)) or self.length_buckets[-1] != self.max_length):
+            raise ValueError(f"length_buckets must be strictly increasing and end at max_length={self.max_length}, got {self.length_buckets}")
+
+
+class _Row:
+    __slots__ = ("samples", "length", "num_images")
+
+    def __init__(self):
+        self.samples: list[dict] = []
+        self.length = 0
+        self.num_images = 0
+
+    def fits(self, sample: dict, spec: BatchSpec) -> bool:
+        if not spec.packing and self.samples:
+            return False
+        has_image = sample["image"] is not None
+        return self.length + len(sample["input_ids"]) <= spec.max_length and self.num_images + has_image <= spec.max_images_per_row
+
+    def add(self, sample: dict) -> None:
+        self.samples.append(sample)
+        self.length += len(sample["input_ids"])
+        self.num_images += sample["image"] is not None
+
+
+def assemble(rows: Sequence[_Row], skipped: np.ndarray, spec: BatchSpec) -> dict[str, np.ndarray]:
+    """Rows of samples -> the batch dict (see module docstring)."""
+    _, pad_id, ignore = _token_constants()
+    longest = max((r.length for r in rows), default=0)
+    length = spec.max_length
+    if spec.length_buckets and not spec.packing:
+        length = next(b for b in spec.length_buckets if b >= longest)
+    B, M, S = spec.batch_size, (spec.max_images_per_row if spec.packing else 1), spec.image_size
+    input_ids = np.full((B, length), pad_id, np.int32)
+    labels = np.full((B, length), ignore, np.int32)
+    positions = np.zeros((B, length), np.int32)
+    segment_ids = np.zeros((B, length), np.int32)
+    images = np.zeros((B, M, S, S, 3), np.uint8)
+    for b, row in enumerate(rows):
+        offset, image_slot = 0, 0
+        for k, sample in enumerate(row.samples):
+            n = len(sample["input_ids"])
+            input_ids[b, offset : offset + n] = sample["input_ids"]
+            labels[b, offset + 1 : offset + n] = sample["labels"][1:]
+            positions[b, offset : offset + n] = np.arange(n, dtype=np.int32)
+            segment_ids[b, offset : offset + n] = k + 1
+            if sample["image"] is not None:
+                images[b, image_slot] = sample["image"]
+                image_slot += 1
+            offset += n
+    return {"input_ids": input_ids, "labels": labels, "positions": positions, "segment_ids": segment_ids,
+            "images": images, "meta_skipped": skipped.astype(np.int32)}
+
+
+class BatchRows(grain.IterDataset):
+    """Prepared samples -> fixed-shape batches (one sample per row, or first-fit packing).
+
+    Packing keeps `batch_size` open rows and puts each sample into the first row with room for its
+    tokens and its image; the first sample that fits nowhere closes the batch and opens the next one.
+    A sample is never split across rows.
+    """
+
+    def __init__(self, parent: grain.IterDataset, spec: BatchSpec):
+        super().__init__(parent)
+        self._spec = spec
+
+    def __iter__(self) -> "_BatchRowsIterator":
+        return _BatchRowsIterator(self._parent.__iter__(), self._spec)
+
+    def __str__(self) -> str:
+        return f"BatchRows({self._spec})"
+
+
+class _BatchRowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, spec: BatchSpec):
+        super().__init__(parent)
+        self._spec = spec
+        self._pending: dict | None = None  # read from the parent, did not fit the previous batch
+        self._state_before_pending: Any = None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        spec = self._spec
+        rows = [_Row() for _ in range(spec.batch_size)]
+        skipped = np.zeros(spec.batch_size, np.int64)
+        last, placed = 0, 0
+        if self._pending is not None:
+            rows[0].add(self._pending)
+            placed = 1
+            self._pending = self._state_before_pending = None
+        while spec.packing or placed < spec.batch_size:
+            before = self._parent.get_state() if spec.packing else None
+            try:
+                sample = next(self._parent)
+            except StopIteration:
+                if placed == 0 and not skipped.any():
+                    raise
+                break
+            if "skipped" in sample:
+                skipped[last] += sample["skipped"]
+                continue
+            row = next((r for r, candidate in enumerate(rows) if candidate.fits(sample, spec)), None)
+            if row is None:
+                if placed == 0:
+                    raise ValueError(f"a sample of {len(sample['input_ids'])} tokens does not fit an empty row of {spec}")
+                self._pending, self._state_before_pending = sample, before
+                break
+            rows[row].add(sample)
+            last, placed = row, placed + 1
+        return assemble(rows, skipped, spec)
+
+    def get_state(self) -> dict:
+        if self._pending is not None:
+            return {"parent": self._state_before_pending}
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = self._state_before_pending = None
+
+    def __str__(self) -> str:
+        return f"BatchRowsIterator({self._spec})"
+
+
+def _pin_worker_to_cpu(*_args) -> None:
+    """Data workers never touch accelerators: JAX in a worker (if imported at all) uses the CPU."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        try:
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+        except Exception:  # backend already initialised in this process; nothing more to do
+            pass
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain reads its absl flags when starting workers and fails if the program never parsed flags
+    (a plain script, pytest); mark them parsed with their defaults. Programs run under absl.app
+    have parsed them already and are left alone."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
+    return shard_index, shard_count
+
+
+def make_batches(
+    source,
+    *,
+    tokenizer,
+    template,
+    image_size: int,
+    image_aspect_ratio: str,
+    num_image_tokens: int,
+    max_length: int,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    packing: bool,
+    worker_count: int,
+    on_bad_sample: str,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    max_images_per_row: int | None = None,
+    length_buckets: Sequence[int] | None = None,
+    shuffle: bool = True,
+    read_threads: int | None = None,
+    worker_buffer_size: int = 2,
+    fast_image: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> grain.DatasetIterator:
+    """Builds the pipeline and returns its checkpointable iterator of batches (module docstring).
+
+    Args:
+      source: random-access records (`sources.LlavaJsonSource`, `ArrayRecordSource`, `TfdsSource`, or
+        any sequence of normalized record dicts).
+      tokenizer: from `tokenizer.load_tokenizer()`; template: a name ("v1", "plain", ...) or Template.
+      image_size: S; image_aspect_ratio: "square" or "pad"; num_image_tokens: tokens per image.
+      max_length: L, tokens per row; longer samples are bad samples.
+      global_batch_size: rows across all processes; this process yields global_batch_size // shard_count.
+      seed: shuffle seed (0 <= seed < 2**32); num_epochs: passes over the data, None = forever.
+      packing: pack several samples per row (segment ids) instead of one padded sample per row.
+      worker_count: data worker processes; 0 runs everything in this process.
+      on_bad_sample: "raise" (stop with the BadSample naming record and file) or "skip" (count it in
+        `meta_skipped` and log it).
+      shard_index, shard_count: this process's shard; default jax.process_index() / process_count().
+      max_images_per_row: images a packed row may hold (M); default max(1, max_length //
+        (num_image_tokens + 1)). Ignored without packing (M = 1).
+      length_buckets: without packing, pad each batch to the smallest of these lengths that holds its
+        longest sample (max_length is appended); None pads to max_length.
+      shuffle: False keeps source order (evaluation). read_threads: threads decoding inside each
+        process (default 1 with workers, 2 without). worker_buffer_size: batches buffered per worker.
+      fast_image: faster, inexact image resizing (see `image`). max_image_pixels: decompression-bomb guard.
+    """
+    if on_bad_sample not in ON_BAD_SAMPLE:
+        raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+    if image_aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {image_aspect_ratio!r}")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    shard_index, shard_count = _process_shard(shard_index, shard_count)
+    if global_batch_size % shard_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {shard_count} processes; choose a multiple of {shard_count}")
+    if len(source) == 0:
+        raise ValueError(f"data source {source!r} has no records")
+    if max_images_per_row is None:
+        max_images_per_row = max(1, max_length // (num_image_tokens + 1))
+    buckets = tuple(sorted(set(length_buckets or ()) | ({max_length} if length_buckets else set())))
+    if buckets and buckets[-1] > max_length:
+        raise ValueError(f"length_buckets {tuple(length_buckets)} exceed max_length={max_length}")
+    spec = BatchSpec(global_batch_size // shard_count, max_length, bool(packing), max_images_per_row if packing else 1, image_size, buckets)
+
+    prepare = PrepareSample(
+        tokenizer=tokenizer, template=template, image_size=image_size, image_aspect_ratio=image_aspect_ratio,
+        num_image_tokens=num_image_tokens, max_length=max_length, on_bad_sample=on_bad_sample,
+        fast_image=fast_image, max_image_pixels=max_image_pixels,
+    )
+    ds = grain.MapDataset.source(source)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(prepare)
+    threads = read_threads if read_threads is not None else (1 if worker_count > 0 else 2)
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 2 * spec.batch_size)))
+    iter_ds = BatchRows(iter_ds, spec)
+    if worker_count > 0:
+        _ensure_absl_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+        iter_ds = iter_ds.mp_prefetch(options, worker_init_fn=_pin_worker_to_cpu)
+    return iter(iter_ds)
+
+
+CONFIG_FIELDS = (
+    "template", "image_size", "image_aspect_ratio", "num_image_tokens", "max_length", "global_batch_size",
+    "seed", "num_epochs", "packing", "worker_count", "on_bad_sample", "max_images_per_row", "length_buckets",
+    "shuffle", "read_threads", "worker_buffer_size", "fast_image", "max_image_pixels",
+)
+
+
+def source_from_config(data_config) -> Any:
+    """The source named by a data config: `json_path` (+ `image_folder`), `array_record_path`, or
+    `tfds_name` (+ `tfds_split`, `tfds_data_dir`, `tfds_record_fn` = "package.module:function")."""
+    from llava_jax.data import sources
+
+    get = data_config.get
+    chosen = [k for k in ("json_path", "array_record_path", "tfds_name") if get(k)]
+    if len(chosen) != 1:
+        raise ValueError(f"data config must set exactly one of json_path, array_record_path, tfds_name; got {chosen or 'none'}")
+    if chosen[0] == "json_path":
+        return sources.LlavaJsonSource(get("json_path"), get("image_folder"))
+    if chosen[0] == "array_record_path":
+        return sources.ArrayRecordSource(get("array_record_path"))
+    fn_path = get("tfds_record_fn")
+    if not fn_path or ":" not in fn_path:
+        raise ValueError("tfds_name needs tfds_record_fn='package.module:function' mapping a TFDS example to a LLaVA record")
+    import importlib
+
+    module, _, name = fn_path.partition(":")
+    record_fn = getattr(importlib.import_module(module), name)
+    return sources.TfdsSource(get("tfds_name"), get("tfds_split", "train"), record_fn, data_dir=get("tfds_data_dir"))
+
+
+def from_config(data_config, *, tokenizer=None, source=None, shard_index: int | None = None,
+                shard_count: int | None = None, **overrides) -> grain.DatasetIterator:
+    """`make_batches` driven by an ml_collections ConfigDict (or any mapping with `.get`).
+
+    Source fields (exactly one of the first three):
+      json_path (str): LLaVA JSON/JSONL; image_folder (str, default: the JSON's folder).
+      array_record_path (str): shards from `python -m llava_jax.data.pack` (file, glob or folder).
+      tfds_name (str), tfds_split (str, "train"), tfds_data_dir (str), tfds_record_fn ("mod:fn").
+    Tokenizer: tokenizer_path (str, default the vendored LLaMA tokenizer); ignored if `tokenizer=`.
+    Pipeline fields, as in `make_batches` (defaults in brackets): template ["v1"], image_size [336],
+      image_aspect_ratio ["square"], num_image_tokens [576], max_length [2048], global_batch_size
+      (required), seed [0], num_epochs [None = forever], packing [False], worker_count [0],
+      on_bad_sample ["raise"], max_images_per_row [derived], length_buckets [None], shuffle [True],
+      read_threads [auto], worker_buffer_size [2], fast_image [False], max_image_pixels [2**26].
+    Keyword `overrides` replace config fields (e.g. image_size/num_image_tokens from the model config).
+    """
+    defaults = dict(template="v1", image_size=336, image_aspect_ratio="square", num_image_tokens=576,
+                    max_length=2048, global_batch_size=None, seed=0, num_epochs=None, packing=False,
+                    worker_count=0, on_bad_sample="raise", max_images_per_row=None, length_buckets=None,
+                    shuffle=True, read_threads=None, worker_buffer_size=2, fast_image=False,
+                    max_image_pixels=DEFAULT_MAX_PIXELS)
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown data fields {sorted(unknown)}; known: {sorted(defaults)}")
+    kw = {k: overrides[k] if k in overrides else data_config.get(k, v) for k, v in defaults.items()}
+    if kw["global_batch_size"] is None:
+        raise ValueError("data config needs global_batch_size (rows per step across all processes)")
+    if kw["length_buckets"] is not None:
+        kw["length_buckets"] = tuple(kw["length_buckets"])
+    if tokenizer is None:
+        from llava_jax.data.tokenizer import load_tokenizer
+
+        path = data_config.get("tokenizer_path", None)
+        tokenizer = load_tokenizer(path) if path else load_tokenizer()
+    if source is None:
+        source = source_from_config(data_config)
+    return make_batches(source, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count, **kw)
