@@ -1,6 +1,8 @@
 """llava_jax.data"""
 
 from llava_jax.data.errors import BadSample
+from llava_jax.data.image import CLIP_MEAN, CLIP_STD, load_image, normalize, preprocess
+from llava_jax.data.sources import ArrayRecordSource, LlavaJsonSource, TfdsSource, open_source
 from llava_jax.data.templates import TEMPLATES, Segment, Template, get_template
 from llava_jax.data.tokenize import tokenize_conversation, tokenize_prompt, tokenize_record
 from llava_jax.data.tokenizer import (
@@ -13,3 +15,14 @@ from llava_jax.data.tokenizer import (
     load_tokenizer,
     text_encoder,
 )
+
+_PIPELINE = ("make_batches", "from_config", "in_data_worker")
+
+
+def __getattr__(name):
+    # The grain pipeline loads on first use, so `import llava_jax.data` stays light for inference.
+    if name in _PIPELINE:
+        from llava_jax.data import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'llava_jax.data' has no attribute {name!r}")
