@@ -1,1 +1,6 @@
-"""llava_jax.inference"""
+"""Inference: batched prefill + chunked KV-cache decode (`generate`, `stream_generate`) and sampling."""
+
+from llava_jax.inference.generate import Chunk, generate, stream_generate
+from llava_jax.inference.sampling import GREEDY, Sampling, filter_logits, sample_tokens
+
+__all__ = ["GREEDY", "Chunk", "Sampling", "filter_logits", "generate", "sample_tokens", "stream_generate"]
