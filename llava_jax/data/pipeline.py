@@ -62,7 +62,10 @@ import grain
 import numpy as np
 
 from llava_jax.data.errors import BadSample
-from llava_jax.data.image import ASPECT_RATIOS, DEFAULT_MAX_PIXELS, load_image
+from llava_jax.data.image import ASPECT_RATIOS, DEFAULT_MAX_PIXELS, load_image, preprocess
+from llava_jax.data.templates import get_template
+from llava_jax.data.tokenize import tokenize_record
+from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,6 @@ _skips_logged = 0
 def in_data_worker() -> bool:
     """True inside a data worker process (or any child process); skip distributed start-up there."""
     return multiprocessing.parent_process() is not None
-
-
-def _token_constants() -> tuple[int, int, int]:
-    from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID
-
-    return IMAGE_TOKEN_ID, PAD_TOKEN_ID, IGNORE_INDEX
 
 
 def _log_skip(e: BadSample) -> None:
@@ -102,9 +99,6 @@ class PrepareSample:
     def __init__(self, *, tokenizer, template, image_size: int, image_aspect_ratio: str, num_image_tokens: int,
                  max_length: int, on_bad_sample: str = "raise", fast_image: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_PIXELS):
-        from llava_jax.data.templates import get_template
-        from llava_jax.data.tokenizer import text_encoder
-
         self.tokenizer = text_encoder(tokenizer)  # small, picklable, exact SentencePiece semantics
         self.template = get_template(template)
         self.image_size = image_size
@@ -114,7 +108,6 @@ class PrepareSample:
         self.on_bad_sample = on_bad_sample
         self.fast_image = fast_image
         self.max_image_pixels = max_image_pixels
-        self.image_token_id, _, _ = _token_constants()
 
     def __call__(self, record: dict) -> dict:
         try:
@@ -126,8 +119,6 @@ class PrepareSample:
             return {"skipped": 1}
 
     def prepare(self, record: dict) -> dict:
-        from llava_jax.data.tokenize import tokenize_record
-
         rid = record.get("id")
         path = record.get("image_path") or record.get("image")
         if record.get("_error"):
@@ -141,7 +132,7 @@ class PrepareSample:
             raise BadSample(rid, f"sample is {n} tokens, longer than max_length={self.max_length}; raise max_length or drop the record", path=path)
         if n == 0:
             raise BadSample(rid, "sample has no tokens", path=path)
-        n_image_tokens = int(np.count_nonzero(input_ids == self.image_token_id))
+        n_image_tokens = int(np.count_nonzero(input_ids == IMAGE_TOKEN_ID))
         expected = self.num_image_tokens if has_image else 0
         if n_image_tokens != expected:
             what = "an image but" if has_image else "no image but"
@@ -159,8 +150,6 @@ class PrepareSample:
         if record.get("image_bytes") is not None:
             return load_image(record["image_bytes"], self.image_size, self.image_aspect_ratio, path_hint=record.get("image"), **kw)
         if record.get("image_array") is not None:
-            from llava_jax.data.image import preprocess
-
             return preprocess(np.asarray(record["image_array"]), self.image_size, self.image_aspect_ratio, fast=self.fast_image)
         return load_image(record["image_path"], self.image_size, self.image_aspect_ratio, **kw)
 
@@ -208,14 +197,13 @@ class _Row:
 
 def assemble(rows: Sequence[_Row], skipped: np.ndarray, spec: BatchSpec) -> dict[str, np.ndarray]:
     """Rows of samples -> the batch dict (see module docstring)."""
-    _, pad_id, ignore = _token_constants()
     longest = max((r.length for r in rows), default=0)
     length = spec.max_length
     if spec.length_buckets and not spec.packing:
         length = next(b for b in spec.length_buckets if b >= longest)
     B, M, S = spec.batch_size, (spec.max_images_per_row if spec.packing else 1), spec.image_size
-    input_ids = np.full((B, length), pad_id, np.int32)
-    labels = np.full((B, length), ignore, np.int32)
+    input_ids = np.full((B, length), PAD_TOKEN_ID, np.int32)
+    labels = np.full((B, length), IGNORE_INDEX, np.int32)
     positions = np.zeros((B, length), np.int32)
     segment_ids = np.zeros((B, length), np.int32)
     images = np.zeros((B, M, S, S, 3), np.uint8)
@@ -389,6 +377,8 @@ def make_batches(
         raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {image_aspect_ratio!r}")
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+        raise ValueError(f"num_epochs must be a positive int or None (repeat forever), got {num_epochs!r}")
     shard_index, shard_count = _process_shard(shard_index, shard_count)
     if global_batch_size % shard_count:
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {shard_count} processes; choose a multiple of {shard_count}")

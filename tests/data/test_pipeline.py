@@ -317,3 +317,20 @@ def test_argument_errors(data, tokenizer):
     with pytest.raises(ValueError, match="no records"):
         _make([], tokenizer)
     assert not pipeline.in_data_worker()
+
+
+def test_decoded_array_source(tokenizer):
+    """A TFDS-style source with decoded pixels (`image_array`) goes through the same preprocessing."""
+    from llava_jax.data.image import preprocess
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (20 + i, 40, 3), dtype=np.uint8) for i in range(3)]
+
+    def record_fn(a, i):
+        return {"id": i, "image_array": a, "conversations": [
+            {"from": "human", "value": f"<image>\nPicture {i}?"}, {"from": "gpt", "value": "Noise."}]}
+
+    src = sources.MappedSource(arrays, record_fn)
+    batch = next(_make(src, tokenizer, shuffle=False, global_batch_size=3, image_aspect_ratio="pad"))
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(batch["images"][i, 0], preprocess(a, S, "pad"))
