@@ -17,10 +17,13 @@ Stages (grain dataset API; everything up to batching runs inside the worker proc
      (`"skip"`) that is counted into the batch.
   4. `.to_iter_dataset()` + `BatchRows`: fill rows (one sample per row, or several with `packing`) and
      emit fixed-shape batches.
-  5. `.mp_prefetch(worker_count)` when `worker_count > 0`.
+  5. `.mp_prefetch(worker_count)` when `worker_count > 0`. With `worker_count=0` samples are still
+     prepared in `read_threads` threads of this process (Pillow decodes and resizes without the GIL), which
+     on a small machine is often as fast as worker processes and starts instantly.
 
-Batch (B = global_batch_size // shard_count rows, L = max_length or the length bucket, M = images per
-row: 1 without packing, `max_images_per_row` with it, S = image_size):
+Batch (B = global_batch_size // shard_count rows; L = max_length, or with `length_buckets` the smallest
+bucket that holds the batch's longest sample; M = images per row: 1 without packing,
+`max_images_per_row` with it; S = image_size):
   input_ids    int32 [B, L]  token ids; PAD_TOKEN_ID at padding; images are runs of IMAGE_TOKEN_ID
   labels       int32 [B, L]  HF-aligned (unshifted: labels[t] is the token at t or -100); -100 where
                              not trained, at padding and at the first token of every segment, so a
@@ -34,7 +37,7 @@ row: 1 without packing, `max_images_per_row` with it, S = image_size):
                              put on the row that received the last sample before each skip;
                              `meta_skipped.sum()` over batches counts every skipped record exactly once
 
-A batch always has these shapes. The last batch of a finite run (num_epochs set) is completed with
+Batches always have these shapes (one per length bucket). The last batch of a finite run (num_epochs set) is completed with
 empty rows (segment_ids all 0, labels all -100); it can even be all padding when only skipped records
 remained, so the loss must divide by max(1, number of target tokens).
 
@@ -45,8 +48,10 @@ worker a fixed slice of the records, so the worker count is part of the order).
 
 Multi-host: use `num_epochs=None` and stop by step count; with a finite run processes may reach the
 end at different steps. Worker processes are started with `spawn` and re-import the main module: a
-training script must not call `jax.distributed.initialize()` when `in_data_worker()` is true
-(google/grain#802). Workers are also pinned to JAX's CPU backend in case anything imports jax there.
+script must keep its work under `if __name__ == "__main__":` and must not call
+`jax.distributed.initialize()` when `in_data_worker()` is true (google/grain#802). Workers are also
+pinned to JAX's CPU backend in case anything imports jax there. Keep `worker_buffer_size` small: each
+buffered batch of 336 px images is ~0.34 MB per row in /dev/shm.
 """
 
 from __future__ import annotations
