@@ -18,8 +18,8 @@ Stages (grain dataset API; everything up to batching runs inside the worker proc
   4. `.to_iter_dataset()` + `BatchRows`: fill rows (one sample per row, or several with `packing`) and
      emit fixed-shape batches.
   5. `.mp_prefetch(worker_count)` when `worker_count > 0`. With `worker_count=0` samples are still
-     prepared in `read_threads` threads of this process (Pillow decodes and resizes without the GIL), which
-     on a small machine is often as fast as worker processes and starts instantly.
+     prepared in `read_threads` threads of this process (Pillow decodes and resizes without the
+     GIL), which on a small machine is often as fast as worker processes and starts instantly.
 
 Batch (B = global_batch_size // shard_count rows; L = max_length, or with `length_buckets` the smallest
 bucket that holds the batch's longest sample; M = images per row: 1 without packing,
