@@ -373,7 +373,7 @@ def make_batches(
       length_buckets: without packing, pad each batch to the smallest of these lengths that holds its
         longest sample (max_length is appended); None pads to max_length.
       shuffle: False keeps source order (evaluation). read_threads: threads decoding inside each
-        process (default 1 with workers, 2 without). worker_buffer_size: batches buffered per worker.
+        process (default 1 with workers, min(4, CPUs) without). worker_buffer_size: batches buffered per worker.
       fast_image: faster, inexact image resizing (see `image`). max_image_pixels: decompression-bomb guard.
     """
     if on_bad_sample not in ON_BAD_SAMPLE:
@@ -407,8 +407,9 @@ def make_batches(
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).map(prepare)
-    threads = read_threads if read_threads is not None else (1 if worker_count > 0 else 2)
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(8, 2 * spec.batch_size)))
+    if read_threads is None:
+        read_threads = 1 if worker_count > 0 else max(1, min(4, os.cpu_count() or 1))
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(8, 2 * spec.batch_size)))
     iter_ds = BatchRows(iter_ds, spec)
     if worker_count > 0:
         _ensure_absl_flags_parsed()
