@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags

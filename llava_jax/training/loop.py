@@ -30,7 +30,8 @@ from llava_jax.training import optimizer, partition
 from llava_jax.training.loss import max_targets_per_row
 from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings, restore_params, save_params
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
-from llava_jax.training.state import ModelSpec, TrainState, cast, init_params, param_shardings, state_shardings
+from llava_jax.training.state import (ModelSpec, abstract_state, init_params, new_state, param_shardings,
+                                      state_shardings)
 from llava_jax.training.step import MODEL_KEYS, make_train_step
 
 log = logging.getLogger("llava_jax.train")
@@ -157,13 +158,8 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
     data_iter, num_records = data_iterator(config, stage, spec.cfg)
     steps = total_steps(stage, num_records)
     tx, lr = optimizer.make(stage.optim, spec.abstract, mask, steps)
-    frozen_dtype = _dtype(config.frozen_dtype, "frozen_dtype")
-    abstract_params = cast(spec.abstract, mask, frozen_dtype)
-    abstract_state = TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-        opt_state=jax.eval_shape(tx.init, abstract_params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-    )
-    ssh = state_shardings(abstract_state, psh, mesh)
+    abstract = abstract_state(spec, mask, tx, _dtype(config.frozen_dtype, "frozen_dtype"))
+    ssh = state_shardings(abstract, psh, mesh)
     log.info("%s: %d steps of %d rows (%d records), mesh %s, trainable %s / %s params", name, steps,
              stage.batch_size, num_records, describe(mesh), f"{spec.num_params(mask):,}", f"{spec.num_params():,}")
 
@@ -171,14 +167,9 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("%s: resuming from step %d", name, latest)
-        state = ckpt.restore(latest, abstract_with_shardings(abstract_state, ssh), data_iter)
+        state = ckpt.restore(latest, abstract_with_shardings(abstract, ssh), data_iter)
     else:
-        params = initial_params(config, spec, mask, psh, previous_stage)
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32), params=params,
-            opt_state=jax.jit(tx.init, out_shardings=ssh.opt_state)(params),
-            rng=jax.random.key_data(jax.random.key(config.seed)),
-        )
+        state = new_state(initial_params(config, spec, mask, psh, previous_stage), tx, ssh, config.seed)
 
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     step_fn = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row),

@@ -109,3 +109,21 @@ def init_params(spec: ModelSpec, seed: int, mask: Any, frozen_dtype, shardings: 
         return cast(params, mask, frozen_dtype)
 
     return jax.jit(init, out_shardings=shardings)()
+
+
+def abstract_state(spec: ModelSpec, mask: Any, tx, frozen_dtype) -> TrainState:
+    """The train state as ShapeDtypeStructs (for shardings, restore targets and AOT compilation)."""
+    params = cast(spec.abstract, mask, frozen_dtype)
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+        opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+
+
+def new_state(params: Any, tx, shardings: TrainState, seed: int) -> TrainState:
+    """Step 0: given (sharded) parameters, a fresh optimizer state laid out like them."""
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng),
+    )
