@@ -226,12 +226,13 @@ class MappedSource:
         index = int(index)
         raw = dict(self._record_fn(self._data[index], index))
         extra = {k: raw.pop(k, None) for k in ("image_path", "image_bytes", "image_array")}
+        if extra["image_array"] is not None:
+            extra["image_array"] = np.asarray(extra["image_array"])
         record = _normalize(raw, index, None)
         record.update({k: v for k, v in extra.items() if v is not None})
         if record["image"] is None and any(v is not None for v in extra.values()):
+            # The pipeline reads `image` as "this record has an image"; name it for error messages.
             record["image"] = str(extra["image_path"] or f"<{record['id']}>")
-        if extra["image_array"] is not None:
-            record["image_array"] = np.asarray(extra["image_array"])
         return record
 
 
