@@ -57,6 +57,10 @@ def evaluate(config, params) -> dict:
 
     spec_cfg = loop.model_config(config)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llava(spec_cfg, rngs=nnx.Rngs(0))))
+    if jax.process_count() > 1:  # every process evaluates on a full host copy (fine at eval sizes)
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
     model = nnx.merge(graphdef, jax.device_get(params))
     e = config.eval
     tok = load_tokenizer(config.stage2.data.tokenizer_path or None)

@@ -14,7 +14,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
+import signal
 import time
 from typing import Any
 
@@ -41,6 +43,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# Preemption drill for resume tests: SIGKILL this process right after the checkpoint of this step.
+_KILL_AFTER_STEP = int(os.environ.get("LLAVA_JAX_KILL_AFTER_STEP", "0"))
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -217,6 +223,9 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
                     writer.write(step, m)
                     last = float(m["loss"])
                 ckpt.save(step, state, data_iter, force=step == steps)
+                if step == _KILL_AFTER_STEP:  # preemption drill: die like a preempted host would
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
         ckpt.wait()
         save_params(stage_dir / "final_params", state.params)
         if jax.process_index() == 0:

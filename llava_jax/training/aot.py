@@ -1,0 +1,78 @@
+"""Ahead-of-time memory check: compile the real-size train step for a mesh of fake devices, with no
+weights allocated, and print per-device memory from the compiled executable.
+
+    python -m llava_jax.train --config configs/stage2_finetune.py:vicuna-13b --aot --fake_devices 8
+
+The executable is compiled by the CPU backend for the same mesh and shardings the run would use, so
+parameter, optimizer-state and batch bytes per device are exact; temporaries (activations kept for
+the backward pass) are the CPU compiler's schedule, a close but not exact stand-in for GPU/TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llava_jax.parallel.mesh import describe, make_mesh
+from llava_jax.training import loop, optimizer, partition
+from llava_jax.training.checkpoint import abstract_with_shardings
+from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
+from llava_jax.training.step import make_train_step
+
+GiB = 1024 ** 3
+
+
+def _bytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
+    stage = config[name]
+    loop.check_batch_divides(stage, mesh)
+    mask = partition.trainable_mask(spec.abstract, stage.trainable)
+    tx, lr = optimizer.make(stage.optim, spec.abstract, mask, max(stage.num_steps, 1000))
+    abstract = abstract_state(spec, mask, tx, loop._dtype(config.frozen_dtype, "frozen_dtype"))
+    ssh = state_shardings(abstract, param_shardings(spec, mesh), mesh)
+    cfg = spec.cfg
+    b, length = stage.batch_size, stage.data.max_length
+    m = stage.data.max_images_per_row or 1
+    s = cfg.vision.image_size
+    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    shapes = dict(input_ids=((b, length), jnp.int32), labels=((b, length), jnp.int32),
+                  positions=((b, length), jnp.int32), segment_ids=((b, length), jnp.int32),
+                  images=((b, m, s, s, 3), jnp.uint8))
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, (shape, dt) in shapes.items()}
+    step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
+                           donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch).compile()
+    mem = compiled.memory_analysis()
+    n = mesh.size
+    out = {
+        "stage": name, "mesh": describe(mesh), "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
+        "remat": cfg.llm.remat, "params_GiB": _bytes(abstract.params) / n / GiB,
+        "opt_state_GiB": _bytes(abstract.opt_state) / n / GiB,
+    }
+    if mem is not None:
+        args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+        temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+        out.update(arguments_GiB=args / GiB, outputs_GiB=outs / GiB, temps_GiB=temp / GiB,
+                   peak_GiB=(args + outs + temp - alias) / GiB)
+    return out
+
+
+def report(config) -> list[dict]:
+    """Compile every configured stage and print a memory table; returns the rows."""
+    mesh = make_mesh(config.mesh.ici, config.mesh.dcn)
+    spec = ModelSpec.create(loop.model_config(config))
+    print(f"model {config.model}: {spec.num_params():,} parameters; mesh {describe(mesh)}; "
+          f"compute {config.dtype}, frozen weights {config.frozen_dtype}")
+    rows = []
+    for name in [s.strip() for s in config.stages.split(",") if s.strip()]:
+        row = compile_stage(config, name, spec, mesh)
+        rows.append(row)
+        print(f"  {name}: batch {row['batch']}, remat {row['remat']}")
+        print("    per device: params {params_GiB:.2f} GiB, optimizer {opt_state_GiB:.2f} GiB".format(**row)
+              + (", temps {temps_GiB:.2f} GiB, peak {peak_GiB:.2f} GiB".format(**row) if "peak_GiB" in row else ""))
+    return rows

@@ -1,0 +1,31 @@
+"""One process of the multi-host test: 3 train steps on a global mesh, losses printed as JSON.
+
+Each process feeds only its own rows of the global batch (`make_array_from_process_local_data`);
+run alone it feeds all of them.
+"""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from llava_jax.parallel.distributed import initialize  # noqa: E402
+
+initialize()
+
+import jax  # noqa: E402
+from train_fixtures import build, random_batch  # noqa: E402
+
+ROWS = 8
+setup = build((2, 2, 1), jax.devices())
+n, i = jax.process_count(), jax.process_index()
+state = setup.state
+losses = []
+with jax.set_mesh(setup.mesh):
+    for seed in range(3):
+        full = random_batch(ROWS, seed=seed)
+        local = {k: v[i * ROWS // n:(i + 1) * ROWS // n] for k, v in full.items()}
+        state, m = setup.step(state, setup.put(local))
+        losses.append(float(m["loss"]))
+print("LOSSES " + json.dumps({"process": i, "of": n, "devices": jax.device_count(), "losses": losses}), flush=True)
