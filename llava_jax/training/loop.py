@@ -139,6 +139,17 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
 # ----------------------------------------------------------------------------- one stage
 
 
+def _over_cap(labels: np.ndarray, cap: int) -> bool:
+    """Whether any row of this process's batch has more targets than the cap. In a multi-process run
+    every process must pick the same step function, so the answer is agreed across processes."""
+    over = max_targets_per_row(labels) > cap
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        over = bool(np.any(multihost_utils.process_allgather(np.array([over]))))
+    return over
+
+
 @dataclasses.dataclass
 class StageResult:
     name: str
@@ -178,8 +189,12 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
         state = new_state(initial_params(config, spec, mask, psh, previous_stage), tx, ssh, config.seed)
 
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    step_fn = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row),
-                      in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+    def compile_step(targets_per_row: int):
+        return jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row),
+                       in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+
+    step_fn = compile_step(stage.targets_per_row)
+    full_step_fn = None  # logits at every position, for the rare batch with more targets than the cap
     flops = None
     peak = peak_flops()
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
@@ -191,13 +206,16 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
             while int(state.step) < steps:
                 local = next(data_iter)
                 skipped_total += int(np.sum(local.get("meta_skipped", 0)))
-                if stage.targets_per_row and max_targets_per_row(local["labels"]) > stage.targets_per_row:
-                    raise ValueError(
-                        f"{name}: a row has {max_targets_per_row(local['labels'])} target tokens, more than "
-                        f"targets_per_row={stage.targets_per_row}; raise it (or set 0 for all positions)"
-                    )
+                fn = step_fn
+                if stage.targets_per_row and _over_cap(local["labels"], stage.targets_per_row):
+                    if full_step_fn is None:
+                        log.warning("%s: a batch has rows with more than targets_per_row=%d targets; such "
+                                    "batches use full logits (slower; raise targets_per_row)", name,
+                                    stage.targets_per_row)
+                        full_step_fn = compile_step(0)
+                    fn = full_step_fn
                 batch = {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in MODEL_KEYS}
-                state, metrics = step_fn(state, batch)
+                state, metrics = fn(state, batch)
                 step = int(state.step)
                 writer.advance()
                 if flops is None:

@@ -32,3 +32,24 @@ def test_two_processes_match_one(tmp_path):
     assert single[0]["devices"] == 4
     np.testing.assert_allclose(multi[0]["losses"], single[0]["losses"], rtol=2e-5)
     np.testing.assert_allclose(multi[1]["losses"], single[0]["losses"], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_full_job_under_the_launcher(tmp_path):
+    """The real entry point, both stages, 2 processes x 2 devices: per-process data shards, multi-process
+    checkpoints, evaluation. targets_per_row=2 forces the agreed fall-back to full logits."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["LOG_DIR"] = str(tmp_path / "logs")
+    work = tmp_path / "run"
+    args = ["--config.synthetic.num_pretrain=64", "--config.synthetic.num_instruct=64",
+            "--config.synthetic.num_eval=8", "--config.stage1.num_steps=2", "--config.stage2.num_steps=2",
+            "--config.stage1.batch_size=8", "--config.stage2.batch_size=8", "--config.stage2.targets_per_row=2",
+            "--config.eval.max_examples=8"]
+    proc = subprocess.run(["bash", str(LAUNCH), "2", "2", "python", "-m", "llava_jax.train", f"--workdir={work}",
+                           *args], env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2))
+    assert proc.returncode == 0, logs[-4000:]
+    assert "use full logits" in logs
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["stage2"]["steps"] == 2 and summary["eval"]["n"] == 8
+    assert (work / "stage2" / "checkpoints" / "2").exists() and (work / "stage2" / "final_params").exists()
