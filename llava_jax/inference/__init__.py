@@ -1,6 +1,8 @@
 """Inference: batched prefill + chunked KV-cache decode (`generate`, `stream_generate`) and sampling."""
 
 from llava_jax.inference.generate import Chunk, generate, stream_generate
+from llava_jax.inference.load import Loaded, load_model
 from llava_jax.inference.sampling import GREEDY, Sampling, filter_logits, sample_tokens
 
-__all__ = ["GREEDY", "Chunk", "Sampling", "filter_logits", "generate", "sample_tokens", "stream_generate"]
+__all__ = ["GREEDY", "Chunk", "Loaded", "Sampling", "filter_logits", "generate", "load_model", "sample_tokens",
+           "stream_generate"]

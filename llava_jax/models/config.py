@@ -124,3 +124,41 @@ class LlavaConfig:
         return dataclasses.replace(
             self, vision=dataclasses.replace(self.vision, **kw), llm=dataclasses.replace(self.llm, **kw)
         )
+
+
+_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _encode(name: str, v):
+    if name in ("dtype", "param_dtype"):
+        return jnp.dtype(v).name
+    return list(v) if isinstance(v, tuple) else v
+
+
+def config_to_dict(cfg: LlavaConfig) -> dict:
+    """JSON-able dict of a LlavaConfig (dtypes by name)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = {k.name: _encode(k.name, getattr(v, k.name)) for k in dataclasses.fields(v)} \
+            if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def config_from_dict(d: dict) -> LlavaConfig:
+    def part(cls, values):
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        kw = {}
+        for k, v in values.items():
+            if k in ("dtype", "param_dtype"):
+                v = _DTYPE_NAMES[v]
+            elif isinstance(v, list):
+                v = tuple(v)
+            kw[k] = v
+        return cls(**kw)
+
+    return LlavaConfig(vision=part(VisionConfig, d["vision"]), llm=part(LlamaConfig, d["llm"]),
+                       **{k: v for k, v in d.items() if k not in ("vision", "llm")})

@@ -139,6 +139,15 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
 # ----------------------------------------------------------------------------- one stage
 
 
+def write_model_info(stage_dir: pathlib.Path, cfg: LlavaConfig, template: str, aspect_ratio: str) -> None:
+    """`model.json` beside `final_params/`: what chat, serving and export need to rebuild the model."""
+    from llava_jax.models.config import config_to_dict
+
+    info = {"model": config_to_dict(cfg), "template": template, "image_aspect_ratio": aspect_ratio,
+            "params": "final_params"}
+    (stage_dir / "model.json").write_text(json.dumps(info, indent=2))
+
+
 def _over_cap(labels: np.ndarray, cap: int) -> bool:
     """Whether any row of this process's batch has more targets than the cap. In a multi-process run
     every process must pick the same step function, so the answer is agreed across processes."""
@@ -247,6 +256,7 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
         ckpt.wait()
         save_params(stage_dir / "final_params", state.params)
         if jax.process_index() == 0:
+            write_model_info(stage_dir, spec.cfg, stage.data.template, stage.data.image_aspect_ratio)
             done_marker.write_text(json.dumps({"steps": steps, "final_loss": last}))
     finally:
         writer.close()
