@@ -20,6 +20,9 @@ CORE = [
     "tqdm>=4.60",
 ]
 
+# The OpenAI-compatible server and its web chat page (`python -m llava_jax.serve`).
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
+
 EXTRAS = {
     # Parity tests build the same random weights in PyTorch transformers. The pin keeps pip on the
     # CPU wheel where one is provided locally; a range would let pip pick a multi-GB CUDA build.
@@ -30,7 +33,12 @@ EXTRAS = {
         "accelerate>=1.0",
         "scikit-image>=0.22",
         "gguf>=0.10",
+        # Server tests drive it with the official OpenAI client.
+        *SERVE,
+        "openai>=1.30",
+        "httpx>=0.27",
     ],
+    "serve": SERVE,
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
     "tpu": ["jax[tpu]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
