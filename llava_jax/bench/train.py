@@ -1,0 +1,155 @@
+"""Train-step speed: llava_jax beside transformers (PyTorch) on the same architecture and batch.
+
+    python -m llava_jax.bench train                                   # tiny preset, CPU
+    python -m llava_jax.bench train --preset vicuna-7b --layers 4 --batch 8 --seq 2048 --dtype bfloat16 \
+        --reference none                                              # 7B-shaped, reduced depth (GPU)
+
+Both sides run the stage-2 step: vision tower frozen, projector + LLM trained with AdamW, loss over
+the answer tokens. The reference is transformers' LlavaForConditionalGeneration with torch.optim.AdamW
+(the original LLaVA trains through the same modules). Prints step time, tokens/s, MFU on accelerators
+with a known peak, and the speed ratio; `--out FILE` writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.models import get_preset
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.training import optimizer, partition
+from llava_jax.training.defaults import optim_config
+from llava_jax.training.metrics import peak_flops, step_flops
+from llava_jax.training.state import ModelSpec, abstract_state, init_params, new_state, param_shardings, state_shardings
+from llava_jax.training.step import make_train_step
+
+
+def _batch(cfg, batch: int, seq: int, answer: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One image per row at the start, then text; the last `answer` tokens are targets."""
+    rng = np.random.default_rng(seed)
+    p = cfg.num_image_tokens
+    if seq <= p + answer + 2:
+        raise SystemExit(f"--seq {seq} too short for {p} image tokens + {answer} answer tokens")
+    ids = rng.integers(3, 32000, (batch, seq)).astype(np.int32)
+    ids[:, 0] = 1
+    ids[:, 1:1 + p] = cfg.image_token_id
+    labels = np.full((batch, seq), -100, np.int32)
+    labels[:, -answer:] = ids[:, -answer:]
+    s = cfg.vision.image_size
+    return dict(input_ids=ids, labels=labels, positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+                segment_ids=np.ones((batch, seq), np.int32),
+                images=rng.integers(0, 256, (batch, 1, s, s, 3), dtype=np.uint8))
+
+
+def _timeit(fn, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t) / steps
+
+
+def bench_jax(cfg, batch, args) -> dict:
+    mesh = make_mesh((1, -1, 1))
+    spec = ModelSpec.create(cfg)
+    mask = partition.trainable_mask(spec.abstract, "projector,llm")
+    tx, lr = optimizer.make(optim_config(2e-5), spec.abstract, mask, 1000)
+    frozen = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    ssh = state_shardings(abstract_state(spec, mask, tx, frozen), param_shardings(spec, mesh), mesh)
+    state = new_state(init_params(spec, 0, mask, frozen, ssh.params), tx, ssh, 0)
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    step = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, 1, args.answer if args.gather else 0),
+                   in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+    gbatch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    box = {"state": state}
+
+    def one():
+        box["state"], m = step(box["state"], gbatch)
+        jax.block_until_ready(m["loss"])
+
+    with jax.set_mesh(mesh):
+        dt = _timeit(one, args.steps, args.warmup)
+    flops = step_flops(cfg, tokens=batch["input_ids"].size, images=len(batch["images"]), llm_trainable=True,
+                       seq_len=batch["input_ids"].shape[1])
+    peak = peak_flops()
+    return {"step_time_s": dt, "tokens_per_s": batch["input_ids"].size / dt, "model_tflops_per_step": flops / 1e12,
+            "mfu": flops / dt / (peak * mesh.size) if peak else None, "device": jax.devices()[0].device_kind,
+            "devices": mesh.size}
+
+
+def bench_torch(cfg, batch, args) -> dict:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    v, t = cfg.vision, cfg.llm
+    hf_cfg = tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                          num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
+                                          image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu"),
+        text_config=tf.LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                   intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                                   num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                                   rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings),
+        image_token_index=cfg.image_token_id, projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
+        image_seq_length=cfg.num_image_tokens,
+    )
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = tf.LlavaForConditionalGeneration(hf_cfg).to(dtype).train()
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
+    mean = torch.tensor(v.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(v.image_std).view(1, 3, 1, 1)
+    pixels = ((torch.from_numpy(batch["images"][:, 0]).permute(0, 3, 1, 2).float() / 255 - mean) / std).to(dtype)
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    labels = torch.from_numpy(batch["labels"]).long()
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+
+    dt = _timeit(one, args.steps, args.warmup)
+    return {"step_time_s": dt, "tokens_per_s": batch["input_ids"].size / dt, "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llava_jax.bench train", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=0, help="override the LLM depth (0 = preset's)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--answer", type=int, default=32, help="target tokens at the end of each row")
+    ap.add_argument("--gather", action=argparse.BooleanOptionalAction, default=True,
+                    help="logits only at target positions (targets_per_row); --no-gather for all positions")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reference", default="transformers", choices=["transformers", "none"])
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    cfg = get_preset(args.preset, dtype=jnp.dtype(args.dtype).type, remat="none")
+    if args.layers:
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=args.layers))
+    batch = _batch(cfg, args.batch, args.seq, args.answer)
+    result = {"preset": args.preset, "llm_layers": cfg.llm.num_layers, "batch": args.batch, "seq": args.seq,
+              "dtype": args.dtype, "gather": args.gather, "llava_jax": bench_jax(cfg, batch, args)}
+    if args.reference == "transformers":
+        result["transformers"] = bench_torch(cfg, batch, args)
+        result["speedup"] = result["transformers"]["step_time_s"] / result["llava_jax"]["step_time_s"]
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
