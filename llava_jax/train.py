@@ -40,6 +40,10 @@ def main(argv):
     from llava_jax.parallel.distributed import initialize
 
     initialize(_CONFIG.value.distributed)
+    import jax
+
+    if jax.process_index() != 0:  # only process 0 logs; the others report warnings and errors
+        logging.getLogger().setLevel(logging.WARNING)
     config = _CONFIG.value
     if _AOT.value:
         from llava_jax.training.aot import report

@@ -15,6 +15,7 @@ from llava_jax.models import attention
 from llava_jax.models.config import VisionConfig
 from llava_jax.models.norms import LayerNorm
 from llava_jax.models.stacking import scan, stacked
+from llava_jax.parallel.rules import constrain
 
 
 def _dense(cfg: VisionConfig, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
@@ -108,5 +109,8 @@ class ClipVisionTower(nnx.Module):
         """LLaVA features: hidden_states[select_layer] with `select_feature` applied. [B, P(+1), D]."""
         cfg = self.cfg
         x = self.embed(pixels)
-        x, _ = scan(self.layers, lambda blk, c, _: (blk(c), None), x, num=cfg.layers_needed(), policy=cfg.remat)
+        def body(blk, c, _):
+            return constrain(blk(c), ("batch", "length", "act_embed")), None
+
+        x, _ = scan(self.layers, body, x, num=cfg.layers_needed(), policy=cfg.remat)
         return x[:, 1:] if cfg.select_feature == "patch" else x

@@ -19,6 +19,9 @@ from llava_jax.models import attention
 from llava_jax.models.config import LlamaConfig
 from llava_jax.models.norms import RMSNorm
 from llava_jax.models.stacking import scan, stacked
+from llava_jax.parallel.rules import constrain
+
+_ACT = ("batch", "length", "act_embed")
 
 
 
@@ -126,7 +129,7 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [B, T, D] -> logits [B, T, V] float32."""
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def hidden(self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None):
         """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache)."""
@@ -136,12 +139,12 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = embeddings.astype(cfg.dtype)
+        x = constrain(embeddings.astype(cfg.dtype), _ACT)
         if cache is None:
             mask = attention.make_mask(segment_ids, segment_ids, causal=True)
 
             def body(blk, c, _):
-                return blk(c, positions, mask)[0], None
+                return constrain(blk(c, positions, mask)[0], _ACT), None
 
             x, _ = scan(self.layers, body, x, policy=cfg.remat)
         else:
@@ -149,7 +152,8 @@ class Llama(nnx.Module):
             mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
 
             def body(blk, c, kv):
-                return blk(c, positions, mask, kv, cache.index)
+                y, kv = blk(c, positions, mask, kv, cache.index)
+                return constrain(y, _ACT), kv
 
             x, (ks, vs) = scan(self.layers, body, x, (cache.k, cache.v), policy=cfg.remat)
             cache = KVCache(ks, vs, kv_seg, cache.index + t)
