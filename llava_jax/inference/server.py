@@ -1,0 +1,196 @@
+"""OpenAI-compatible HTTP server for a LLaVA model (FastAPI), with a web chat page.
+
+Routes:
+  POST /v1/chat/completions   chat completion, plain JSON or streamed (SSE, ``"stream": true``)
+  GET  /v1/models             the one model served
+  GET  /health                liveness and scheduler figures (queue, batch sizes)
+  GET  /                      the web chat page (`llava_jax.inference.webpage`)
+
+Requests are checked (`openai_protocol.parse_chat_request`: JSON, fields, image bytes and pixels,
+prompt and output tokens) on a worker thread, then handed to the `Scheduler`, which batches
+concurrent requests into shared generation calls. Every refusal is a 4xx with an OpenAI-style JSON
+error body (``{"error": {"message", "type", "param", "code"}}``); a full queue answers 503. Images
+travel inside the request as base64 ``data:`` URIs: the server reads no file and fetches no URL
+named by a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llava_jax.inference import openai_protocol as protocol
+from llava_jax.inference.conversation import ChatModel
+from llava_jax.inference.openai_protocol import ApiError, Limits
+from llava_jax.inference.scheduler import Delta, Done, Failed, Job, QueueFull, Scheduler
+from llava_jax.inference.webpage import render_page
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Serving settings: the batching scheduler's and the per-request `Limits`."""
+
+    model_name: str | None = None  # default: the ChatModel's name
+    max_batch: int = 8
+    max_queue: int = 64
+    batch_wait_ms: float = 10.0
+    chunk_size: int = 8
+    limits: Limits = Limits()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"request body is over the {limit}-byte limit", code="request_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _sse(payload) -> str:
+    return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
+
+
+def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_scheduler: bool = True) -> FastAPI:
+    """The FastAPI app serving `chat`. The scheduler (``app.state.scheduler``) starts with the app
+    (its lifespan) unless `start_scheduler` is False, and stops with it."""
+    name = config.model_name or chat.name
+    limits = config.limits
+    scheduler = Scheduler(chat, max_batch=config.max_batch, max_queue=config.max_queue,
+                          batch_wait_s=config.batch_wait_ms / 1000, chunk_size=config.chunk_size)
+    created = int(time.time())
+    page = render_page(name, max_tokens=limits.max_output_tokens, default_tokens=limits.default_max_tokens)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if start_scheduler:
+            scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(title="llava_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+    app.state.chat = chat
+    app.state.model_name = name
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}},
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, e: Exception):
+        log.exception("request failed")
+        return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                                       "param": None, "code": None}}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "queued": scheduler.queued, "running": scheduler.running,
+                "completed": scheduler.completed, "batch_sizes": dict(sorted(scheduler.batch_sizes.items()))}
+
+    @app.get("/v1/models")
+    async def models():
+        return protocol.models_list(name, created)
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise ApiError(404, f"model {model_id!r} is not served here; available: {name!r}", param="model",
+                           code="model_not_found")
+        return protocol.models_list(name, created)["data"][0]
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await _read_body(request, limits.max_request_bytes)
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        req = await run_in_threadpool(protocol.parse_chat_request, payload, chat, limits, name)
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event):
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(prompt=req.prompt.tolist(), image=req.image, max_tokens=req.max_tokens, sampling=req.sampling,
+                  emit=emit, stops=req.stops, seed=req.seed)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, f"server busy: {e}", kind="server_error", code="queue_full") from None
+        rid, stamp, prompt_tokens = protocol.new_id(), int(time.time()), len(req.prompt)
+
+        if not req.stream:
+            try:
+                text = []
+                while True:
+                    event = await events.get()
+                    if isinstance(event, Delta):
+                        text.append(event.text)
+                    elif isinstance(event, Done):
+                        return protocol.completion(rid, name, "".join(text), event.finish_reason, prompt_tokens,
+                                                   event.token_ids, return_token_ids=req.return_token_ids,
+                                                   created=stamp)
+                    elif isinstance(event, Failed):
+                        raise ApiError(503 if "shutting down" in event.message else 500, event.message,
+                                       kind="server_error")
+            finally:
+                job.cancel()
+
+        async def stream():
+            try:
+                yield _sse(protocol.chunk(rid, name, stamp, {"role": "assistant", "content": ""}))
+                while True:
+                    event = await events.get()
+                    if isinstance(event, Delta):
+                        yield _sse(protocol.chunk(rid, name, stamp, {"content": event.text}))
+                    elif isinstance(event, Done):
+                        extra = {"token_ids": event.token_ids} if req.return_token_ids else {}
+                        yield _sse(protocol.chunk(rid, name, stamp, {}, event.finish_reason, **extra))
+                        if req.include_usage:
+                            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": stamp,
+                                        "model": name, "choices": [],
+                                        "usage": protocol.usage(prompt_tokens, len(event.token_ids))})
+                        break
+                    elif isinstance(event, Failed):
+                        yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
+                                              "code": None}})
+                        break
+                yield _sse("[DONE]")
+            finally:
+                job.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
