@@ -42,6 +42,9 @@ EXTRAS = {
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
     "tpu": ["jax[tpu]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
+    # TFDS datasets through tfds.data_source (reads ArrayRecord-format builds without TensorFlow;
+    # preparing a dataset still needs TensorFlow, so this stays optional).
+    "tfds": ["tensorflow-datasets>=4.9"],
 }
 
 setup(

@@ -43,6 +43,7 @@ def test_logits_match(act, projector, layer, layout):
         want = np_(ref(input_ids=ids, pixel_values=pix, attention_mask=torch.ones_like(ids)).logits)
     got, _ = ours(jnp.asarray(ids.numpy()), images)
     diff = np.abs(np.asarray(got) - want).max()
+    print(f"LLaVA {projector} layer={layer} {layout}: logits max-abs diff {diff:.1e}")
     assert diff < 1e-4, diff
 
 
