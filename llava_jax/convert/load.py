@@ -6,10 +6,15 @@
 
 Every array is checked: a checkpoint key with no rule (and not on the format's ignore list), a rule
 whose key is missing, and a shape mismatch are errors that name the key.
+
+LLaMA-family checkpoints with a plain LLaMA vocabulary (32000 rows; 32003 for original LLaVA v0) are
+fitted into the model's llava-hf vocabulary (32064 rows) as `vocab.fit_rows` documents: LLaMA ids
+unchanged, added rows moved after `<image>`/`<pad>`, new rows set to the mean row.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.convert import hf_config
+from llava_jax.convert import hf_config, vocab
 from llava_jax.convert.files import TensorSource, open_checkpoint
 from llava_jax.convert.mapping import FORMATS, Rule, detect_format, to_ours
 from llava_jax.models.clip import ClipVisionTower
@@ -30,6 +35,13 @@ _PART_PREFIX = {
     Llama: {"vision": None, "llm": "", "projector": None},
     ClipVisionTower: {"vision": "", "llm": None, "projector": None},
 }
+
+
+log = logging.getLogger(__name__)
+
+# Formats whose vocabulary tables may have LLaMA's row count instead of the model's (see `vocab`).
+_VOCAB_FIT_FORMATS = ("hf_llama", "llava_original")
+_VOCAB_PARAMS = {"embed_tokens/embedding": 0, "lm_head/kernel": 1}  # llava_jax path suffix -> vocab axis
 
 
 class CheckpointMismatch(ValueError):
@@ -104,7 +116,16 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
         if rule.stacked:
             arr = np.stack([to_ours(rule.kind, read(rule.theirs.format(i=i))) for i in range(want[0])])
         else:
-            arr = to_ours(rule.kind, read(rule.theirs))
+            arr = read(rule.theirs)
+            axis = _vocab_axis(rule.ours) if fmt in _VOCAB_FIT_FORMATS else None
+            if axis is not None and vocab.needs_fit(arr.shape[0], want[axis]):
+                rows = arr.shape[0]
+                try:
+                    arr = vocab.fit_rows(arr, want[axis], key=rule.theirs)
+                except ValueError as e:
+                    raise CheckpointMismatch(str(e)) from None
+                log.info("%s: %s", rule.theirs, vocab.describe(rows, want[axis]))
+            arr = to_ours(rule.kind, arr)
         if tuple(arr.shape) != want:
             raise CheckpointMismatch(
                 f"{rule.theirs!r}: checkpoint shape {tuple(arr.shape)} (in llava_jax layout) does not match "
@@ -120,6 +141,13 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
             "the config (layer count, tied embeddings, projector) probably differs from the checkpoint's"
         )
     return out
+
+
+def _vocab_axis(ours: str) -> int | None:
+    for suffix, axis in _VOCAB_PARAMS.items():
+        if ours == suffix or ours.endswith("/" + suffix):
+            return axis
+    return None
 
 
 def _check_tied_head(module, f, keyset, used, read) -> None:
@@ -151,6 +179,12 @@ def load_weights(module, path_or_source: Any, fmt: str | None = None):
 def config_from_hf(d: dict):
     """A HF config dict -> (llava_jax module class, config)."""
     mt = d.get("model_type")
+    if hf_config.is_original_llava(d):
+        raise ValueError(
+            "this is an original LLaVA (LlavaLlamaForCausalLM) config; its shards usually hold no vision tower. "
+            "Import it with `python -m llava_jax.convert import --from DIR [--vision CLIP_DIR] --out RUN_DIR` "
+            "or llava_jax.convert.original.load_original(DIR, vision=CLIP_DIR)"
+        )
     if mt == "llava":
         return Llava, hf_config.llava_config_from_hf(d)
     if mt in ("llama",):
@@ -168,11 +202,16 @@ def from_pretrained(path, *, dtype=jnp.float32, param_dtype=jnp.float32, fmt: st
     runtime = dict(dtype=dtype, param_dtype=param_dtype)
     cfg = cfg.with_runtime(**runtime) if cls is Llava else dataclasses.replace(cfg, **runtime)
     abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
-    arrays = convert_arrays(abstract, open_checkpoint(path), fmt)
+    return materialize(abstract, convert_arrays(abstract, open_checkpoint(path), fmt), what=fmt or "detected")
+
+
+def materialize(abstract, arrays: dict[str, np.ndarray], *, what: str = "checkpoint"):
+    """An abstract module (`nnx.eval_shape`) filled with `arrays` ({param path: array}); every
+    parameter must be given (`what` names the source in the error)."""
     graphdef, state = nnx.split(abstract)
     for p, var in nnx.to_flat_state(state):
         key = "/".join(map(str, p))
         if key not in arrays:
-            raise CheckpointMismatch(f"parameter {key!r} has no entry in the {fmt or 'detected'} mapping table")
+            raise CheckpointMismatch(f"parameter {key!r} has no entry in the {what} mapping table")
         var.value = jnp.asarray(arrays[key], dtype=var.value.dtype)
     return nnx.merge(graphdef, state)

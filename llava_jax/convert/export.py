@@ -1,0 +1,176 @@
+"""Export llava_jax models as Hugging Face directories, through the same mapping tables as import.
+
+    export_llava_hf(model, "out/llava-hf")      # LlavaForConditionalGeneration + AutoProcessor
+    export_llama_hf(model.language_model, "out/llm")   # LlamaForCausalLM + tokenizer
+    export_checkpoint("runs/demo", "out/hf")    # anything `inference.load_model` reads
+
+A llava-hf directory holds `config.json`, `generation_config.json`, safetensors shards with
+`model.safetensors.index.json` (keys in the llava-hf file layout, `FORMATS["llava_hf"]`, the same
+files transformers 4.x and 5.x load), the tokenizer with `<image>` / `<pad>`, and the processor
+files (`hf_processor`). A `linear` projector (the paper's) is written as llava-hf stores one: two
+layers with `projector_hidden_act="linear"`, `linear_2` the identity with zero bias; import folds
+it back into one layer exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import numpy as np
+from flax import nnx
+
+from llava_jax.convert import hf_config
+from llava_jax.convert.hf_processor import write_processor, write_tokenizer
+from llava_jax.convert.load import _config_of, _root_kind
+from llava_jax.convert.mapping import FORMATS, Kind, to_theirs
+from llava_jax.convert.shards import TensorPlan, parse_size, write_shards
+from llava_jax.models.llama import Llama
+from llava_jax.models.llava import Llava
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _np_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"export dtype {name!r}: use one of {DTYPES}")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _theirs_shape(kind: Kind, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "conv":  # [kh, kw, in, out] -> [out, in, kh, kw]
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape
+
+
+def _host(value, index: int | None = None) -> np.ndarray:
+    return np.asarray(value if index is None else value[index])
+
+
+def export_tensors(module: Llava | Llama, fmt: str | None = None) -> list[TensorPlan]:
+    """The checkpoint tensors of `module` in format `fmt` (default: `llava_hf` for `Llava`, `hf_llama`
+    for `Llama`), as lazily made arrays in PyTorch layout (see `shards.TensorPlan`)."""
+    fmt = fmt or ("llava_hf" if isinstance(module, Llava) else "hf_llama")
+    f = FORMATS[fmt]
+    projector, tied = _config_of(module)
+    rules = f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision[0] if f.vision else None,
+                    projector=projector, tied=tied)
+    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    plans: list[TensorPlan] = []
+    covered = set()
+    for rule in rules:
+        if rule.ours not in flat:
+            raise KeyError(f"mapping rule {rule.theirs!r} names {rule.ours!r}, which the model does not have")
+        covered.add(rule.ours)
+        value = flat[rule.ours].value
+        if rule.stacked:
+            shape = _theirs_shape(rule.kind, tuple(value.shape[1:]))
+            plans += [TensorPlan(rule.theirs.format(i=i), shape,
+                                 lambda v=value, i=i, k=rule.kind: to_theirs(k, _host(v, i)))
+                      for i in range(value.shape[0])]
+        else:
+            plans.append(TensorPlan(rule.theirs, _theirs_shape(rule.kind, tuple(value.shape)),
+                                    lambda v=value, k=rule.kind: to_theirs(k, _host(v))))
+    missing = sorted(set(flat) - covered)
+    if missing:
+        raise KeyError(f"parameters with no rule in the {fmt} table (export would drop them): {missing[:5]}")
+    if isinstance(module, Llava) and projector == "linear" and f.projector_style == "hf":
+        d = module.cfg.llm.hidden_size
+        plans += [TensorPlan(f"{f.projector}.linear_2.weight", (d, d), lambda: np.eye(d, dtype=np.float32)),
+                  TensorPlan(f"{f.projector}.linear_2.bias", (d,), lambda: np.zeros(d, np.float32))]
+    return plans
+
+
+def _prepare(out_dir, overwrite: bool) -> pathlib.Path:
+    out = pathlib.Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True (--overwrite)")
+        for old in list(out.glob("model*.safetensors")) + list(out.glob("*.index.json")):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _generation_config(cfg_pad: int | None) -> dict:
+    return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": cfg_pad}
+
+
+def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
+                    tokenizer=None, template: str | None = "v1", image_aspect_ratio: str = "square",
+                    overwrite: bool = False) -> pathlib.Path:
+    """Write `model` as a llava-hf directory (module docstring).
+
+    dtype: storage dtype of the weights (`bfloat16`, `float16`, `float32`).
+    tokenizer: a tokenizer with `<image>`=32000 and `<pad>`=32001 (default: `load_tokenizer()`).
+    template: conversation template name for the chat template (None: no chat template).
+    image_aspect_ratio: `square` or `pad`, the preprocessing the model was trained with.
+    """
+    if not isinstance(model, Llava):
+        raise TypeError(f"export_llava_hf needs a Llava model, got {type(model).__name__} (use export_llama_hf)")
+    np_dtype = _np_dtype(dtype)
+    out = _prepare(out_dir, overwrite)
+    cfg = model.cfg
+    _write_json(out / "config.json",
+                hf_config.llava_config_to_hf(cfg, dtype=dtype, image_aspect_ratio=image_aspect_ratio))
+    _write_json(out / "generation_config.json", _generation_config(cfg.pad_token_id))
+    write_shards(export_tensors(model), out, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
+                 progress=log.info)
+    write_tokenizer(out, tokenizer, template=template, max_length=cfg.llm.max_position_embeddings)
+    write_processor(out, cfg, image_aspect_ratio=image_aspect_ratio, template=template)
+    log.info("exported llava-hf model to %s", out)
+    return out
+
+
+def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
+                    tokenizer=None, template: str | None = "v1", pad_token_id: int | None = 32001,
+                    overwrite: bool = False) -> pathlib.Path:
+    """Write a `Llama` (e.g. `llava.language_model`) as a `LlamaForCausalLM` directory with the tokenizer."""
+    if not isinstance(model, Llama):
+        raise TypeError(f"export_llama_hf needs a Llama model, got {type(model).__name__}")
+    np_dtype = _np_dtype(dtype)
+    out = _prepare(out_dir, overwrite)
+    cfg = model.cfg
+    hf = hf_config.llama_config_to_hf(cfg, dtype=dtype, pad_token_id=pad_token_id)
+    _write_json(out / "config.json", hf)
+    _write_json(out / "generation_config.json", _generation_config(hf["pad_token_id"]))
+    write_shards(export_tensors(model), out, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
+                 progress=log.info)
+    write_tokenizer(out, tokenizer, template=template, max_length=cfg.max_position_embeddings)
+    log.info("exported LLaMA model to %s", out)
+    return out
+
+
+def export_checkpoint(checkpoint, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
+                      llm_only: bool = False, tokenizer_path=None, template: str | None = None,
+                      overwrite: bool = False) -> pathlib.Path:
+    """Export a training run / stage directory or a llava-hf directory (anything
+    `llava_jax.inference.load_model` reads). The conversation template and image aspect ratio come
+    from the checkpoint (`template` overrides the first)."""
+    from llava_jax.data.tokenizer import load_tokenizer
+    from llava_jax.inference.load import load_model
+
+    _np_dtype(dtype)  # fail before loading
+    parse_size(max_shard_size)
+    loaded = load_model(checkpoint)
+    template = template or loaded.template
+    tokenizer = load_tokenizer(tokenizer_path)
+    if llm_only:
+        return export_llama_hf(loaded.model.language_model, out_dir, dtype=dtype, max_shard_size=max_shard_size,
+                               tokenizer=tokenizer, template=template, pad_token_id=loaded.model.cfg.pad_token_id,
+                               overwrite=overwrite)
+    return export_llava_hf(loaded.model, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
+                           template=template, image_aspect_ratio=loaded.image_aspect_ratio, overwrite=overwrite)
