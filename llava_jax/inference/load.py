@@ -55,7 +55,9 @@ def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loade
         from llava_jax.convert import from_pretrained
 
         model = from_pretrained(path, dtype=dtype)
-        return Loaded(model, template or "v1", "pad" if model.cfg.projector == "mlp2x_gelu" else "square", path)
+        hf = json.loads((path / "config.json").read_text())
+        aspect = hf.get("image_aspect_ratio") or ("pad" if model.cfg.projector == "mlp2x_gelu" else "square")
+        return Loaded(model, template or "v1", aspect, path)
     stage = _stage_dir(path)
     info = json.loads((stage / "model.json").read_text())
     cfg = config_from_dict(info["model"]).with_runtime(dtype=dtype, param_dtype=jnp.float32, remat="none")

@@ -60,7 +60,7 @@ def base_config() -> mlc.ConfigDict:
         vision="",  # HF CLIP directory (e.g. openai/clip-vit-large-patch14); '' = random init
         llm="",  # HF LLaMA/Vicuna directory; '' = random init
         llava="",  # a complete llava-hf / original LLaVA directory (instead of vision + llm)
-        stage1="",  # a stage-1 workdir (or its final_params dir) whose projector stage 2 starts from
+        stage1="",  # stage 2's projector: a stage-1 dir (or its final_params) or an mm_projector.bin/.safetensors
     ))
     c.mesh = mlc.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))  # (data, fsdp, tensor); -1 = fill
     c.log_every = 10

@@ -127,6 +127,11 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
             params = _place(convert_arrays(abstract_model, open_checkpoint(path)), params, shardings)
     if previous_stage:
         prev = pathlib.Path(previous_stage)
+        if prev.is_file() or any(prev.glob("mm_projector.*")):  # the original's stage-1 output
+            from llava_jax.convert import load_projector
+
+            log.info("projector from %s", prev)
+            return _place(load_projector(prev, cfg=spec.cfg), params, shardings)
         prev = prev / "final_params" if (prev / "final_params").exists() else prev
         log.info("projector from %s", prev)
         target = {"multi_modal_projector": jax.tree.map(

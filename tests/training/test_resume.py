@@ -51,3 +51,29 @@ def test_killed_run_resumes_exactly(tmp_path):
     a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bit-identical
+
+
+@pytest.mark.slow
+def test_stage2_starts_from_stage1_projector(tmp_path):
+    """With stage 2's lr at 0 its final parameters are its initial ones: the projector must be stage 1's
+    trained one, the vision tower and LLM the same base weights stage 1 had (frozen there)."""
+    import numpy as np
+
+    from llava_jax.inference import load_model
+
+    args = ["--config.synthetic.num_pretrain=64", "--config.synthetic.num_instruct=32", "--config.synthetic.num_eval=4",
+            "--config.stage1.num_steps=3", "--config.stage1.batch_size=8", "--config.stage2.num_steps=1",
+            "--config.stage2.batch_size=8", "--config.stage2.optim.lr=0.0", "--config.eval.json_path="]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = subprocess.run([sys.executable, "-m", "llava_jax.train", f"--workdir={tmp_path}", *args], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s1 = load_model(tmp_path / "stage1").model
+    s2 = load_model(tmp_path / "stage2").model
+    k1 = np.asarray(s1.multi_modal_projector.linear_1.kernel[...])
+    k2 = np.asarray(s2.multi_modal_projector.linear_1.kernel[...])
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(np.asarray(s1.language_model.layers.q_proj.kernel[...]),
+                                  np.asarray(s2.language_model.layers.q_proj.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(s1.vision_tower.layers.fc1.kernel[...]),
+                                  np.asarray(s2.vision_tower.layers.fc1.kernel[...]))
