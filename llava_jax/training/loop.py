@@ -203,22 +203,23 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
         state = new_state(initial_params(config, spec, mask, psh, previous_stage), tx, ssh, config.seed)
 
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
     def compile_step(targets_per_row: int):
         return jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row),
                        in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
 
     step_fn = compile_step(stage.targets_per_row)
     full_step_fn = None  # logits at every position, for the rare batch with more targets than the cap
-    flops = None
-    peak = peak_flops()
+    llm_trains = "llm" in partition.parse_trainable(stage.trainable)
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
     skipped_total = 0
     last = None
-    t_log, step_at_log = time.time(), int(state.step)
+    step = int(state.step)  # counted on the host from here on: no device sync per step
+    t_log, step_at_log = time.time(), step
     try:
         with jax.set_mesh(mesh):
-            while int(state.step) < steps:
-                local = next(data_iter)
+            while step < steps:
+                local = next(data_iter)  # overlaps with the previous step still running on device
                 skipped_total += int(np.sum(local.get("meta_skipped", 0)))
                 fn = step_fn
                 if stage.targets_per_row and _over_cap(local["labels"], stage.targets_per_row):
@@ -230,16 +231,10 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
                     fn = full_step_fn
                 batch = {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in MODEL_KEYS}
                 state, metrics = fn(state, batch)
-                step = int(state.step)
+                step += 1
                 writer.advance()
-                if flops is None:
-                    flops = step_flops(spec.cfg, tokens=batch["input_ids"].size, seq_len=batch["input_ids"].shape[1],
-                                       images=int(np.prod(batch["images"].shape[:2])),
-                                       llm_trainable="llm" in partition.parse_trainable(stage.trainable))
-                is_log = step % config.log_every == 0 or step == steps
-                will_save = step % stage.checkpoint_every == 0 or step == steps
-                if is_log or will_save:
-                    m = jax.device_get(metrics)
+                if step % config.log_every == 0 or step % stage.checkpoint_every == 0 or step == steps:
+                    m = jax.device_get(metrics)  # waits for this step
                     if not np.isfinite(m["loss"]):
                         raise NonFiniteLoss(
                             f"{name}: loss is {m['loss']} at step {step}; stopping without saving. The last good "
@@ -248,10 +243,13 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
                         )
                     dt = (time.time() - t_log) / max(step - step_at_log, 1)
                     t_log, step_at_log = time.time(), step
+                    flops = step_flops(spec.cfg, tokens=local["input_ids"].size * jax.process_count(),
+                                       seq_len=local["input_ids"].shape[1], llm_trainable=llm_trains,
+                                       images=int(np.prod(local["images"].shape[:2])) * jax.process_count())
                     m.update(step_time=dt, tokens_per_s=float(m["tokens"]) / dt, skipped_samples=skipped_total,
                              flops_per_step=flops)
-                    if peak:
-                        m["mfu"] = flops / dt / (peak * mesh.size)
+                    if peak_flops():
+                        m["mfu"] = flops / dt / (peak_flops() * mesh.size)
                     writer.write(step, m)
                     last = float(m["loss"])
                 ckpt.save(step, state, data_iter, force=step == steps)
