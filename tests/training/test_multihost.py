@@ -32,6 +32,7 @@ def test_two_processes_match_one(tmp_path):
     assert single[0]["devices"] == 4
     np.testing.assert_allclose(multi[0]["losses"], single[0]["losses"], rtol=2e-5)
     np.testing.assert_allclose(multi[1]["losses"], single[0]["losses"], rtol=2e-5)
+    assert multi[0]["dcn_owners"] == [[0, 0], [1, 1]]  # each data-axis slice is one process
 
 
 @pytest.mark.slow
