@@ -45,6 +45,8 @@ def parse_args(argv):
     g.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 503 (default 64)")
     g.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
     g.add_argument("--chunk-size", type=int, default=8, help="decode steps per device call (streaming granularity)")
+    g.add_argument("--warmup", action="store_true",
+                   help="compile batches of 1..max-batch image questions (default settings) before serving")
     g = p.add_argument_group("limits per request")
     g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
     g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
                     max_output_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
                     default_temperature=args.temperature, default_top_p=args.top_p)
     config = ServerConfig(model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                          batch_wait_ms=args.batch_wait_ms, chunk_size=args.chunk_size, limits=limits)
+                          batch_wait_ms=args.batch_wait_ms, chunk_size=args.chunk_size, warmup=args.warmup,
+                          limits=limits)
     try:
         chat = ChatModel.from_checkpoint(args.checkpoint, template=args.template, tokenizer_dir=args.tokenizer,
                                          dtype=jnp.dtype(args.dtype))

@@ -182,6 +182,24 @@ class Scheduler:
             self._waiting.append(job)
             self._cond.notify_all()
 
+    def warm_up(self, prompt: list[int], image: np.ndarray | None, *, max_new_tokens: int, sampling: Sampling) -> None:
+        """Compile the prefill and decode programs for batches of 1, 2, 4, ... `max_batch` copies of
+        `prompt` (so the first requests of that shape do not wait for compilation). Generation stops
+        after the first decode chunk."""
+        size = 1
+        while True:
+            images = None if image is None else np.broadcast_to(image, (size, 1, *image.shape))
+            gen = stream_generate(self.chat.model, [prompt] * size, images, max_new_tokens=max_new_tokens,
+                                  sampling=sampling, eos_ids=self.chat.eos_ids, chunk_size=self.chunk_size)
+            try:
+                for _, _ in zip(range(2), gen):
+                    pass
+            finally:
+                gen.close()
+            if size >= self.max_batch:
+                return
+            size = min(2 * size, self.max_batch)
+
     # ----------------------------------------------------------------------------------------
     def _take_batch(self) -> list[Job] | None:
         with self._cond:

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava_jax.inference import openai_protocol as protocol
 from llava_jax.inference.conversation import ChatModel
 from llava_jax.inference.openai_protocol import ApiError, Limits
+from llava_jax.inference.sampling import Sampling
 from llava_jax.inference.scheduler import Delta, Done, Failed, Job, QueueFull, Scheduler
 from llava_jax.inference.webpage import render_page
 
@@ -46,6 +48,7 @@ class ServerConfig:
     max_queue: int = 64
     batch_wait_ms: float = 10.0
     chunk_size: int = 8
+    warmup: bool = False  # compile batches of a typical image question before serving
     limits: Limits = Limits()
 
 
@@ -66,6 +69,17 @@ def _sse(payload) -> str:
     return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
 
 
+def _warm_up(chat: ChatModel, scheduler: Scheduler, limits: Limits) -> None:
+    """Compile for a one-image question with the default sampling and reply budget."""
+    start = time.monotonic()
+    image = np.full((chat.image_size, chat.image_size, 3), 128, np.uint8)
+    prompt = chat.prompt_ids(["Describe this image in detail."], image=True)
+    budget = min(limits.default_max_tokens, chat.context_length - len(prompt))
+    sampling = Sampling(limits.default_temperature, limits.default_top_p)
+    scheduler.warm_up(prompt.tolist(), image, max_new_tokens=budget, sampling=sampling)
+    log.info("warmed up batches of 1..%d in %.1f s", scheduler.max_batch, time.monotonic() - start)
+
+
 def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_scheduler: bool = True) -> FastAPI:
     """The FastAPI app serving `chat`. The scheduler (``app.state.scheduler``) starts with the app
     (its lifespan) unless `start_scheduler` is False, and stops with it."""
@@ -78,6 +92,8 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if config.warmup:
+            await run_in_threadpool(_warm_up, chat, scheduler, limits)
         if start_scheduler:
             scheduler.start()
         try:

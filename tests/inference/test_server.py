@@ -3,6 +3,7 @@ batching of concurrent requests, greedy output equal to `generate`, refusals of 
 (each a 4xx with a clear message, the server serving on), a full queue, stop strings."""
 
 import concurrent.futures as futures
+import sys
 import threading
 import time
 
@@ -270,3 +271,15 @@ def test_disconnected_stream_does_not_stop_the_server(server, client):
                                          max_tokens=3)
     assert out.choices[0].message.content is not None
     np.testing.assert_equal(httpx.get(url + "/health").json()["status"], "ok")
+
+
+def test_warm_up_compiles_before_serving(chat):
+    traces = sys.modules["llava_jax.inference.generate"].TRACE_COUNTS
+    config = ServerConfig(model_name="warm", max_batch=2, warmup=True, limits=Limits(default_max_tokens=8))
+    app = create_app(chat, config)
+    with running_server(app) as url:
+        before = dict(traces)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="warm", messages=_image_message("Describe this image in detail."))
+        assert out.usage.completion_tokens >= 1
+        assert traces == before, "a request of the warmed-up shape compiled again"
