@@ -81,9 +81,12 @@ class LlamaBlock(nnx.Module):
         self.up_proj = _dense(cfg, d, f, ("embed", "mlp"), rngs)
         self.down_proj = _dense(cfg, f, d, ("mlp", "embed"), rngs)
 
-    def __call__(self, x, positions, mask, kv=None, cache_index=None):
-        """x [B, T, D]; positions [B, T]; mask [B, T, S]; kv: this layer's (k, v) cache [B, S, K, H].
-        Returns (x, updated kv or None)."""
+    def __call__(self, x, positions, mask, cache=None):
+        """x [B, T, D]; positions [B, T]; mask [B, T, S].
+
+        cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, S, K, H], this
+        block's layer and the first slot to write. The new keys/values are written in place (only T
+        slots change) and attention reads this layer's slice. Returns (x, (k, v) or None)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h = self.input_layernorm(x)
@@ -94,11 +97,14 @@ class LlamaBlock(nnx.Module):
         k = _name(apply_rope(k, positions, cfg.rope_theta), "key_proj")
         v = _name(v, "value_proj")
         impl = cfg.attention
-        if kv is not None:
-            ck, cv = kv
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            kv = (k, v)
+        kv = None
+        if cache is not None:
+            ks, vs, layer, index = cache
+            ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (layer, 0, index, 0, 0))
+            vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (layer, 0, index, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(ks, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(vs, layer, 0, keepdims=False)
+            kv = (ks, vs)
             impl = "xla"  # fused kernels take no cache offsets
         a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=impl, causal=True)
         x = x + _name(self.o_proj(a.reshape(b, t, -1)), "out_proj")
@@ -151,11 +157,15 @@ class Llama(nnx.Module):
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
             mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
 
-            def body(blk, c, kv):
-                y, kv = blk(c, positions, mask, kv, cache.index)
-                return constrain(y, _ACT), kv
+            # The caches ride in the scan carry, so each layer's write is an in-place update of T slots
+            # (as scan outputs they would be rebuilt, a full cache copy per step).
+            def body(blk, carry, _):
+                c, ks, vs, layer = carry
+                y, (ks, vs) = blk(c, positions, mask, (ks, vs, layer, cache.index))
+                return (constrain(y, _ACT), ks, vs, layer + 1), None
 
-            x, (ks, vs) = scan(self.layers, body, x, (cache.k, cache.v), policy=cfg.remat)
+            (x, ks, vs, _), _ = scan(self.layers, body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
+                                     policy=cfg.remat)
             cache = KVCache(ks, vs, kv_seg, cache.index + t)
         return self.norm(x), cache
 
