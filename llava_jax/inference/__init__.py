@@ -1,4 +1,7 @@
-"""Inference: batched prefill + chunked KV-cache decode (`generate`, `stream_generate`) and sampling."""
+"""Inference: batched prefill + chunked KV-cache decode (`generate`, `stream_generate`), sampling and
+model loading. Front ends: `conversation.ChatModel` / `chat.ChatSession` (terminal chat,
+`python -m llava_jax.chat`) and `server.create_app` (OpenAI-compatible API + web page,
+`python -m llava_jax.serve`, needs the `serve` extra)."""
 
 from llava_jax.inference.generate import Chunk, generate, stream_generate
 from llava_jax.inference.load import Loaded, load_model
