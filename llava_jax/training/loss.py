@@ -1,8 +1,9 @@
 """Next-token cross-entropy over label positions only.
 
 labels are HF-aligned (labels[t] is the token at t, -100 where not trained); position t predicts
-labels[t + 1]. Returns sums, so that micro-batches and data-parallel shards add up and the mean is
-taken once over the real target tokens of the whole global batch.
+labels[t + 1] (`shifted_targets`). The loss is returned as sums, so that micro-batches and
+data-parallel shards add up and the mean is taken once over the real target tokens of the whole
+global batch.
 """
 
 import jax
@@ -44,14 +45,4 @@ def target_loss_sums(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, 
     """logits [B, K, V] float32 and already-shifted targets [B, K] -> (NLL sum, target count)."""
     valid = targets != IGNORE_INDEX
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, targets, 0))
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
-
-
-def token_loss_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """logits [B, L, V] float32, labels [B, L] int -> (sum of NLL, number of target tokens)."""
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), jnp.where(valid, targets, 0)
-    )
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
