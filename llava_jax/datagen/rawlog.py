@@ -21,7 +21,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class RawLog:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RawLog:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,7 +19,6 @@ import http.server
 import json
 import threading
 import time
-from typing import Self
 
 
 def kind_of(messages: list[dict]) -> str:
@@ -76,7 +75,7 @@ class ApiStub:
     def release(self) -> None:
         self._release.set()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ApiStub:
         self._thread.start()
         return self
 
