@@ -175,7 +175,10 @@ def test_generate_end_to_end_with_failures_and_rerun(tmp_path, capsys):
         assert stub.ok_count == 7
     keys = _keys(out)
     assert len(keys) == 7 == len(set(keys))
-    errors = [json.loads(line) for line in (tmp_path / "gen" / "errors.jsonl").read_text().splitlines()]
+    errors = [
+        json.loads(line)
+        for line in (tmp_path / "gen" / "errors.jsonl").read_text().splitlines()
+    ]
     assert len(errors) == 1 and errors[0]["status"] == 400
     assert (errors[0]["image"], errors[0]["kind"]) not in keys
     for r in read_raw(os.path.join(out, "raw.jsonl")):
