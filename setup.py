@@ -39,6 +39,8 @@ EXTRAS = {
         "httpx>=0.27",
     ],
     "serve": SERVE,
+    # Instruction-data generation (`python -m llava_jax.datagen.generate`): the HTTP client.
+    "datagen": ["httpx>=0.27"],
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
     "tpu": ["jax[tpu]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
