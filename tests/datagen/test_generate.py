@@ -133,7 +133,7 @@ def _annotations_file(tmp_path, n):
             json.dumps(
                 {
                     "image": f"{i:012d}.jpg",
-                    "captions": [f"Caption number {i}.", "Another one."],
+                    "captions": [f"Scene number {i}.", "Another one."],
                     "boxes": [{"category": "dog", "bbox": [0.1, 0.1, 0.5, 0.5]}],
                 }
             )
@@ -184,9 +184,9 @@ def test_generate_end_to_end_with_failures_and_rerun(tmp_path, capsys):
     for r in read_raw(os.path.join(out, "raw.jsonl")):
         n = int(r["image"][:12])
         assert r["request"]["query"].startswith(
-            f"Caption number {n}."
+            f"Scene number {n}."
         )  # reply matches its request
-        assert f"Caption number {n}." in r["content"]
+        assert f"Scene number {n}." in r["content"]
         assert r["model"] == "stub-model-stub" and r["request"]["model"] == "stub-model"
         assert ("dog: [0.1, 0.1, 0.5, 0.5]" in r["request"]["query"]) == (
             r["kind"] == "detail"
@@ -322,3 +322,49 @@ def test_sigkill_and_resume_lose_only_in_flight_requests_and_duplicate_nothing(
     assert lines[-1] == b"" and all(
         json.loads(x) for x in lines[:-1]
     )  # no torn line left
+
+
+def test_malformed_replies_are_kept_raw_and_rejected_by_build(tmp_path):
+    """Paid-for replies are never dropped at generation time; build counts the broken ones per reason."""
+    from api_stub import reply_for
+
+    from llava_jax.datagen import build
+
+    def reply(messages):
+        n = int(messages[-1]["content"].split()[2].rstrip("."))  # "Scene number {n}."
+        if n % 3 == 1:
+            return "Sure! Here is a conversation about the image."  # no blocks
+        if n % 3 == 2:
+            return reply_for(messages).replace(
+                "Answer:", "Answer:\nThe caption says that"
+            )
+        return reply_for(messages)
+
+    ann, out = _annotations_file(tmp_path, 9), str(tmp_path / "gen")
+    with ApiStub(reply=reply) as stub:
+        assert (
+            generate.main(
+                [
+                    "--input",
+                    ann,
+                    "--kinds",
+                    "conversation,complex",
+                    "--out",
+                    out,
+                    "--base-url",
+                    stub.base_url,
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    assert len(_keys(out)) == 18
+    stats = build.build([out], str(tmp_path / "data.json"))
+    assert stats["kept"] == {"conversation": 3, "detail": 0, "complex": 3}
+    assert stats["rejected"]["conversation"] == {
+        "no_blocks": 3,
+        "mentions_annotations": 3,
+    }
+    assert stats["rejected"]["complex"] == {"no_blocks": 3, "mentions_annotations": 3}
+    kept = json.loads((tmp_path / "data.json").read_text())
+    assert sorted(int(r["image"][:12]) for r in kept) == [0, 0, 3, 3, 6, 6]

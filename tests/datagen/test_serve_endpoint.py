@@ -1,16 +1,20 @@
-"""Generation against llava_jax's own OpenAI-compatible server (a real endpoint, tiny random model)."""
+"""Generation against `python -m llava_jax.serve` (a real OpenAI-compatible endpoint, tiny random model)."""
 
+import contextlib
 import json
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
-from inference.serving_fixtures import (  # tests/ is on sys.path
-    running_server,
-    shared_chat_model,
-)
+from inference.serving_fixtures import (
+    free_port,
+    shared_checkpoint,
+)  # tests/ is on sys.path
 
 from llava_jax.datagen import build, generate
 from llava_jax.datagen.rawlog import read_raw
-from llava_jax.inference.server import ServerConfig, create_app
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +32,48 @@ def _prompt_folder(root):
     return root
 
 
+@contextlib.contextmanager
+def serve_process(checkpoint, tmp_path):
+    """`python -m llava_jax.serve` in a subprocess; yields its base URL once /health answers."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llava_jax.serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--model-name",
+        "tiny-llava",
+        "--max-batch",
+        "4",
+        "--batch-wait-ms",
+        "20",
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "server did not start"
+                try:
+                    if httpx.get(url + "/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
 def test_generate_and_build_against_llava_jax_serve(tmp_path, tmp_path_factory):
-    chat = shared_chat_model(tmp_path_factory)
+    checkpoint = shared_checkpoint(tmp_path_factory)
     ann = tmp_path / "ann.jsonl"
     ann.write_text(
         "\n".join(
@@ -44,13 +88,7 @@ def test_generate_and_build_against_llava_jax_serve(tmp_path, tmp_path_factory):
         )
     )
     out = tmp_path / "gen"
-    app = create_app(
-        chat,
-        ServerConfig(
-            model_name="tiny-llava", max_batch=4, max_queue=16, batch_wait_ms=20
-        ),
-    )
-    with running_server(app) as url:
+    with serve_process(checkpoint, tmp_path) as url:
         rc = generate.main(
             [
                 "--input",
