@@ -3,16 +3,17 @@ exponential backoff and jitter, requests- and tokens-per-minute limits, usage an
 
     client = ChatClient(ClientConfig(base_url="https://api.openai.com/v1", model="gpt-4o",
                                      api_key=os.environ["OPENAI_API_KEY"], concurrency=8, rpm=500, tpm=300_000))
-    result = await client.complete(messages, max_tokens=1024)   # -> ChatResult
+    result = await client.complete(messages, max_tokens=1024)   # -> ChatResult, or raises ChatError
     client.usage.snapshot()                                      # tokens, requests, retries, cost
     await client.aclose()
+    results, usage = complete_all(config, [messages, ...], max_tokens=1024)  # blocking, input order
 
 Retried (up to `max_retries` times): HTTP 408, 409, 429 and any 5xx, timeouts, connection errors and
 200 responses whose body is not a chat completion (not JSON, no choices). Before retry k (1, 2, ...)
 the client sleeps a random time in [0, min(backoff_max, backoff_base * 2**(k-1))] ("full jitter"),
 or the server's `Retry-After` when that is longer. Other HTTP errors (400, 401, 403, 404, ...) are
 not retried. A request that fails for good raises `ChatError` naming the status and the server's
-message; the caller decides whether to record it (nothing is charged for a failed request).
+message; the caller decides whether to record it.
 
 Rate limits are token buckets refilled continuously (capacity = the per-minute limit). A request
 reserves one request and its estimated tokens (prompt characters / 4 + max_tokens, as OpenAI's
@@ -364,3 +365,28 @@ class ChatClient:
                 status=status,
             )
         return _parse_completion(response.content)
+
+
+def complete_all(
+    config: ClientConfig, conversations: Sequence[Sequence[dict]], **params: Any
+) -> tuple[list[ChatResult | ChatError], Usage]:
+    """Blocking helper: send every conversation (concurrently, within the config's limits).
+
+    Returns one `ChatResult` or `ChatError` per conversation, in input order, and the usage totals.
+    For jobs that must survive a crash, record each result as it arrives instead (see
+    `llava_jax.datagen.generate`).
+    """
+
+    async def go() -> tuple[list[ChatResult | ChatError], Usage]:
+        async with ChatClient(config) as client:
+
+            async def one(messages):
+                try:
+                    return await client.complete(messages, **params)
+                except ChatError as e:
+                    return e
+
+            results = await asyncio.gather(*(one(m) for m in conversations))
+            return list(results), client.usage
+
+    return asyncio.run(go())

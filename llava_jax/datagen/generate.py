@@ -192,7 +192,11 @@ def parse_args(argv):
         default=os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
         help="API root (default $OPENAI_BASE_URL or %(default)s)",
     )
-    p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o"), help="default $OPENAI_MODEL or %(default)s")
+    p.add_argument(
+        "--model",
+        default=os.environ.get("OPENAI_MODEL", "gpt-4o"),
+        help="default $OPENAI_MODEL or %(default)s",
+    )
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--rpm", type=float, help="requests per minute limit")
     p.add_argument("--tpm", type=float, help="tokens per minute limit")

@@ -14,6 +14,7 @@ from llava_jax.datagen.client import (
     RateLimiter,
     Usage,
     backoff_delay,
+    complete_all,
 )
 
 MESSAGES = [
@@ -180,3 +181,23 @@ def test_concurrency_is_bounded():
         results = asyncio.run(go(stub))
     assert len(results) == 10 and stub.ok_count == 10
     assert stub.max_in_flight == 3
+
+
+def test_complete_all_keeps_input_order_and_reports_failures():
+    conversations = [
+        [
+            {"role": "system", "content": "Design a conversation"},
+            {"role": "user", "content": f"Scene {i}."},
+        ]
+        for i in range(6)
+    ]
+    with ApiStub(script=["400"]) as stub:
+        results, usage = complete_all(
+            ClientConfig(base_url=stub.base_url, model="m", concurrency=3),
+            conversations,
+        )
+    failed = [i for i, r in enumerate(results) if isinstance(r, ChatError)]
+    assert len(failed) == 1 and usage.failures == 1 and usage.requests == 5
+    for i, r in enumerate(results):
+        if i not in failed:
+            assert f"Scene {i}." in r.content
