@@ -370,7 +370,7 @@ class ChatClient:
 def complete_all(
     config: ClientConfig, conversations: Sequence[Sequence[dict]], **params: Any
 ) -> tuple[list[ChatResult | ChatError], Usage]:
-    """Blocking helper: send every conversation (concurrently, within the config's limits).
+    """Blocking call: send every conversation (concurrently, within the config's limits).
 
     Returns one `ChatResult` or `ChatError` per conversation, in input order, and the usage totals.
     For jobs that must survive a crash, record each result as it arrives instead (see
