@@ -9,11 +9,13 @@ exponential backoff and jitter, requests- and tokens-per-minute limits, usage an
     results, usage = complete_all(config, [messages, ...], max_tokens=1024)  # blocking, input order
 
 Retried (up to `max_retries` times): HTTP 408, 409, 429 and any 5xx, timeouts, connection errors and
-200 responses whose body is not a chat completion (not JSON, no choices). Before retry k (1, 2, ...)
-the client sleeps a random time in [0, min(backoff_max, backoff_base * 2**(k-1))] ("full jitter"),
-or the server's `Retry-After` when that is longer. Other HTTP errors (400, 401, 403, 404, ...) are
-not retried. A request that fails for good raises `ChatError` naming the status and the server's
-message; the caller decides whether to record it.
+200 responses whose body is not a chat completion (not JSON, no choices); a completion with no
+text (``content: null``, e.g. a content filter) is a result with ``content == ""``, not retried.
+Before retry k (1, 2, ...) the client sleeps a random time in
+[0, min(backoff_max, backoff_base * 2**(k-1))] ("full jitter"), or the server's `Retry-After` when
+that is longer. Other HTTP errors (400, 401, 403, 404, ...) are not retried. A request that fails
+for good raises `ChatError` naming the status and the server's message; the caller decides whether
+to record it.
 
 Rate limits are token buckets refilled continuously (capacity = the per-minute limit). A request
 reserves one request and its estimated tokens (prompt characters / 4 + max_tokens, as OpenAI's
@@ -256,7 +258,11 @@ def _parse_completion(body: bytes) -> tuple[str, str | None, dict, dict]:
     try:
         data = json.loads(body)
         choice = data["choices"][0]
-        content = choice["message"]["content"]
+        content = choice["message"].get("content")
+        if (
+            content is None
+        ):  # e.g. a refusal or a content filter: a paid answer, kept (as "") for the caller
+            content = ""
         if not isinstance(content, str):
             raise TypeError("message content is not a string")
     except (ValueError, KeyError, IndexError, TypeError) as e:

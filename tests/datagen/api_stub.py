@@ -148,7 +148,7 @@ class ApiStub:
                 messages = body["messages"]
                 content = stub.reply(messages)
                 prompt = sum(len(m["content"]) for m in messages) // 4
-                completion = len(content) // 4
+                completion = len(content or "") // 4
                 with stub._lock:
                     stub.ok_count += 1
                     stub.queries.append(messages[-1]["content"])

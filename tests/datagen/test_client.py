@@ -201,3 +201,17 @@ def test_complete_all_keeps_input_order_and_reports_failures():
     for i, r in enumerate(results):
         if i not in failed:
             assert f"Scene {i}." in r.content
+
+
+def test_a_completion_without_text_is_a_result_not_a_retry():
+    def refuse(messages):
+        return None
+
+    with ApiStub(reply=refuse) as stub:
+        result, _ = _complete(stub)
+    assert (
+        not isinstance(result, ChatError)
+        and result.content == ""
+        and result.attempts == 1
+    )
+    assert stub.actions == ["ok"]
