@@ -62,7 +62,7 @@ def read_record_image(record: dict, verify: str = "header", max_pixels: int = DE
         return None
     path = record.get("image_path")
     if not os.path.isfile(path):
-        raise BadSample(rid, "image file not found; check --image-folder and the record's 'image'", path=path)
+        raise BadSample(rid, "image file not found; check the image folder (pack: --image-folder; TFDS build: image_folder) and the record's 'image'", path=path)
     with open(path, "rb") as f:
         data = f.read()
     if not data:

@@ -33,7 +33,8 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -75,7 +76,9 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
         if self.verify not in pack.VERIFY_MODES:
             raise ValueError(f"config {self.name!r}: verify must be one of {pack.VERIFY_MODES}, got {self.verify!r}")
         if self.on_bad_record not in ON_BAD_RECORD:
-            raise ValueError(f"config {self.name!r}: on_bad_record must be one of {ON_BAD_RECORD}, got {self.on_bad_record!r}")
+            raise ValueError(
+                f"config {self.name!r}: on_bad_record must be one of {ON_BAD_RECORD}, got {self.on_bad_record!r}"
+            )
 
 
 def _config(name: str, json_file: str, image_folder: str, description: str) -> LlavaJsonConfig:
@@ -86,19 +89,31 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """LLaVA-format conversations with their image files (see the module docstring)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    BUILDER_CONFIGS: ClassVar[list[LlavaJsonConfig]] = [
         _config("default", "train.json", "", "MANUAL_DIR/train.json, images relative to MANUAL_DIR."),
-        _config("llava_v1_5_mix665k", "llava_v1_5_mix665k.json", "",
-                "LLaVA-1.5 instruction mix: MANUAL_DIR/llava_v1_5_mix665k.json with coco/, gqa/, ocr_vqa/, textvqa/, vg/ beside it."),
-        _config("llava_instruct_150k", "llava_instruct_150k.json", "coco/train2017",
-                "LLaVA-Instruct-150K: MANUAL_DIR/llava_instruct_150k.json, COCO images in MANUAL_DIR/coco/train2017."),
-        _config("blip_laion_cc_sbu_558k", "blip_laion_cc_sbu_558k.json", "images",
-                "LCS-558K pretraining captions (LLaVA-Pretrain): the JSON and its images/ folder."),
+        _config(
+            "llava_v1_5_mix665k",
+            "llava_v1_5_mix665k.json",
+            "",
+            "LLaVA-1.5 instruction mix: MANUAL_DIR/llava_v1_5_mix665k.json with coco/, gqa/, ocr_vqa/, textvqa/, vg/ beside it.",
+        ),
+        _config(
+            "llava_instruct_150k",
+            "llava_instruct_150k.json",
+            "coco/train2017",
+            "LLaVA-Instruct-150K: MANUAL_DIR/llava_instruct_150k.json, COCO images in MANUAL_DIR/coco/train2017.",
+        ),
+        _config(
+            "blip_laion_cc_sbu_558k",
+            "blip_laion_cc_sbu_558k.json",
+            "images",
+            "LCS-558K pretraining captions (LLaVA-Pretrain): the JSON and its images/ folder.",
+        ),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put the LLaVA JSON file(s) named by the config's `splits` and the image folder in --manual_dir "
-        "(or give absolute paths in --config '{\"name\": ..., \"splits\": {...}, \"image_folder\": ...}')."
+        '(or give absolute paths in --config \'{"name": ..., "splits": {...}, "image_folder": ...}\').'
     )
 
     def __init__(self, *, file_format: str | None = None, **kwargs):
@@ -107,13 +122,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(),
-                "image": tfds.features.Text(),
-                "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "conversations": tfds.features.Sequence({"from": tfds.features.Text(), "value": tfds.features.Text()}),
-                "extra": tfds.features.Text(),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": tfds.features.Text(),
+                    "image": tfds.features.Text(),
+                    "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "conversations": tfds.features.Sequence(
+                        {"from": tfds.features.Text(), "value": tfds.features.Text()}
+                    ),
+                    "extra": tfds.features.Text(),
+                }
+            ),
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(),
             homepage="https://llava-vl.github.io/",
@@ -127,7 +146,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
         image_folder = resolve(config.image_folder) if config.image_folder else None
         self.info.metadata["skipped"] = {}
-        return {split: self._generate_examples(split, resolve(path), image_folder) for split, path in config.splits.items()}
+        return {
+            split: self._generate_examples(split, resolve(path), image_folder) for split, path in config.splits.items()
+        }
 
     def _generate_examples(self, split: str, json_path: str, image_folder: str | None) -> Iterator[tuple[int, dict]]:
         config: LlavaJsonConfig = self.builder_config
@@ -140,18 +161,27 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 example = to_example(record, pack.read_record_image(record, config.verify, config.max_pixels))
             except BadSample as e:
                 if config.on_bad_record == "raise":
-                    raise BadSample(e.record_id, f"{e.reason} (record {index} of {json_path}; on_bad_record='skip' leaves such records out)", e.path) from None
+                    raise BadSample(
+                        e.record_id,
+                        f"{e.reason} (record {index} of {json_path}; on_bad_record='skip' leaves such records out)",
+                        e.path,
+                    ) from None
                 log.warning("skipping %s", e)
                 reasons[pack.reason_key(e.reason)] += 1
                 bad.append({"index": index, "id": e.record_id, "path": e.path, "reason": e.reason})
                 continue
             yield index, example
         self.info.metadata["skipped"][split] = {
-            "json": json_path, "records_in": len(source), "records_skipped": len(bad),
-            "by_reason": dict(reasons.most_common()), "records": bad,
+            "json": json_path,
+            "records_in": len(source),
+            "records_skipped": len(bad),
+            "by_reason": dict(reasons.most_common()),
+            "records": bad,
         }
         if bad:
-            log.warning("%s: left out %d of %d records of %s: %s", split, len(bad), len(source), json_path, dict(reasons))
+            log.warning(
+                "%s: left out %d of %d records of %s: %s", split, len(bad), len(source), json_path, dict(reasons)
+            )
 
 
 def to_example(record: dict, image_bytes: bytes | None) -> dict:
@@ -162,7 +192,11 @@ def to_example(record: dict, image_bytes: bytes | None) -> dict:
     turns = []
     for k, turn in enumerate(record["conversations"]):
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
-            raise BadSample(record["id"], f"turn {k} is not an object with text 'from' and 'value'; fix the record or drop it", record.get("image_path"))
+            raise BadSample(
+                record["id"],
+                f"turn {k} is not an object with text 'from' and 'value'; fix the record or drop it",
+                record.get("image_path"),
+            )
         turns.append({"from": turn["from"], "value": turn["value"]})
     extra = {k: v for k, v in record.items() if k not in RECORD_KEYS and k not in _SOURCE_KEYS}
     if not isinstance(record["id"], str):
