@@ -20,9 +20,16 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         from tensorflow_datasets.scripts.cli import build, cli_utils
+
+        build.Args, cli_utils.make_flags_parser  # noqa: B018 (the command line of tensorflow-datasets>=4.9.10)
     except ImportError as e:
         raise SystemExit(
             f"{e}\nbuilding a TFDS dataset needs tensorflow-datasets: pip install 'llava_jax[tfds]'"
+        ) from None
+    except AttributeError:
+        raise SystemExit(
+            "this command needs tensorflow-datasets>=4.9.10 (pip install 'llava_jax[tfds]'); "
+            "with an older version use `tfds build` (the same flags)"
         ) from None
     parse = cli_utils.make_flags_parser(build.Args, description="tfds build (the build subcommand of the tfds CLI)")
     app.run(
