@@ -12,14 +12,14 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from llava_jax.data import pipeline, sources
-from llava_jax.data.tokenizer import load_tokenizer
+from llava_jax.data.tokenizer import IMAGE_TOKEN_ID, load_tokenizer
 
 pytestmark = pytest.mark.tfds
 
@@ -176,56 +176,50 @@ def test_records_equal_the_json_file(built):
 
 
 def test_pipeline_batches_equal_the_json_source(built):
-    """The trainer's path (data config with tfds_name) and the JSON source give the same batches:
-    tokens, labels, positions and pixels, in the same seeded shuffle order."""
-    tok = load_tokenizer()
-    cfg = ml_collections.ConfigDict(
-        {
-            "tfds_name": "llava_json/llava_v1_5_mix665k",
-            "tfds_data_dir": str(built["data_dir"]),
-            "template": "v1",
-            "image_size": S,
-            "num_image_tokens": T,
-            "image_aspect_ratio": "pad",
-            "max_length": 160,
-            "global_batch_size": 3,
-            "seed": 5,
-            "num_epochs": 2,
-            "packing": False,
-            "worker_count": 0,
-            "on_bad_sample": "raise",
-        }
+    """The trainer's data path (a stage's data config with tfds_name, `training.loop.data_iterator`)
+    and the JSON source give the same batches: tokens, labels, positions and pixels, in the same
+    seeded shuffle order, over more than one epoch."""
+    from llava_jax.training import defaults, loop
+
+    stage = defaults.stage_config(trainable="projector", lr=1e-3, batch_size=3, epochs=1, template="v1")
+    stage.data.update(
+        tfds_name="llava_json/llava_v1_5_mix665k",
+        tfds_data_dir=str(built["data_dir"]),
+        image_aspect_ratio="pad",
+        max_length=160,
+        on_bad_sample="raise",
     )
-    got = list(pipeline.from_config(cfg, tokenizer=tok, shard_index=0, shard_count=1))
+    model = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=S), num_image_tokens=T)
+    it, num_records = loop.data_iterator(types.SimpleNamespace(seed=5), stage, model)
+    assert num_records == 7
+    got = [next(it) for _ in range(6)]  # 18 rows: every record twice and then some
 
     json_src = sources.LlavaJsonSource(built["manual"] / "llava_v1_5_mix665k.json")
     kept = [json_src[i] for i in range(len(json_src)) if json_src[i]["id"] not in built["bad_ids"]]
-    want = list(
-        pipeline.make_batches(
-            kept,
-            tokenizer=tok,
-            template="v1",
-            image_size=S,
-            image_aspect_ratio="pad",
-            num_image_tokens=T,
-            max_length=160,
-            global_batch_size=3,
-            seed=5,
-            num_epochs=2,
-            packing=False,
-            worker_count=0,
-            on_bad_sample="raise",
-            shard_index=0,
-            shard_count=1,
-        )
+    want = pipeline.make_batches(
+        kept,
+        tokenizer=load_tokenizer(),
+        template="v1",
+        image_size=S,
+        image_aspect_ratio="pad",
+        num_image_tokens=T,
+        max_length=160,
+        global_batch_size=3,
+        seed=5,
+        num_epochs=None,
+        packing=False,
+        worker_count=0,
+        on_bad_sample="raise",
+        shard_index=0,
+        shard_count=1,
     )
-    assert len(got) == len(want) == 5  # 2 epochs x 7 records in rows of 3
-    for g, w in zip(got, want):
+    for g in got:
+        w = next(want)
         assert g.keys() == w.keys()
         for key in w:
             np.testing.assert_array_equal(g[key], w[key], err_msg=key)
-    assert sum(int((b["segment_ids"] > 0).any(axis=1).sum()) for b in got) == 14
-    assert any(b["images"].any() for b in got)
+    assert all((b["segment_ids"] > 0).any(axis=1).all() for b in got)
+    assert sum(int((b["input_ids"] == IMAGE_TOKEN_ID).sum()) for b in got) > 0 and any(b["images"].any() for b in got)
 
 
 def test_raise_policy_splits_and_imports(tmp_path, repo_root):
