@@ -5,9 +5,11 @@
     tfds build llava_json --imports llava_jax.data.tfds_builders.llava_json --manual_dir DIR \
         --config '{"name": "mine", "splits": {"train": "train.json", "validation": "val.json"}, "image_folder": "images"}'
 
-Building needs TensorFlow (TFDS writes through it); reading does not:
-`llava_jax.data.sources.TfdsSource("llava_json/mine", "train", data_dir=...)` reads the ArrayRecord
-files with `tfds.data_source` and gives the same records as `LlavaJsonSource` on the JSON.
+(`python -m llava_jax.data.tfds_builders` takes the same arguments where `tfds` lacks apache-beam.)
+The JSON files and images are read from local paths; `--data_dir` may be a bucket. Neither building
+nor reading imports TensorFlow (tensorflow-datasets>=4.9.10 writes ArrayRecord itself):
+`llava_jax.data.sources.TfdsSource("llava_json/mine", "train", data_dir=...)` reads the build with
+`tfds.data_source` and gives the same records as `LlavaJsonSource` on the JSON.
 
 One example per JSON record, in the JSON's order (`disable_shuffling`: TFDS index i is the i-th kept
 record; the grain pipeline shuffles). Features:
@@ -56,7 +58,7 @@ class LlavaJsonConfig(tfds.core.BuilderConfig):
     """Which files to read and how strictly.
 
     splits: split name -> LLaVA JSON (list of records) or JSON Lines file; relative names are read
-      from `--manual_dir`.
+      from `--manual_dir` (local paths).
     image_folder: the folder the records' `image` names are relative to, relative to `--manual_dir`
       (or absolute); "" = the folder of each JSON file.
     verify: image check before writing: "header" (exists, non-empty, known format, at most
