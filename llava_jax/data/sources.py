@@ -279,6 +279,15 @@ class TfdsSource(MappedSource):
         tfds = _import_tfds()
         self.name, self.split = name, split
         super().__init__(tfds.data_source(name, split=split, data_dir=data_dir, **kwargs), record_fn or llava_tfds_record)
+        if data_dir is not None and "://" in str(data_dir) and len(self._data):
+            try:  # a remote data_dir: fail here, with the fix, rather than in a data worker mid-run
+                self._data[0]
+            except Exception as e:
+                raise OSError(
+                    f"cannot read the ArrayRecord files of TFDS dataset {name!r} in {data_dir} ({type(e).__name__}: {e}); "
+                    "tfds.data_source opens them through the local file system (array_record has no GCS reader): "
+                    "mount the bucket (e.g. gcsfuse) or copy the build to local disk, and set tfds_data_dir to that path"
+                ) from e
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"

@@ -247,3 +247,22 @@ def test_raise_policy_splits_and_imports(tmp_path, repo_root):
     res = _build(repo_root, *common, "--config", json.dumps(config), check=False)
     assert res.returncode != 0
     assert "bad sample 'missing'" in res.stderr and "none.jpg" in res.stderr and "on_bad_record" in res.stderr
+
+
+def test_remote_data_dir_that_cannot_be_read_names_the_fix(monkeypatch):
+    """tfds.data_source finds a build's metadata in a bucket but array_record opens files locally:
+    the source fails at construction with the fix, not in a data worker."""
+    import tensorflow_datasets as tfds
+
+    class Unreadable:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            raise RuntimeError(
+                "open() failed: No such file or directory; opening gs://b/llava_json/x/1.0.0/f.array_record"
+            )
+
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: Unreadable())
+    with pytest.raises(OSError, match="gcsfuse.*copy the build to local disk"):
+        sources.TfdsSource("llava_json/x", "train", data_dir="gs://b")
