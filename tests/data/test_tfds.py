@@ -94,14 +94,22 @@ def _records_and_images(root):
             "conversations": conv("<image>\nDescribe the region.", "A patch of noise."),
         },
         {"conversations": conv("Say hi.", "Hi."), "source": "no id: the index is the id"},
+        {
+            "id": "weighted",
+            "conversations": [
+                {"from": "human", "value": "Name a colour."},
+                {"from": "gpt", "value": "Blue.", "weight": 0.5},
+            ],
+        },  # a turn field
         # Bad records: the build leaves them out and lists them.
         {"id": "missing", "image": "coco/train2017/none.jpg", "conversations": conv("<image>\nHm?", "No.")},
         {"id": "empty", "image": "coco/train2017/empty.jpg", "conversations": conv("<image>\nHm?", "No.")},
         {"id": "corrupt", "image": "gqa/images/corrupt.jpg", "conversations": conv("<image>\nHm?", "No.")},
+        {"id": "badturn", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "x"}]},
     ]
     (root / "coco/train2017/empty.jpg").write_bytes(b"")
     (root / "gqa/images/corrupt.jpg").write_bytes(b"not an image" * 10)
-    return records, {"missing", "empty", "corrupt"}
+    return records, {"missing", "empty", "corrupt", "badturn"}
 
 
 def _build(repo_root, *args, check=True):
@@ -139,13 +147,14 @@ def test_build_is_array_record_and_lists_left_out_records(built):
     files = sorted(p.name for p in built["build_dir"].iterdir())
     assert any(".array_record-" in f for f in files), files
     skipped = json.loads((built["build_dir"] / "metadata.json").read_text())["skipped"]["train"]
-    assert skipped["records_in"] == len(built["records"]) and skipped["records_skipped"] == 3
+    assert skipped["records_in"] == len(built["records"]) and skipped["records_skipped"] == 4
     reasons = {r["id"]: r["reason"] for r in skipped["records"]}
     assert set(reasons) == built["bad_ids"]
     assert (
         "not found" in reasons["missing"]
         and "empty" in reasons["empty"]
         and "not a readable image" in reasons["corrupt"]
+        and "turn 0" in reasons["badturn"]
     )
 
 
@@ -155,7 +164,7 @@ def test_records_equal_the_json_file(built):
     tf_loaded_before = "tensorflow" in sys.modules
     src = sources.TfdsSource("llava_json/llava_v1_5_mix665k", "train", data_dir=str(built["data_dir"]))
     want = [(i, r) for i, r in enumerate(built["records"]) if r.get("id") not in built["bad_ids"]]
-    assert len(src) == len(want) == 7
+    assert len(src) == len(want) == 8
     for k, (index, raw) in enumerate(want):
         got = src[k]
         assert got["id"] == raw.get("id", index) and type(got["id"]) is type(raw.get("id", index))
@@ -191,7 +200,7 @@ def test_pipeline_batches_equal_the_json_source(built):
     )
     model = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=S), num_image_tokens=T)
     it, num_records = loop.data_iterator(types.SimpleNamespace(seed=5), stage, model)
-    assert num_records == 7
+    assert num_records == 8
     got = [next(it) for _ in range(6)]  # 18 rows: every record twice and then some
 
     json_src = sources.LlavaJsonSource(built["manual"] / "llava_v1_5_mix665k.json")
@@ -226,7 +235,7 @@ def test_raise_policy_splits_and_imports(tmp_path, repo_root):
     """`tfds build llava_json --imports ...` with a JSON config: two splits from absolute paths; with
     on_bad_record="raise" a bad record stops the build naming the record and its file."""
     records, _ = _records_and_images(tmp_path / "data")
-    good = [r for r in records if r.get("id") not in ("missing", "empty", "corrupt")]
+    good = [r for r in records if r.get("id") not in ("missing", "empty", "corrupt", "badturn")]
     (tmp_path / "train.json").write_text(json.dumps(good[:5]))
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good[5:]))
     (tmp_path / "bad.json").write_text(json.dumps(records))
