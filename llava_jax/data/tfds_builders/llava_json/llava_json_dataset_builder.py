@@ -114,7 +114,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         ),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put the LLaVA JSON file(s) named by the config's `splits` and the image folder in --manual_dir "
+        "Choose one config with --config (without it every config is built). Put the LLaVA JSON file(s) "
+        "named by the config's `splits` and the image folder in --manual_dir "
         '(or give absolute paths in --config \'{"name": ..., "splits": {...}, "image_folder": ...}\').'
     )
 
