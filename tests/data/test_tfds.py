@@ -2,9 +2,10 @@
 `build` command, read back with `tfds.data_source` through the grain pipeline, gives the same records,
 tokens and pixels as the JSON source.
 
-Needs tensorflow-datasets (and TensorFlow, as a build machine has it), which the jax test environment
-does not carry: `.ci/run` runs these tests in their own virtual environment (`pytest -m tfds`, see
-README "Data"). There LLAVA_JAX_TFDS_REQUIRED=1 turns a missing package into a failure, not a skip.
+Needs tensorflow-datasets (TensorFlow is not needed, and CI does not install it), which the jax test
+environment does not carry: `.ci/tfds`, called by `.ci/run`, runs these tests in their own virtual
+environment (`pytest -m tfds`, README "TFDS"). There LLAVA_JAX_TFDS_REQUIRED=1 turns a missing package
+into a failure, not a skip.
 """
 
 import json
