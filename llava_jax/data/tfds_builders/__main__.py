@@ -4,7 +4,7 @@
         --manual_dir /data/llava --data_dir ~/tensorflow_datasets --config llava_v1_5_mix665k
 
 The `tfds` command line of tensorflow-datasets 4.9.10 imports all its subcommands at start-up, and one
-of them needs apache-beam and TensorFlow, which `tensorflow-datasets` does not install
+of them needs apache-beam, TensorFlow and mlcroissant, which `tensorflow-datasets` does not install
 (https://github.com/tensorflow/datasets/issues/5463); apache-beam would also pin protobuf below the
 version jax's stack uses. This runs only TFDS's own `build` subcommand (its parser and code, nothing
 of ours), which needs neither, so where `tfds build` starts, both commands do the same.
