@@ -44,9 +44,10 @@ EXTRAS = {
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
     "tpu": ["jax[tpu]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
-    # TFDS datasets through tfds.data_source (reads ArrayRecord-format builds without TensorFlow;
-    # preparing a dataset still needs TensorFlow, so this stays optional).
-    "tfds": ["tensorflow-datasets>=4.9"],
+    # TFDS: build LLaVA JSON + images with llava_jax/data/tfds_builders/llava_json and read the
+    # ArrayRecord build through tfds.data_source; neither imports TensorFlow. importlib_resources:
+    # tensorflow-datasets uses it when building from a dataset folder but does not declare it on 3.9+.
+    "tfds": ["tensorflow-datasets>=4.9.10", "importlib_resources"],
 }
 
 setup(

@@ -45,30 +45,40 @@ def _check_header(data: bytes, record_id, path: str, max_pixels: int) -> None:
         raise BadSample(record_id, f"image is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels}", path=path)
 
 
+def read_record_image(record: dict, verify: str = "header", max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
+    """A normalized JSON-source record -> its image file's bytes, as on disk (None: text-only record).
+
+    Raises BadSample (naming the record and file) for a record error, a missing 'conversations' list,
+    or an image that is missing, empty or fails the `verify` check ("header", "decode" or "none").
+    Shared by `pack` and the TFDS builder, so both leave out the same records for the same reasons.
+    """
+    rid = record.get("id")
+    if record.get("_error"):
+        raise BadSample(rid, record["_error"])
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise BadSample(rid, "record has no 'conversations' list")
+    if not record.get("image"):
+        return None
+    path = record.get("image_path")
+    if not os.path.isfile(path):
+        raise BadSample(rid, "image file not found; check the image folder (pack: --image-folder; TFDS build: image_folder) and the record's 'image'", path=path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise BadSample(rid, "image file is empty (0 bytes)", path=path)
+    if verify == "header":
+        _check_header(data, rid, path, max_pixels)
+    elif verify == "decode":
+        open_image(data, record_id=rid, max_pixels=max_pixels, path_hint=path)
+    return data
+
+
 def _prepare(task: tuple[int, dict, str, int]) -> tuple[int, bytes | None, dict | None]:
     """(index, record, verify, max_pixels) -> (index, payload or None, bad-record info or None)."""
     index, record, verify, max_pixels = task
-    rid = record.get("id", index)
     try:
-        if record.get("_error"):
-            raise BadSample(rid, record["_error"])
-        conv = record.get("conversations")
-        if not isinstance(conv, list) or not conv:
-            raise BadSample(rid, "record has no 'conversations' list")
-        data = None
-        path = record.get("image_path")
-        if record.get("image"):
-            if not os.path.isfile(path):
-                raise BadSample(rid, "image file not found; check --image-folder and the record's 'image'", path=path)
-            with open(path, "rb") as f:
-                data = f.read()
-            if not data:
-                raise BadSample(rid, "image file is empty (0 bytes)", path=path)
-            if verify == "header":
-                _check_header(data, rid, path, max_pixels)
-            elif verify == "decode":
-                open_image(data, record_id=rid, max_pixels=max_pixels, path_hint=path)
-        return index, encode_record(record, data), None
+        return index, encode_record(record, read_record_image(record, verify, max_pixels)), None
     except BadSample as e:
         return index, None, {"id": e.record_id, "path": e.path, "reason": e.reason}
 
@@ -78,7 +88,7 @@ def _tasks(source: LlavaJsonSource, verify: str, max_pixels: int) -> Iterator[tu
         yield i, source[i], verify, max_pixels
 
 
-def _reason_key(reason: str) -> str:
+def reason_key(reason: str) -> str:
     """Groups reasons for the summary: drops per-file details (after '(' or ';') and numbers."""
     for sep in (" (", ";"):
         reason = reason.split(sep)[0]
@@ -134,7 +144,7 @@ def pack(
                     shard += 1
                     writer = ArrayRecordWriter(shard_files[shard], "group_size:1")
                 if bad is not None:
-                    reasons[_reason_key(bad["reason"])] += 1
+                    reasons[reason_key(bad["reason"])] += 1
                     bad_file.write(json.dumps(bad, ensure_ascii=False) + "\n")
                 else:
                     writer.write(payload)

@@ -427,7 +427,8 @@ CONFIG_FIELDS = (
 
 def source_from_config(data_config) -> Any:
     """The source named by a data config: `json_path` (+ `image_folder`), `array_record_path`, or
-    `tfds_name` (+ `tfds_split`, `tfds_data_dir`, `tfds_record_fn` = "package.module:function")."""
+    `tfds_name` (+ `tfds_split`, `tfds_data_dir`, and for builds of other builders than `llava_json`
+    `tfds_record_fn` = "package.module:function")."""
     from llava_jax.data import sources
 
     get = data_config.get
@@ -439,12 +440,14 @@ def source_from_config(data_config) -> Any:
     if chosen[0] == "array_record_path":
         return sources.ArrayRecordSource(get("array_record_path"))
     fn_path = get("tfds_record_fn")
-    if not fn_path or ":" not in fn_path:
-        raise ValueError("tfds_name needs tfds_record_fn='package.module:function' mapping a TFDS example to a LLaVA record")
-    import importlib
+    record_fn = None  # a build of the llava_json TFDS builder: sources.llava_tfds_record
+    if fn_path:
+        if ":" not in fn_path:
+            raise ValueError(f"tfds_record_fn must be 'package.module:function' mapping a TFDS example to a LLaVA record, got {fn_path!r}")
+        import importlib
 
-    module, _, name = fn_path.partition(":")
-    record_fn = getattr(importlib.import_module(module), name)
+        module, _, name = fn_path.partition(":")
+        record_fn = getattr(importlib.import_module(module), name)
     return sources.TfdsSource(get("tfds_name"), get("tfds_split", "train"), record_fn, data_dir=get("tfds_data_dir"))
 
 
@@ -455,7 +458,8 @@ def from_config(data_config, *, tokenizer=None, source=None, shard_index: int | 
     Source fields (exactly one of the first three):
       json_path (str): LLaVA JSON/JSONL; image_folder (str, default: the JSON's folder).
       array_record_path (str): shards from `python -m llava_jax.data.pack` (file, glob or folder).
-      tfds_name (str), tfds_split (str, "train"), tfds_data_dir (str), tfds_record_fn ("mod:fn").
+      tfds_name (str, e.g. "llava_json/llava_v1_5_mix665k"), tfds_split (str, "train"), tfds_data_dir
+        (str, local or gs://), tfds_record_fn ("mod:fn"; default: the llava_json builder's features).
     Tokenizer: tokenizer_path (str, default the vendored LLaMA tokenizer); ignored if `tokenizer=`.
     Pipeline fields, as in `make_batches` (defaults in brackets): template ["v1"], image_size [336],
       image_aspect_ratio ["square"], num_image_tokens [576], max_length [2048], global_batch_size

@@ -19,7 +19,8 @@ Sources:
 * `ArrayRecordSource`: shards written by `python -m llava_jax.data.pack` (image bytes inline; no image
   folder needed, file-backed random access, cheap to share with worker processes).
 * `TfdsSource`: `tensorflow_datasets.data_source` (TFDS's TensorFlow-free ArrayRecord reader) + a
-  function mapping a TFDS example to a record; needs the optional extra `tensorflow-datasets`.
+  function mapping a TFDS example to a record (default: `llava_tfds_record`, for builds of the
+  `llava_json` builder in `llava_jax/data/tfds_builders/`); needs the optional extra `tensorflow-datasets`.
 """
 
 from __future__ import annotations
@@ -230,23 +231,63 @@ class MappedSource:
             extra["image_array"] = np.asarray(extra["image_array"])
         record = _normalize(raw, index, None)
         record.update({k: v for k, v in extra.items() if v is not None})
+        if extra["image_path"] is None and (extra["image_bytes"] is not None or extra["image_array"] is not None):
+            record["image_path"] = None  # the image comes with the record; `image` is only its name
         if record["image"] is None and any(v is not None for v in extra.values()):
             # The pipeline reads `image` as "this record has an image"; name it for error messages.
             record["image"] = str(extra["image_path"] or f"<{record['id']}>")
         return record
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def llava_tfds_record(example: dict, index: int) -> dict:
+    """One example of a `llava_json` TFDS build, as `tfds.data_source` returns it -> a record for MappedSource.
+
+    Inverse of the builder's `to_example` (llava_jax/data/tfds_builders/llava_json): id, image name,
+    image file bytes, conversations, and the record's other fields from `extra` with their JSON types.
+    An example without these features yields a record error naming the fix.
+    """
+    missing = [k for k in ("id", "image", "image_bytes", "conversations", "extra") if k not in example]
+    if missing:
+        return {"id": index, "conversations": None, "_error": (
+            f"TFDS example has no {missing} feature(s): not a llava_json build; set tfds_record_fn "
+            "('package.module:function') to map this dataset's examples to LLaVA records")}
+    conv = example["conversations"]
+    turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
+    record = {"id": _text(example["id"]), "image": _text(example["image"]) or None, "conversations": turns}
+    record.update(json.loads(_text(example["extra"])))
+    image_bytes = bytes(example["image_bytes"])
+    record["image_bytes"] = image_bytes if record["image"] else None
+    return record
+
+
 class TfdsSource(MappedSource):
     """`tfds.data_source(name, split=..., data_dir=...)` mapped to LLaVA records by `record_fn`.
 
-    The TFDS dataset must be prepared in the ArrayRecord file format (`file_format="array_record"`).
-    Raises ImportError with the install command when tensorflow-datasets is missing.
+    The TFDS dataset must be prepared in the ArrayRecord file format (the `llava_json` builder's
+    default; other builders: `tfds build --file_format array_record`). `record_fn(example, index)`
+    defaults to `llava_tfds_record`, for builds of `llava_jax/data/tfds_builders/llava_json`.
+    Reading needs tensorflow-datasets but not TensorFlow; raises ImportError with the install command
+    when tensorflow-datasets is missing.
     """
 
-    def __init__(self, name: str, split: str, record_fn: Callable[[Any, int], dict], *, data_dir: str | None = None, **kwargs):
+    def __init__(self, name: str, split: str, record_fn: Callable[[Any, int], dict] | None = None, *,
+                 data_dir: str | None = None, **kwargs):
         tfds = _import_tfds()
         self.name, self.split = name, split
-        super().__init__(tfds.data_source(name, split=split, data_dir=data_dir, **kwargs), record_fn)
+        super().__init__(tfds.data_source(name, split=split, data_dir=data_dir, **kwargs), record_fn or llava_tfds_record)
+        if data_dir is not None and "://" in str(data_dir) and len(self._data):
+            try:  # a remote data_dir: fail here, with the fix, rather than in a data worker mid-run
+                self._data[0]
+            except Exception as e:
+                raise OSError(
+                    f"cannot read the ArrayRecord files of TFDS dataset {name!r} in {data_dir} ({type(e).__name__}: {e}); "
+                    "tfds.data_source opens them through the local file system (array_record has no GCS reader): "
+                    "mount the bucket (e.g. gcsfuse) or copy the build to local disk, and set tfds_data_dir to that path"
+                ) from e
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"

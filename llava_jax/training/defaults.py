@@ -22,6 +22,9 @@ def data_config(json_path: str = "", template: str = "v1") -> mlc.ConfigDict:
     """Fields of `llava_jax.data.pipeline.from_config` (image size and token count come from the model)."""
     return mlc.ConfigDict(dict(
         json_path=json_path, image_folder="", array_record_path="", tokenizer_path="",
+        # A TFDS build instead (ArrayRecord format), e.g. tfds_name="llava_json/llava_v1_5_mix665k",
+        # tfds_data_dir="gs://bucket/tensorflow_datasets"; tfds_record_fn only for other builders.
+        tfds_name="", tfds_split="train", tfds_data_dir="", tfds_record_fn="",
         template=template, image_aspect_ratio="square", max_length=2048, packing=False,
         max_images_per_row=0, worker_count=0, on_bad_sample="skip", shuffle=True,
     ))

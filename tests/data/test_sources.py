@@ -151,6 +151,23 @@ def test_mapped_source_normalizes():
     src = sources.MappedSource(data, record_fn)
     r = src[0]
     assert len(src) == 1 and r["id"] == "tf0" and r["image"] == "<tf0>" and r["image_array"].shape == (4, 4, 3)
+    assert r["image_path"] is None
+
+
+def test_llava_tfds_record_of_another_dataset_names_the_fix():
+    """The default TFDS mapping (llava_json builds) on another dataset's examples: a record error
+    that says to set tfds_record_fn, raised by the pipeline as a BadSample."""
+    from llava_jax.data.errors import BadSample
+    from llava_jax.data.pipeline import PrepareSample
+    from llava_jax.data.tokenizer import load_tokenizer
+
+    src = sources.MappedSource([{"image": np.zeros((4, 4, 3), np.uint8), "label": 3}], sources.llava_tfds_record)
+    r = src[0]
+    assert r["id"] == 0 and "tfds_record_fn" in r["_error"]
+    prepare = PrepareSample(tokenizer=load_tokenizer(), template="v1", image_size=8, image_aspect_ratio="square",
+                            num_image_tokens=4, max_length=64)
+    with pytest.raises(BadSample, match="not a llava_json build"):
+        prepare(r)
 
 
 def test_tfds_source_without_tfds_explains_install():
@@ -159,5 +176,10 @@ def test_tfds_source_without_tfds_explains_install():
     except ImportError:
         with pytest.raises(ImportError, match=r"llava_jax\[tfds\]"):
             sources.TfdsSource("coco", "train", lambda ex, i: ex)
+        # A data config naming a TFDS build needs no record function (llava_json builds by default).
+        from llava_jax.data import pipeline
+
+        with pytest.raises(ImportError, match=r"llava_jax\[tfds\]"):
+            pipeline.source_from_config({"tfds_name": "llava_json/default", "tfds_data_dir": "/nonexistent"})
     else:
         pytest.skip("tensorflow-datasets is installed")
