@@ -195,7 +195,7 @@ def size_problem(
     """Why a (width, height) image is refused under the given limits (None = accepted, or no limits)."""
     ratio = max(width, height) / min(width, height)
     if max_aspect_ratio is not None and ratio > max_aspect_ratio:
-        return (f"image is {width}x{height}: its aspect ratio {ratio:.4g}:1 is more than "
+        return (f"image is {width}x{height}: its aspect ratio {ratio:.1f}:1 is more than "
                 f"max_aspect_ratio={max_aspect_ratio:g}; crop or pad it to a less extreme shape")
     if max_work_pixels is not None:
         work = work_pixels(width, height, image_size, aspect_ratio)
