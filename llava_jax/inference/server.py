@@ -6,10 +6,10 @@ Routes:
   GET  /health                liveness and scheduler figures (queue, batch sizes)
   GET  /                      the web chat page (`llava_jax.inference.webpage`)
 
-Requests are checked (`openai_protocol.decode_json`: JSON, Unicode, nesting; then
-`openai_protocol.parse_chat_request` on a worker thread: fields, image bytes, pixels and shape, prompt
-and output tokens), then handed to the `Scheduler`, which batches
-concurrent requests into shared generation calls. Every refusal is a 4xx with an OpenAI-style JSON
+Requests are checked (`openai_protocol.decode_json`: JSON, Unicode, nesting; then, on a worker
+thread, `openai_protocol.parse_chat_request`: fields, image bytes, pixels and shape, prompt and output
+tokens), then handed to the `Scheduler`, which batches concurrent requests into shared generation
+calls, each request within its own token budget. Every refusal is a 4xx with an OpenAI-style JSON
 error body (``{"error": {"message", "type", "param", "code"}}``); a full queue answers 503. Images
 travel inside the request as base64 ``data:`` URIs: the server reads no file and fetches no URL
 named by a request.
