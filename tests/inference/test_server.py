@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serving_fixtures import data_uri, png_bytes, running_server, shared_chat_model
+from serving_fixtures import PATIENCE, data_uri, png_bytes, running_server, shared_chat_model
 
 from llava_jax.inference import generate
 from llava_jax.inference.detokenize import IncrementalDecoder
@@ -40,7 +40,7 @@ def server(chat):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 def _image_message(text, image=None):
@@ -163,7 +163,7 @@ def test_figures_are_settled_before_each_answer(chat):
         scheduler.submit(Job(prompt=prompt, image=None, max_tokens=2, sampling=GREEDY, emit=emit_for(k)))
     scheduler.start()
     try:
-        assert all_done.wait(600), seen
+        assert all_done.wait(PATIENCE), seen
     finally:
         scheduler.stop()
     assert sorted(k for k, *_ in seen) == [0, 1, 2] and {kind for _, kind, *_ in seen} == {"Done"}
@@ -280,15 +280,15 @@ def test_full_queue_answers_503(chat):
         body = {"model": "q", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         first = {}
         waiter = threading.Thread(target=lambda: first.setdefault("r", httpx.post(url + "/v1/chat/completions",
-                                                                                   json=body, timeout=120)))
+                                                                                   json=body, timeout=PATIENCE)))
         waiter.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + PATIENCE
         while app.state.scheduler.queued < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=PATIENCE)
         assert r.status_code == 503 and "waiting" in r.json()["error"]["message"]
         app.state.scheduler.start()
-        waiter.join(120)
+        waiter.join(PATIENCE)
         assert first["r"].status_code == 200
 
 
@@ -296,7 +296,7 @@ def test_disconnected_stream_does_not_stop_the_server(server, client):
     url = server[1]
     body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 64,
             "stream": True, "temperature": 0}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=PATIENCE) as r:
         assert r.status_code == 200
         next(r.iter_lines())
     out = client.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": "next"}],
@@ -311,7 +311,7 @@ def test_warm_up_compiles_before_serving(chat):
     app = create_app(chat, config)
     with running_server(app) as url:
         before = dict(traces)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
         out = client.chat.completions.create(model="warm", messages=_image_message("Describe this image in detail."))
         assert out.usage.completion_tokens >= 1
         assert traces == before, "a request of the warmed-up shape compiled again"

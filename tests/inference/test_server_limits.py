@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from serving_fixtures import data_uri, png_bytes, running_server, shared_chat_model
+from serving_fixtures import PATIENCE, data_uri, png_bytes, running_server, shared_chat_model
 
 from llava_jax.inference.server import ServerConfig, create_app
 
@@ -34,7 +34,7 @@ def server(chat):
 
 
 def _client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 def _text_of_tokens(chat, n):
@@ -65,7 +65,7 @@ def _held_load(app, url, requests):
 
     with futures.ThreadPoolExecutor(len(requests)) as pool:
         jobs = [pool.submit(ask, i) for i in range(len(requests))]
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + PATIENCE
         while scheduler.queued + len(results) < len(requests):  # each one is queued or answered (refused)
             assert time.monotonic() < deadline, f"{scheduler.queued} queued, {len(results)} answered"
             time.sleep(0.02)
@@ -177,13 +177,13 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_request_gets_4xx_and_server_keeps_serving(server, case):
-    app, url = server
+    _, url = server
     body, status, fragment = HOSTILE[case]
     if isinstance(body, bytes):
         r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
-                       timeout=120)
+                       timeout=PATIENCE)
     else:
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=PATIENCE)
     assert r.status_code == status, r.text
     message = r.json()["error"]["message"]
     assert fragment in message, message
@@ -197,7 +197,7 @@ def test_surrogate_pairs_and_ordinary_images_still_work(server):
     body = _raw('{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
                 % NAME)
     r = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"},
-                   timeout=120)
+                   timeout=PATIENCE)
     assert r.status_code == 200, r.text
-    r = httpx.post(url + "/v1/chat/completions", json=_image_request(_solid_png(400, 100)), timeout=120)
+    r = httpx.post(url + "/v1/chat/completions", json=_image_request(_solid_png(400, 100)), timeout=PATIENCE)
     assert r.status_code == 200, r.text
