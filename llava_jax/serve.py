@@ -51,6 +51,10 @@ def parse_args(argv):
     g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
     g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    g.add_argument("--max-image-aspect-ratio", type=float, default=d.max_image_aspect_ratio,
+                   help="longest / shortest image side")
+    g.add_argument("--max-image-work-pixels", type=int, default=d.max_image_work_pixels,
+                   help="largest preprocessing intermediate (the pad square, the resize before the crop)")
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
     g.add_argument("--max-tokens", type=int, default=d.max_output_tokens, help="largest max_tokens a request may ask")
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+                    max_image_pixels=args.max_image_pixels, max_image_aspect_ratio=args.max_image_aspect_ratio,
+                    max_image_work_pixels=args.max_image_work_pixels, max_prompt_tokens=args.max_prompt_tokens,
                     max_output_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
                     default_temperature=args.temperature, default_top_p=args.top_p)
     config = ServerConfig(model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -22,11 +22,16 @@ at least twice the needed size, a single resize of only the crop window (`resize
 about a grey level on average (more at `pad` borders, which may shift by a pixel); off by default.
 
 Every failure to read an image (missing, empty, corrupt or truncated file, unknown format, more pixels
-than `max_pixels`) raises `BadSample` naming the record id and the file.
+than `max_pixels`) raises `BadSample` naming the record id and the file. Optional limits for untrusted
+input (the server sets them): `max_aspect_ratio` (long side / short side) and `max_work_pixels` (the
+largest image preprocessing makes: the decoded image, the `pad` square, the `square` resize before its
+crop; a 1 x 20000 px PNG of 100 bytes would need a 20000 x 20000 canvas). Both are checked from the
+header, before any pixel is decoded or allocated (`size_problem`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import Callable, Union
@@ -62,8 +67,12 @@ def open_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: Callable[[int, int], tuple[int, int]] | None = None,
     path_hint: str | None = None,
+    check_size: Callable[[int, int], str | None] | None = None,
 ) -> Image.Image:
     """Decodes an image file (path) or encoded bytes into a fully loaded Pillow image (any mode).
+
+    `check_size`, when given, maps the header's (w, h) to a reason to refuse the image (or None); it
+    runs before decoding (see `size_problem`).
 
     `draft`, when given, maps the header's (w, h) to a minimum decode size; a JPEG may then decode at a
     reduced DCT scale that is still at least that size (changes pixels; `fast` preprocessing only). `path_hint` names the file in errors
@@ -101,6 +110,9 @@ def open_image(
                     f"image is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} (possible "
                     "decompression bomb); raise max_pixels if such images are intended",
                 )
+            problem = check_size(w, h) if check_size is not None else None
+            if problem:
+                raise _bad(record_id, path, problem)
             if draft is not None and img.format == "JPEG":
                 img.draft(img.mode, draft(w, h))
             img.load()
@@ -159,6 +171,39 @@ def resized_size(width: int, height: int, image_size: int) -> tuple[int, int]:
     if width <= height:
         return image_size, int(image_size * height / width)
     return int(image_size * width / height), image_size
+
+
+def work_pixels(width: int, height: int, image_size: int, aspect_ratio: str) -> int:
+    """Pixels of the largest image that exact preprocessing of a (width, height) image holds at once:
+    the decoded image, the `pad` square canvas, and the resized image before its centre crop."""
+    if aspect_ratio == "pad":
+        side = max(width, height)
+        return max(width * height, side * side, image_size * image_size)
+    nw, nh = resized_size(width, height, image_size)
+    return max(width * height, nw * nh)
+
+
+def size_problem(
+    width: int,
+    height: int,
+    image_size: int,
+    aspect_ratio: str,
+    *,
+    max_aspect_ratio: float | None = None,
+    max_work_pixels: int | None = None,
+) -> str | None:
+    """Why a (width, height) image is refused under the given limits (None = accepted, or no limits)."""
+    ratio = max(width, height) / min(width, height)
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        return (f"image is {width}x{height}: its aspect ratio {ratio:.1f}:1 is more than "
+                f"max_aspect_ratio={max_aspect_ratio:g}; crop or pad it to a less extreme shape")
+    if max_work_pixels is not None:
+        work = work_pixels(width, height, image_size, aspect_ratio)
+        if work > max_work_pixels:
+            return (f"image is {width}x{height}: preprocessing it ({aspect_ratio!r} at {image_size} px) needs a "
+                    f"{work}-pixel intermediate image, more than max_work_pixels={max_work_pixels}; send a smaller "
+                    "or less elongated image")
+    return None
 
 
 def _resize_center_crop(image: Image.Image, image_size: int, fast: bool) -> np.ndarray:
@@ -225,10 +270,21 @@ def load_image(
     fast: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     path_hint: str | None = None,
+    max_aspect_ratio: float | None = None,
+    max_work_pixels: int | None = None,
 ) -> np.ndarray:
-    """File path or encoded bytes -> uint8 [S, S, 3]; decode errors raise BadSample naming record and file."""
+    """File path or encoded bytes -> uint8 [S, S, 3]; decode errors raise BadSample naming record and file.
+
+    `max_aspect_ratio` / `max_work_pixels` (None = unlimited) refuse images from the header, before
+    decoding (see `size_problem`).
+    """
     draft = (lambda w, h: _draft_target(w, h, image_size, aspect_ratio)) if fast else None
-    img = open_image(source, record_id=record_id, max_pixels=max_pixels, path_hint=path_hint, draft=draft)
+    check = None
+    if max_aspect_ratio is not None or max_work_pixels is not None:
+        check = functools.partial(size_problem, image_size=image_size, aspect_ratio=aspect_ratio,
+                                  max_aspect_ratio=max_aspect_ratio, max_work_pixels=max_work_pixels)
+    img = open_image(source, record_id=record_id, max_pixels=max_pixels, path_hint=path_hint, draft=draft,
+                     check_size=check)
     try:
         return preprocess(img, image_size, aspect_ratio, fast=fast)
     except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert

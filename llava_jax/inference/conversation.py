@@ -98,19 +98,34 @@ class ChatModel:
         `image_message` (the first, as in the original) starts with the ``<image>`` placeholder
         (expanded to the image tokens).
 
-        Raises `BadSample` for a malformed conversation or text holding the reserved ``<image>`` marker.
+        Only the image slot placed here becomes image tokens: a message or system text holding the
+        reserved ``<image>`` marker raises `BadSample`, and so does a prompt whose image-token count is
+        not exactly one image's (`num_image_tokens`) with `image`, or zero without.
         """
-        for i, m in enumerate(messages):
-            if IMAGE_PLACEHOLDER in m:
-                raise BadSample(None, f"message {i} contains the reserved text {IMAGE_PLACEHOLDER!r}; send images "
-                                      "as images, not as that marker")
+        template = template or self.template
+        texts = [("the system text", template.system), *((f"message {i}", m) for i, m in enumerate(messages))]
+        for name, text in texts:
+            if IMAGE_PLACEHOLDER in text:
+                raise BadSample(None, f"{name} contains the reserved text {IMAGE_PLACEHOLDER!r}; send images as "
+                                      "images, not as that marker")
         if image and messages:
             if image_message % 2 or not 0 <= image_message < len(messages):
                 raise ValueError(f"image_message={image_message} is not a human message index")
             messages = list(messages)
             messages[image_message] = IMAGE_PLACEHOLDER + "\n" + messages[image_message]
-        return tokenize_prompt(messages, template or self.template, self.tokenizer, self.num_image_tokens)
+        ids = tokenize_prompt(messages, template, self.tokenizer, self.num_image_tokens)
+        slots = int(np.count_nonzero(ids == self.model.cfg.image_token_id))
+        want = self.num_image_tokens if image else 0
+        if slots != want:
+            raise BadSample(None, f"the prompt holds {slots} image tokens where {want} are expected; the "
+                                  "conversation text must not contain the image token")
+        return ids
 
-    def load_image(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        """Encoded image bytes or a file path -> uint8 [S, S, 3] as the model was trained (raises `BadSample`)."""
-        return load_image(source, self.image_size, self.image_aspect_ratio, record_id="image", max_pixels=max_pixels)
+    def load_image(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None,
+                   max_work_pixels: int | None = None) -> np.ndarray:
+        """Encoded image bytes or a file path -> uint8 [S, S, 3] as the model was trained (raises `BadSample`).
+
+        The limits (see `llava_jax.data.image.load_image`) are checked from the header, before decoding.
+        """
+        return load_image(source, self.image_size, self.image_aspect_ratio, record_id="image", max_pixels=max_pixels,
+                          max_aspect_ratio=max_aspect_ratio, max_work_pixels=max_work_pixels)

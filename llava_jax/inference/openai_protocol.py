@@ -1,8 +1,9 @@
 """The OpenAI chat-completions request and response formats, as this server speaks them.
 
-`parse_chat_request` checks a decoded JSON body against the server's `Limits` and turns it into a
-`ChatRequest` (prompt ids, image pixels, sampling, limits), or raises `ApiError` with the HTTP
-status and a message that names the problem. Images come only inside the request, as base64
+`decode_json` reads a request body (refusing invalid UTF-8, lone surrogates and nesting deeper than
+`MAX_JSON_DEPTH`); `parse_chat_request` checks the decoded body against the server's `Limits` and
+turns it into a `ChatRequest` (prompt ids, image pixels, sampling, limits). Both raise `ApiError`
+with the HTTP status and a message that names the problem. Images come only inside the request, as base64
 ``data:`` URIs in ``image_url`` parts; the server never fetches a URL or reads a file named by a
 request.
 
@@ -11,7 +12,9 @@ string or a list of ``text`` / ``image_url`` parts; one image per conversation),
 ``top_p``, ``top_k`` (an extension, as in vLLM), ``max_tokens`` / ``max_completion_tokens``,
 ``stop``, ``seed``, ``stream``, ``stream_options.include_usage``, ``n`` (1 only), and the extension
 ``return_token_ids`` (the reply's token ids in the response). Unknown fields are ignored; features
-this server lacks (tools, logprobs, n > 1, JSON mode) are refused.
+this server lacks (tools, logprobs, n > 1, JSON mode) are refused. Client text never becomes image
+tokens: the reserved ``<image>`` marker in any message (system included) is refused, and the one image
+slot is placed by the server.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import math
 import time
 import uuid
@@ -27,11 +31,13 @@ from typing import Any
 import numpy as np
 
 from llava_jax.data.errors import BadSample
+from llava_jax.data.templates import IMAGE_PLACEHOLDER
 from llava_jax.inference.conversation import ChatModel
 from llava_jax.inference.sampling import Sampling
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
+MAX_JSON_DEPTH = 32  # a chat request nests 6 deep (body, messages, message, content, part, image_url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Limits:
     max_request_bytes: int = 32 * 2**20
     max_image_bytes: int = 16 * 2**20  # decoded image file size
     max_image_pixels: int = 2**25  # width x height, checked from the header before decoding
+    max_image_aspect_ratio: float = 20.0  # long side / short side, checked from the header
+    max_image_work_pixels: int = 2**26  # largest preprocessing intermediate (the pad square, the resize)
     max_prompt_tokens: int | None = None  # image tokens included
     max_output_tokens: int = 1024  # largest max_tokens a request may set
     default_max_tokens: int = 512  # when the request sets none (clipped to the context left)
@@ -134,6 +142,50 @@ def decode_data_uri(url: str, limits: Limits, param: str) -> bytes:
     return raw
 
 
+def decode_json(raw: bytes) -> Any:
+    """A request body -> its JSON value. Raises `ApiError` 400 for invalid JSON or UTF-8, a string
+    holding a lone UTF-16 surrogate (``"\\ud800"``, which no UTF-8 text can hold), or nesting deeper
+    than `MAX_JSON_DEPTH`."""
+    try:
+        payload = json.loads(raw)
+    except RecursionError:
+        raise _bad(f"the request JSON is nested too deeply; the limit is {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"request body is not valid JSON: {e}") from None
+    stack = [(payload, "", 0)]  # iterative: a deep value must not exhaust the Python stack
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if isinstance(value, dict):
+            items = [(f"{path}.{k}" if path else k, k, v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{path}[{k}]", None, v) for k, v in enumerate(value)]
+        else:
+            continue
+        if items and depth >= MAX_JSON_DEPTH:
+            raise _bad(f"the request JSON is nested more than {MAX_JSON_DEPTH} levels deep (at {path[:200]})")
+        for where, key, item in items:
+            if key is not None:
+                _check_text(key, where)
+            stack.append((item, where, depth + 1))
+    return payload
+
+
+def _check_text(text: str, path: str) -> None:
+    """Refuse a string that holds a lone surrogate; `path` names where it is (e.g. messages[0].content)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = ascii(path[:200]) if path else "the request body"
+        raise _bad(f"the string at {where} holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x} at character "
+                   f"{e.start}), which is not valid Unicode text; send surrogates only as pairs, or the character "
+                   "itself in UTF-8", ascii(path[:200])[1:-1] if path else None) from None
+
+
 def _message_text(content: Any, i: int, role: str, images: list) -> str:
     """Text of one message's content; image parts are collected into `images` as (message, url, param)."""
     param = f"messages[{i}].content"
@@ -177,6 +229,9 @@ def _conversation(messages: Any) -> tuple[str | None, list[str], list[tuple[int,
         if m.get("content") is None:
             raise _bad(f"messages[{i}] has no content", f"messages[{i}].content")
         text = _message_text(m["content"], i, role, images)
+        if IMAGE_PLACEHOLDER in text:
+            raise _bad(f"messages[{i}].content contains the reserved text {IMAGE_PLACEHOLDER!r}; send the image as "
+                       "an image_url part (the server places it), not as that marker", f"messages[{i}].content")
         if role in ("system", "developer"):
             if turns:
                 raise _bad(f"messages[{i}]: a system message must come before the conversation", f"messages[{i}]")
@@ -248,7 +303,9 @@ def parse_chat_request(payload: Any, chat: ChatModel, limits: Limits, model_name
         index, url, param = images[0]
         raw = decode_data_uri(url, limits, param)
         try:
-            image = chat.load_image(raw, max_pixels=limits.max_image_pixels)
+            image = chat.load_image(raw, max_pixels=limits.max_image_pixels,
+                                    max_aspect_ratio=limits.max_image_aspect_ratio,
+                                    max_work_pixels=limits.max_image_work_pixels)
         except BadSample as e:
             raise _bad(f"the image cannot be used: {e.reason}", param) from None
     template = chat.with_system(system)

@@ -1,13 +1,21 @@
 """Batches concurrent generation requests into shared `stream_generate` calls.
 
-Requests (`Job`) wait in a bounded queue; `submit` raises `QueueFull` when it is full, so a server can
-answer "busy" at once instead of piling work up. One worker thread owns the model: it takes the oldest
-waiting job, waits up to `batch_wait_s` (counted from that job's arrival) for more jobs that can share
-its batch, and runs up to `max_batch` of them as one batch. Jobs share a batch when they sample the
-same way (one `Sampling` and seed per batch; all greedy jobs share); each row keeps its own token
-limit and stop strings and ends on its own (`gen.send(rows)`), the batch ends when its last row does.
+Requests (`Job`) wait in a bounded queue; `submit` checks a job on its own (prompt ids in the
+vocabulary, image tokens matching its image, prompt + token limit within the context; `ValueError`
+otherwise) and raises `QueueFull` when the queue is full, so a server can answer "busy" at once instead
+of piling work up. One worker thread owns the model: it takes the oldest waiting job, waits up to
+`batch_wait_s` (counted from that job's arrival) for more jobs that can share its batch, and runs up
+to `max_batch` of them as one batch. A job joins the batch when it samples the same way (one
+`Sampling` and seed per batch; all greedy jobs share) and the batch still fits the context: its
+longest prompt plus its largest token limit stay within `context_length` (so a batch is never larger
+than one context-filling request per row, and `stream_generate` accepts it). A job that does not fit
+waits for a later batch; the oldest job always starts the next one. Each row keeps its own token limit
+and stop strings and ends on its own (`gen.send(rows)`); the batch ends when its last row does.
 Batches run one after another (no continuous batching): a job that arrives while a batch runs waits
 for the next one.
+
+Figures (`batch_sizes`, `completed`) are settled before a job hears its outcome: a batch is counted
+when it starts, a job as completed just before its `Done` or `Failed`.
 
 A job reports through its `emit` callback, called on the worker thread: `Delta(text)` pieces of
 complete UTF-8 text, then one `Done(finish_reason, token_ids)` ('stop' = EOS or a stop string,
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -94,8 +103,9 @@ class _Row:
         self.tokens: list[int] = []
         self.finished = False
 
-    def step(self, tokens: list[int], finish: str | None) -> bool:
-        """Take this row's tokens of one chunk; emit text; returns True when the row has ended."""
+    def step(self, tokens: list[int], finish: str | None, done: Callable[[Job], None]) -> bool:
+        """Take this row's tokens of one chunk; emit text; returns True when the row has ended (then
+        `done(job)` is called just before the `Done` event)."""
         job = self.job
         tokens = tokens[:job.max_tokens - len(self.tokens)]
         self.tokens += tokens
@@ -117,6 +127,7 @@ class _Row:
             job.emit(Delta(piece))
         if reason is not None:
             self.finished = True
+            done(job)
             job.emit(Done(reason, list(self.tokens)))
         return self.finished
 
@@ -147,8 +158,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.running = 0  # jobs in the batch on the device now
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> batches run
-        self.completed = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batch size -> batches started
+        self.completed = 0  # jobs answered (Done or Failed), cancelled waiting jobs excepted
+        self._answered: set[int] = set()  # ids of the running batch's jobs that have been answered
 
     # ----------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -171,8 +183,34 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._waiting)
 
+    def check(self, job: Job) -> None:
+        """Raise `ValueError` naming the problem if `job` cannot run on its own (so it never reaches, and
+        never fails, a batch shared with other jobs)."""
+        cfg = self.chat.model.cfg
+        if not job.prompt:
+            raise ValueError("the job's prompt is empty")
+        vocab = cfg.llm.vocab_size
+        if any(not 0 <= t < vocab for t in job.prompt):
+            raise ValueError(f"the job's prompt has token ids outside the vocabulary [0, {vocab})")
+        slots = sum(t == cfg.image_token_id for t in job.prompt)
+        want = 0 if job.image is None else cfg.num_image_tokens
+        if slots != want:
+            raise ValueError(f"the job's prompt has {slots} image tokens; its image needs exactly {want}")
+        size = self.chat.image_size
+        if job.image is not None and (job.image.shape != (size, size, 3) or job.image.dtype != np.uint8):
+            raise ValueError(f"the job's image is {job.image.dtype} {job.image.shape}; expected uint8 "
+                             f"({size}, {size}, 3)")
+        if not isinstance(job.max_tokens, int) or job.max_tokens < 1:
+            raise ValueError(f"the job's max_tokens={job.max_tokens!r} must be an integer >= 1")
+        context = self.chat.context_length
+        if len(job.prompt) + job.max_tokens > context:
+            raise ValueError(f"the job's prompt of {len(job.prompt)} tokens + max_tokens={job.max_tokens} exceeds the "
+                             f"context of {context} tokens")
+
     def submit(self, job: Job) -> None:
-        """Queue a job; raises `QueueFull` when `max_queue` jobs already wait."""
+        """Queue a job; raises `ValueError` for a job that cannot run (`check`), `QueueFull` when
+        `max_queue` jobs already wait."""
+        self.check(job)
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -214,33 +252,51 @@ class Scheduler:
                 if not self._waiting:
                     self._cond.wait()
                     continue
-                key = self._waiting[0].key
-                mates = sum(1 for j in self._waiting if j.key == key and not j.cancelled)
+                batch = self._admit()
                 left = self._waiting[0].arrived + self.batch_wait_s - time.monotonic()
-                if mates < self.max_batch and left > 0:
+                if len(batch) < self.max_batch and left > 0:
                     self._cond.wait(left)
                     continue
-                batch, rest = [], collections.deque()
-                for job in self._waiting:
-                    if job.key == key and len(batch) < self.max_batch and not job.cancelled:
-                        batch.append(job)
-                    else:
-                        rest.append(job)
-                self._waiting = rest
+                chosen = {id(job) for job in batch}
+                self._waiting = collections.deque(job for job in self._waiting if id(job) not in chosen)
                 self.running = len(batch)
+                self.batch_sizes[len(batch)] += 1
                 return batch
+
+    def _admit(self) -> list[Job]:
+        """The next batch: the oldest waiting job, then (in arrival order) each job that shares its
+        sampling and keeps the batch's longest prompt + largest token limit within the context."""
+        first = self._waiting[0]
+        batch, longest, most = [first], len(first.prompt), first.max_tokens
+        context = self.chat.context_length
+        for job in itertools.islice(self._waiting, 1, None):
+            if len(batch) >= self.max_batch:
+                break
+            if job.cancelled or job.key != first.key:
+                continue
+            if max(longest, len(job.prompt)) + max(most, job.max_tokens) > context:
+                continue
+            batch.append(job)
+            longest, most = max(longest, len(job.prompt)), max(most, job.max_tokens)
+        return batch
+
+    def _done(self, job: Job) -> None:
+        """Count `job` as answered; called just before its final event."""
+        self._answered.add(id(job))
+        self.completed += 1
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
+            self._answered = set()
             try:
                 self._run(batch)
-            except Exception as e:  # keep serving; the batch's jobs get the error
+            except Exception as e:  # keep serving; the batch's unfinished jobs get the error
                 log.exception("generation failed for a batch of %d", len(batch))
                 for job in batch:
-                    job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                    if id(job) not in self._answered:
+                        self._done(job)
+                        job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             finally:
-                self.batch_sizes[len(batch)] += 1
-                self.completed += len(batch)
                 self.running = 0
 
     def _run(self, batch: list[Job]) -> None:
@@ -267,7 +323,8 @@ class Scheduler:
                     break
                 request = []
                 for b, row in enumerate(rows):
-                    if not row.finished and row.step(chunk.tokens[b], chunk.finish[b]) and chunk.finish[b] is None:
+                    if (not row.finished and row.step(chunk.tokens[b], chunk.finish[b], self._done)
+                            and chunk.finish[b] is None):
                         request.append(b)
                 if all(row.finished for row in rows):
                     break
@@ -275,4 +332,4 @@ class Scheduler:
             gen.close()
         for row in rows:  # the generator ran out without a final word for a row (cannot normally happen)
             if not row.finished:
-                row.step([], "length")
+                row.step([], "length", self._done)

@@ -6,9 +6,10 @@ Routes:
   GET  /health                liveness and scheduler figures (queue, batch sizes)
   GET  /                      the web chat page (`llava_jax.inference.webpage`)
 
-Requests are checked (`openai_protocol.parse_chat_request`: JSON, fields, image bytes and pixels,
-prompt and output tokens) on a worker thread, then handed to the `Scheduler`, which batches
-concurrent requests into shared generation calls. Every refusal is a 4xx with an OpenAI-style JSON
+Requests are checked (`openai_protocol.decode_json`: JSON, Unicode, nesting; then, on a worker
+thread, `openai_protocol.parse_chat_request`: fields, image bytes, pixels and shape, prompt and output
+tokens), then handed to the `Scheduler`, which batches concurrent requests into shared generation
+calls, each request within its own token budget. Every refusal is a 4xx with an OpenAI-style JSON
 error body (``{"error": {"message", "type", "param", "code"}}``); a full queue answers 503. Images
 travel inside the request as base64 ``data:`` URIs: the server reads no file and fetches no URL
 named by a request.
@@ -145,10 +146,7 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await _read_body(request, limits.max_request_bytes)
-        try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        payload = protocol.decode_json(raw)
         req = await run_in_threadpool(protocol.parse_chat_request, payload, chat, limits, name)
 
         loop = asyncio.get_running_loop()

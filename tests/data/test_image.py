@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import (
@@ -18,6 +18,7 @@ from llava_jax.data.image import (
     normalize,
     open_image,
     preprocess,
+    work_pixels,
 )
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "page")
@@ -215,3 +216,48 @@ def test_max_pixels_is_explicit():
     assert open_image(data, max_pixels=64 * 48).size == (64, 48)
     with pytest.raises(BadSample, match="max_pixels=3071"):
         open_image(data, record_id="r", max_pixels=64 * 48 - 1)
+
+
+def _solid_png(width, height) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_work_pixels_of_thin_images():
+    # square: the shortest side goes to S first; 2 x 3000 at 336 px -> 336 x 504000 before the crop
+    assert work_pixels(2, 3000, 336, "square") == 336 * 504_000
+    # pad: a max(W, H) square canvas first; 1 x 20000 -> 20000 x 20000
+    assert work_pixels(1, 20_000, 336, "pad") == 20_000 * 20_000
+    # an ordinary photo: the decoded image itself is the largest
+    assert work_pixels(640, 480, 336, "square") == 640 * 480
+    assert work_pixels(640, 480, 336, "pad") == 640 * 640
+
+
+@pytest.mark.parametrize("width,height,mode,limits,reason", [
+    (2, 3000, "square", dict(max_aspect_ratio=20), "aspect ratio 1500.0:1 is more than max_aspect_ratio=20"),
+    (1, 20_000, "pad", dict(max_aspect_ratio=20), "aspect ratio 20000.0:1"),
+    (2, 3000, "square", dict(max_work_pixels=2**26), "169344000-pixel intermediate image"),
+    (9000, 450, "pad", dict(max_aspect_ratio=20, max_work_pixels=2**26), "81000000-pixel intermediate"),
+])
+def test_shape_limits_refuse_before_decoding(monkeypatch, width, height, mode, limits, reason):
+    data = _solid_png(width, height)
+    assert len(data) < 20_000  # a small file that would need hundreds of MB to preprocess
+
+    def no_decode(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(BadSample) as info:
+        load_image(data, 336, mode, record_id="r1", path_hint="thin.png", **limits)
+    assert reason in info.value.reason and info.value.path == "thin.png"
+
+
+def test_shape_limits_keep_ordinary_images():
+    data = _jpeg((64, 48))
+    for mode in ("square", "pad"):
+        want = load_image(data, 32, mode)
+        got = load_image(data, 32, mode, max_aspect_ratio=20, max_work_pixels=64 * 64)
+        np.testing.assert_array_equal(got, want)
+    # without limits (the data pipeline's default) a thin image is still preprocessed
+    assert load_image(_solid_png(3, 100), 32, "square").shape == (32, 32, 3)

@@ -32,6 +32,10 @@ def write_tiny_checkpoint(directory: pathlib.Path, *, template: str = "v1", seed
     return directory
 
 
+# How long a test waits for a server to start or a request to be answered. Only a hang should reach
+# it: on a loaded machine a server's warm-up compilation alone can take minutes.
+PATIENCE = 900.0
+
 _SHARED: dict = {}
 
 
@@ -69,7 +73,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app, *, timeout: float = 60.0):
+def running_server(app, *, timeout: float = PATIENCE):
     """Serve a FastAPI app with uvicorn on 127.0.0.1 in a thread; yields the base URL, stops it after."""
     import uvicorn
 

@@ -11,11 +11,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from serving_fixtures import data_uri, png_bytes, running_server, shared_chat_model
+from serving_fixtures import PATIENCE, data_uri, png_bytes, running_server, shared_chat_model
 
 from llava_jax.inference import generate
 from llava_jax.inference.detokenize import IncrementalDecoder
 from llava_jax.inference.openai_protocol import Limits
+from llava_jax.inference.sampling import GREEDY
+from llava_jax.inference.scheduler import Done, Failed, Job, Scheduler
 from llava_jax.inference.server import ServerConfig, create_app
 
 LIMITS = Limits(max_request_bytes=1_000_000, max_image_bytes=100_000, max_image_pixels=1_000_000,
@@ -38,7 +40,7 @@ def server(chat):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
 
 
 def _image_message(text, image=None):
@@ -138,6 +140,36 @@ def test_concurrent_requests_are_batched_and_all_answered(server, client, chat):
     i, out = results[3]
     _, want = _direct(chat, [f"Question number {i}?"], png_bytes(seed=i), 4 + i % 5)
     assert out.choices[0].model_extra["token_ids"] == want
+
+
+def test_figures_are_settled_before_each_answer(chat):
+    """A job hears its outcome only after its batch and itself are counted, so a client that reads the
+    figures after its answer (as the test above does) never sees a batch counted late. (They used to be
+    counted after the whole batch returned: on a busy machine the next test counted 37 rows for 32.)"""
+    scheduler = Scheduler(chat, max_batch=2, batch_wait_s=0)
+    seen, all_done = [], threading.Event()
+
+    def emit_for(k):
+        def emit(event):
+            if isinstance(event, (Done, Failed)):
+                rows = sum(size * n for size, n in scheduler.batch_sizes.items())
+                seen.append((k, type(event).__name__, scheduler.completed, rows))
+                if len(seen) == 3:
+                    all_done.set()
+        return emit
+
+    prompt = chat.prompt_ids(["hi"], image=False).tolist()
+    for k in range(3):  # queued before the worker starts: batches [0, 1] then [2]
+        scheduler.submit(Job(prompt=prompt, image=None, max_tokens=2, sampling=GREEDY, emit=emit_for(k)))
+    scheduler.start()
+    try:
+        assert all_done.wait(PATIENCE), seen
+    finally:
+        scheduler.stop()
+    assert sorted(k for k, *_ in seen) == [0, 1, 2] and {kind for _, kind, *_ in seen} == {"Done"}
+    for answered, (k, _, completed, rows) in enumerate(seen, 1):
+        assert completed == answered, seen  # this job was counted before it heard
+        assert rows == (2 if k < 2 else 3), seen  # and so was its batch
 
 
 def test_stop_strings_cut_the_reply(client):
@@ -248,15 +280,15 @@ def test_full_queue_answers_503(chat):
         body = {"model": "q", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         first = {}
         waiter = threading.Thread(target=lambda: first.setdefault("r", httpx.post(url + "/v1/chat/completions",
-                                                                                   json=body, timeout=120)))
+                                                                                   json=body, timeout=PATIENCE)))
         waiter.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + PATIENCE
         while app.state.scheduler.queued < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
-        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=PATIENCE)
         assert r.status_code == 503 and "waiting" in r.json()["error"]["message"]
         app.state.scheduler.start()
-        waiter.join(120)
+        waiter.join(PATIENCE)
         assert first["r"].status_code == 200
 
 
@@ -264,7 +296,7 @@ def test_disconnected_stream_does_not_stop_the_server(server, client):
     url = server[1]
     body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 64,
             "stream": True, "temperature": 0}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=PATIENCE) as r:
         assert r.status_code == 200
         next(r.iter_lines())
     out = client.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": "next"}],
@@ -279,7 +311,7 @@ def test_warm_up_compiles_before_serving(chat):
     app = create_app(chat, config)
     with running_server(app) as url:
         before = dict(traces)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=PATIENCE)
         out = client.chat.completions.create(model="warm", messages=_image_message("Describe this image in detail."))
         assert out.usage.completion_tokens >= 1
         assert traces == before, "a request of the warmed-up shape compiled again"
