@@ -13,6 +13,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from llava_jax.models.rope import check_rope_type
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -79,6 +81,10 @@ class LlamaConfig:
     head_dim_override: int | None = None  # head_dim when not hidden_size // num_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # RoPE scaling (transformers `rope_scaling` / `rope_parameters`): 'default' (none), 'linear' or
+    # 'dynamic' (NTK, beyond max_position_embeddings), stretched by rope_factor; see `rope.py`.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -87,6 +93,7 @@ class LlamaConfig:
     remat: str = "none"
 
     def __post_init__(self):
+        check_rope_type(self.rope_type, self.rope_factor)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
