@@ -101,6 +101,12 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_heads
 
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model is meant for: max_position_embeddings, stretched by the RoPE
+        scaling factor (e.g. 4096 x 4 for a linear-scaled 16k Vicuna)."""
+        return int(self.max_position_embeddings * self.rope_factor)
+
 
 ProjectorType = Literal["linear", "mlp2x_gelu"]
 
