@@ -80,3 +80,62 @@ def test_original_llava_v15_7b():
     lm = _count_ours(lambda: Llava(cfg, rngs=nnx.Rngs(0)).language_model)
     hf_lm = _count_hf(lambda: tf.LlamaForCausalLM(tf.LlamaConfig.from_dict(d)))
     assert lm == hf_lm + 2 * (VOCAB - 32000) * t.hidden_size
+
+
+def _diff_against_defaults(d: dict, defaults: dict) -> dict:
+    """What transformers 4.x wrote for a nested config (`to_diff_dict`): only the values that differ
+    from the class defaults, plus model_type."""
+    return {k: v for k, v in d.items() if k == "model_type" or k not in defaults or defaults[k] != v}
+
+
+@pytest.mark.slow
+def test_diff_format_directory_loads_everywhere(tmp_path):
+    """A small llava-hf directory whose config.json is written in the published style (sizes left to
+    transformers' defaults: 32 attention heads, quick_gelu) goes through from_pretrained, `convert
+    import` and load_model, and computes transformers' logits."""
+    from hf_reference import np_, perturb_
+
+    from llava_jax.convert import from_pretrained, import_checkpoint
+    from llava_jax.inference import load_model
+
+    torch.manual_seed(0)
+    text = tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                          max_position_embeddings=256, rms_norm_eps=1e-5)
+    vision = tf.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                 image_size=56, patch_size=14)
+    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=500, image_seq_length=16)
+    cfg._attn_implementation = "eager"
+    ref = perturb_(tf.LlavaForConditionalGeneration(cfg), 0)
+    hf_dir = tmp_path / "hf"
+    ref.save_pretrained(hf_dir)
+    written = json.loads((hf_dir / "config.json").read_text())
+    written["text_config"] = _diff_against_defaults(written["text_config"], tf.LlamaConfig().to_dict())
+    written["vision_config"] = _diff_against_defaults(written["vision_config"], tf.CLIPVisionConfig().to_dict())
+    assert not {"num_attention_heads", "num_key_value_heads", "hidden_act"} & set(written["text_config"])
+    assert "hidden_act" not in written["vision_config"]
+    (hf_dir / "config.json").write_text(json.dumps(written, indent=2))
+
+    ids = torch.randint(0, 500, (1, 30), generator=torch.Generator().manual_seed(0))
+    ids[0, 5:21] = 500
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = np_(ref(input_ids=ids, pixel_values=pixels).logits)
+    images = np.asarray(pixels.permute(0, 2, 3, 1).numpy())[:, None]
+
+    model = from_pretrained(hf_dir)
+    assert model.cfg.llm.num_heads == 32 and model.cfg.llm.head_dim == 2
+    got, _ = model(np.asarray(ids.numpy()), images)
+    diff = np.abs(np.asarray(got) - want).max()
+    print(f"llava-hf directory with a diff-style config: logits max-abs diff {diff:.1e}")
+    assert diff < 1e-4
+
+    def params(m):
+        return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+
+    expected = params(model)
+    import_checkpoint(hf_dir, tmp_path / "stage")
+    for loaded in (load_model(hf_dir).model, load_model(tmp_path / "stage").model):
+        assert loaded.cfg.llm == model.cfg.llm and loaded.cfg.vision == model.cfg.vision
+        got_params = params(loaded)
+        assert got_params.keys() == expected.keys()
+        assert all(np.array_equal(got_params[k], expected[k]) for k in expected)
