@@ -139,6 +139,23 @@ class LlavaConfig:
         )
 
 
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat")
+
+
+def architecture_differences(a: LlavaConfig, b: LlavaConfig) -> list[str]:
+    """Fields (other than the runtime ones) where two configs differ, e.g. ['llm.hidden_size: 4096 != 5120']."""
+    out = []
+    for part in ("vision", "llm"):
+        pa, pb = getattr(a, part), getattr(b, part)
+        for f in dataclasses.fields(pa):
+            if f.name not in _RUNTIME_FIELDS and getattr(pa, f.name) != getattr(pb, f.name):
+                out.append(f"{part}.{f.name}: {getattr(pa, f.name)!r} != {getattr(pb, f.name)!r}")
+    for name in ("projector", "image_token_id"):
+        if getattr(a, name) != getattr(b, name):
+            out.append(f"{name}: {getattr(a, name)!r} != {getattr(b, name)!r}")
+    return out
+
+
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

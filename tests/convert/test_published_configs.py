@@ -15,7 +15,8 @@ from flax import nnx
 
 from llava_jax.convert import hf_config
 from llava_jax.convert.load import config_from_hf
-from llava_jax.models import Llava
+from llava_jax.models import Llava, get_preset
+from llava_jax.models.config import architecture_differences
 from llava_jax.models.presets import VOCAB
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf_configs"
@@ -52,6 +53,7 @@ def test_llava_15_7b_hf():
     assert (t.rms_norm_eps, t.max_position_embeddings, t.rope_theta, t.rope_type) == (1e-5, 4096, 10000.0, "default")
     assert (cfg.projector, cfg.image_token_id, cfg.pad_token_id, t.tie_word_embeddings) == (
         "mlp2x_gelu", 32000, 32001, False)
+    assert architecture_differences(get_preset("llava-v1.5-7b"), cfg) == []
     ours = _count_ours(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     hf = _count_hf(lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(d)))
     print(f"llava-1.5-7b-hf: {ours:,} parameters (transformers {hf:,})")
@@ -71,6 +73,7 @@ def test_original_llava_v15_7b():
     assert (cfg.vision.image_size, cfg.vision.select_layer, cfg.vision.select_feature) == (336, -2, "patch")
     assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.rms_norm_eps) == (
         4096, 11008, 32, 32, 1e-5)
+    assert architecture_differences(get_preset("llava-v1.5-7b"), cfg) == []
     ours = _count_ours(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     hf_llava = _count_hf(lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(
         _published("llava-1.5-7b-hf"))))
@@ -88,7 +91,6 @@ def _diff_against_defaults(d: dict, defaults: dict) -> dict:
     return {k: v for k, v in d.items() if k == "model_type" or k not in defaults or defaults[k] != v}
 
 
-@pytest.mark.slow
 def test_diff_format_directory_loads_everywhere(tmp_path):
     """A small llava-hf directory whose config.json is written in the published style (sizes left to
     transformers' defaults: 32 attention heads, quick_gelu) goes through from_pretrained, `convert
