@@ -8,7 +8,6 @@ import pathlib
 
 import jax
 import numpy as np
-import pytest
 import torch
 import transformers as tf
 from flax import nnx

@@ -29,7 +29,7 @@ def _pair(kind: str, seed: int = 0):
 
 @pytest.mark.parametrize("kind", ["linear", "dynamic"])
 def test_config_is_read(kind):
-    ref, ours = _pair(kind)
+    _, ours = _pair(kind)
     assert (ours.cfg.rope_type, ours.cfg.rope_factor) == (kind, SCALINGS[kind]["factor"])
     assert ours.cfg.max_position_embeddings == MAX_POS
 
