@@ -113,3 +113,17 @@ def test_other_rope_types_are_refused(rope_type):
         llama_config_from_hf({**d, "rope_scaling": OTHER_SCALINGS[rope_type], "rope_theta": 10000.0})
     with pytest.raises(ValueError, match=f"RoPE scaling type '{rope_type}' is not supported"):
         LlamaConfig(rope_type=rope_type, rope_factor=8.0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_exported_config_declares_the_scaling(kind):
+    """An exported config.json is read by transformers with the same RoPE scaling."""
+    import transformers as tf
+
+    from llava_jax.convert.hf_config import llama_config_to_hf
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=MAX_POS, rope_type=kind, rope_factor=2.5)
+    params = tf.LlamaConfig.from_dict(llama_config_to_hf(cfg)).rope_parameters
+    assert (params["rope_type"], params["factor"], params["rope_theta"]) == (kind, 2.5, 10000.0)
+    assert cfg.context_length == int(MAX_POS * 2.5)
