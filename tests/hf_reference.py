@@ -26,12 +26,15 @@ def clip_vision(image_size: int, seed: int = 0, layers: int = 3) -> tf.CLIPVisio
 
 
 def llama(*, kv_heads: int = 4, tied: bool = False, theta: float = 10000.0, seed: int = 0,
-          vocab: int = 512, layers: int = 3) -> tf.LlamaForCausalLM:
+          vocab: int = 512, layers: int = 3, rope_scaling: dict | None = None,
+          max_positions: int = 256) -> tf.LlamaForCausalLM:
+    """rope_scaling: a 4.x-style `{"type": ..., "factor": ...}` dict (None: plain RoPE)."""
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=theta,
-        max_position_embeddings=256, tie_word_embeddings=tied, attn_implementation="eager",
+        max_position_embeddings=max_positions, tie_word_embeddings=tied, attn_implementation="eager",
+        **({"rope_scaling": rope_scaling} if rope_scaling else {}),
     )
     return perturb_(tf.LlamaForCausalLM(cfg), seed)
 

@@ -129,7 +129,7 @@ def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard
     _write_json(out / "generation_config.json", _generation_config(cfg.pad_token_id))
     write_shards(export_tensors(model), out, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
                  progress=log.info)
-    write_tokenizer(out, tokenizer, template=template, max_length=cfg.llm.max_position_embeddings)
+    write_tokenizer(out, tokenizer, template=template, max_length=cfg.llm.context_length)
     write_processor(out, cfg, image_aspect_ratio=image_aspect_ratio, template=template)
     log.info("exported llava-hf model to %s", out)
     return out
@@ -149,7 +149,7 @@ def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard
     _write_json(out / "generation_config.json", _generation_config(hf["pad_token_id"]))
     write_shards(export_tensors(model), out, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
                  progress=log.info)
-    write_tokenizer(out, tokenizer, template=template, max_length=cfg.max_position_embeddings)
+    write_tokenizer(out, tokenizer, template=template, max_length=cfg.context_length)
     log.info("exported LLaMA model to %s", out)
     return out
 

@@ -1,21 +1,25 @@
-"""Translate Hugging Face `config.json` dicts into llava_jax configs.
+"""Translate Hugging Face `config.json` files into llava_jax configs, and back.
 
-Architectures this code does not implement (rope scaling, attention biases, other activations) are
-refused with the field named, rather than loaded into a model that would compute something else.
+Hub configs are written by transformers as a diff against its own defaults (llava-hf's
+`text_config` names little more than the vocabulary), so every config is first read through
+transformers' config classes (`LlavaConfig`, `LlamaConfig`, `CLIPConfig`, `CLIPVisionConfig`, as
+`AutoConfig` maps them), which fill in the defaults of the installed transformers; only then are
+the values translated. Architectures this code does not implement (RoPE scalings other than linear
+and dynamic, attention biases, other activations, other towers) are refused with the field named,
+rather than loaded into a model that would compute something else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+from typing import Any
 
 from llava_jax.models.config import IMAGE_TOKEN_ID, PAD_TOKEN_ID, LlamaConfig, LlavaConfig, VisionConfig
+from llava_jax.models.rope import ROPE_TYPES
 
-
-def _require(d: dict, key: str, allowed, what: str):
-    value = d.get(key)
-    if value not in allowed:
-        raise ValueError(f"{what}: {key}={value!r} is not supported (supported: {allowed})")
+HfConfig = Any  # a transformers PretrainedConfig, or a config.json dict (read into one)
 
 
 def read_config(path) -> dict:
@@ -26,69 +30,108 @@ def read_config(path) -> dict:
     return json.loads(file.read_text())
 
 
-def vision_config_from_hf(d: dict) -> VisionConfig:
+def transformers_config(d: HfConfig):
+    """A config.json dict -> the transformers config object that `AutoConfig` would build from it
+    (defaults filled in). Original LLaVA configs (`LlavaLlamaForCausalLM`, whose model_type 'llava'
+    clashes with llava-hf's) are LLaMA configs with extra `mm_*` attributes."""
+    if not isinstance(d, dict):
+        return d
+    from transformers import CONFIG_MAPPING
+    from transformers import LlamaConfig as HfLlamaConfig
+
+    if is_original_llava(d):
+        return HfLlamaConfig.from_dict(d)
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"config.json: model_type={model_type!r} is not known to transformers")
+    return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+def _require(c, key: str, allowed, what: str):
+    value = getattr(c, key, None)
+    if value not in allowed:
+        raise ValueError(f"{what}: {key}={value!r} is not supported (supported: {allowed})")
+
+
+def vision_config_from_hf(d: HfConfig) -> VisionConfig:
     """transformers CLIPVisionConfig (or a CLIPConfig holding one)."""
-    d = d.get("vision_config", d) if d.get("model_type") == "clip" else d
-    _require(d, "hidden_act", ("quick_gelu",), "CLIP vision config")
+    c = transformers_config(d)
+    if c.model_type == "clip":
+        c = c.vision_config
+    if c.model_type != "clip_vision_model":
+        raise ValueError(f"vision config: model_type={c.model_type!r} is not supported (a CLIP vision tower)")
+    _require(c, "hidden_act", ("quick_gelu",), "CLIP vision config")
+    _require(c, "num_channels", (3,), "CLIP vision config")
     return VisionConfig(
-        image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 32),
-        hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
-        num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        layer_norm_eps=c.layer_norm_eps,
     )
 
 
-def _rope_theta(d: dict) -> float:
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(f"LLaMA config: rope type {rope_type!r} is not supported (only plain RoPE)")
-    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+def rope_from_hf(c) -> tuple[float, str, float]:
+    """(rope_theta, rope_type, factor) of a transformers LLaMA config: 5.x keeps them in
+    `rope_parameters`, 4.x in `rope_theta` + `rope_scaling` (`type` or `rope_type`)."""
+    params = getattr(c, "rope_parameters", None)
+    if not params:
+        params = {**(getattr(c, "rope_scaling", None) or {}), "rope_theta": getattr(c, "rope_theta", 10000.0)}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"LLaMA config: RoPE scaling type {rope_type!r} is not supported "
+                         f"(supported: {', '.join(ROPE_TYPES)})")
+    factor = float(params.get("factor", 1.0)) if rope_type != "default" else 1.0
+    return float(params["rope_theta"]), rope_type, factor
 
 
-def llama_config_from_hf(d: dict) -> LlamaConfig:
+def llama_config_from_hf(d: HfConfig) -> LlamaConfig:
     """transformers LlamaConfig."""
-    _require(d, "hidden_act", ("silu",), "LLaMA config")
+    c = transformers_config(d)
+    if c.model_type not in ("llama", "llava", "llava_llama"):
+        raise ValueError(f"language model config: model_type={c.model_type!r} is not supported (a LLaMA decoder)")
+    _require(c, "hidden_act", ("silu",), "LLaMA config")
     for flag in ("attention_bias", "mlp_bias"):
-        if d.get(flag):
+        if getattr(c, flag, False):
             raise ValueError(f"LLaMA config: {flag}=True is not supported")
-    heads = d["num_attention_heads"]
-    head_dim = d.get("head_dim")
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None)
+    theta, rope_type, factor = rope_from_hf(c)
     return LlamaConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim_override=head_dim if head_dim and head_dim != d["hidden_size"] // heads else None,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(d),
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers, num_heads=heads, num_kv_heads=c.num_key_value_heads or heads,
+        head_dim_override=head_dim if head_dim and head_dim != c.hidden_size // heads else None,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=theta, rope_type=rope_type, rope_factor=factor,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=bool(c.tie_word_embeddings),
     )
 
 
-def llava_config_from_hf(d: dict) -> LlavaConfig:
+def llava_config_from_hf(d: HfConfig) -> LlavaConfig:
     """transformers LlavaConfig (llava-hf). llava-hf always has two projector layers; the paper's
     `linear` projector is stored as two layers with the identity activation
     (`projector_hidden_act='linear'`), which the loader folds back into one."""
-    act = d.get("projector_hidden_act", "gelu")
+    c = transformers_config(d)
+    act = c.projector_hidden_act
     if act not in ("gelu", "linear"):
         raise ValueError(f"llava config: projector_hidden_act={act!r} is not supported (gelu or linear)")
-    strategy = d.get("vision_feature_select_strategy", "default")
+    if not getattr(c, "multimodal_projector_bias", True):
+        raise ValueError("llava config: multimodal_projector_bias=False is not supported (the projector has biases)")
+    strategy = c.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise ValueError(f"llava config: vision_feature_select_strategy={strategy!r} (default or full)")
-    layer = d.get("vision_feature_layer", -2)
+    layer = c.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"llava config: vision_feature_layer={layer!r}; only a single layer is supported")
-    import dataclasses
-
     vision = dataclasses.replace(
-        vision_config_from_hf(d["vision_config"]), select_layer=layer,
+        vision_config_from_hf(c.vision_config), select_layer=layer,
         select_feature="patch" if strategy == "default" else "cls_patch",
     )
+    image_token = getattr(c, "image_token_id", None)
+    if image_token is None:
+        image_token = getattr(c, "image_token_index", IMAGE_TOKEN_ID)
+    pad = getattr(c, "pad_token_id", None)
     return LlavaConfig(
-        vision=vision, llm=llama_config_from_hf(d["text_config"]),
+        vision=vision, llm=llama_config_from_hf(c.text_config),
         projector="mlp2x_gelu" if act == "gelu" else "linear",
-        image_token_id=d.get("image_token_index", d.get("image_token_id", IMAGE_TOKEN_ID)),
-        pad_token_id=d.get("pad_token_id", PAD_TOKEN_ID) if d.get("pad_token_id") is not None else PAD_TOKEN_ID,
+        image_token_id=image_token, pad_token_id=PAD_TOKEN_ID if pad is None else pad,
     )
 
 
@@ -105,15 +148,19 @@ def vision_config_to_hf(v: VisionConfig) -> dict:
 
 
 def llama_config_to_hf(c: LlamaConfig, *, dtype: str = "float32", pad_token_id: int | None = PAD_TOKEN_ID) -> dict:
-    """transformers LlamaConfig fields (read by transformers 4.x and 5.x: RoPE theta is written both
-    as `rope_theta` and as 5.x's `rope_parameters`)."""
+    """transformers LlamaConfig fields (read by transformers 4.x and 5.x: RoPE is written both as
+    4.x's `rope_theta` + `rope_scaling` and as 5.x's `rope_parameters`)."""
+    scaling = None if c.rope_type == "default" else {"rope_type": c.rope_type, "type": c.rope_type,
+                                                      "factor": c.rope_factor}
+    params = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
+    if scaling:
+        params["factor"] = c.rope_factor
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
         "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-        "rope_theta": c.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "rope_theta": c.rope_theta, "rope_scaling": scaling, "rope_parameters": params,
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
         "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
         "pad_token_id": pad_token_id if pad_token_id is not None and pad_token_id < c.vocab_size else None,

@@ -69,7 +69,7 @@ class ChatModel:
     @property
     def context_length(self) -> int:
         """Most tokens (prompt + reply) the model attends over."""
-        return self.model.cfg.llm.max_position_embeddings
+        return self.model.cfg.llm.context_length
 
     @property
     def num_image_tokens(self) -> int:

@@ -170,11 +170,11 @@ def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _B
         if bad:
             raise ValueError(f"prompt {b} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
-    context = cfg.max_position_embeddings
+    context = cfg.context_length
     if longest + max_new_tokens > context:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} exceeds the "
-            f"model context of {context} tokens (max_position_embeddings); shorten the prompt or set "
+            f"model context of {context} tokens (max_position_embeddings x RoPE factor); shorten the prompt or set "
             f"max_new_tokens <= {max(context - longest, 0)}"
         )
 
@@ -325,7 +325,8 @@ def generate(
     stream: called with each `Chunk` as it arrives; returning row indices stops those rows.
     chunk_size: decode steps per device call (the streaming granularity).
 
-    Raises ValueError when the longest prompt + max_new_tokens exceeds `max_position_embeddings`.
+    Raises ValueError when the longest prompt + max_new_tokens exceeds the model's context
+    (`LlamaConfig.context_length`: max_position_embeddings, times the RoPE scaling factor).
     """
     gen = stream_generate(model, prompts, images, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                           seed=seed, chunk_size=chunk_size, lengths=lengths)

@@ -13,6 +13,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from llava_jax.models.rope import check_rope_type
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -79,6 +81,10 @@ class LlamaConfig:
     head_dim_override: int | None = None  # head_dim when not hidden_size // num_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # RoPE scaling (transformers `rope_scaling` / `rope_parameters`): 'default' (none), 'linear' or
+    # 'dynamic' (NTK, beyond max_position_embeddings), stretched by rope_factor; see `rope.py`.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -87,12 +93,19 @@ class LlamaConfig:
     remat: str = "none"
 
     def __post_init__(self):
+        check_rope_type(self.rope_type, self.rope_factor)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_heads
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model is meant for: max_position_embeddings, stretched by the RoPE
+        scaling factor (e.g. 4096 x 4 for a linear-scaled 16k Vicuna)."""
+        return int(self.max_position_embeddings * self.rope_factor)
 
 
 ProjectorType = Literal["linear", "mlp2x_gelu"]
@@ -124,6 +137,23 @@ class LlavaConfig:
         return dataclasses.replace(
             self, vision=dataclasses.replace(self.vision, **kw), llm=dataclasses.replace(self.llm, **kw)
         )
+
+
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat")
+
+
+def architecture_differences(a: LlavaConfig, b: LlavaConfig) -> list[str]:
+    """Fields (other than the runtime ones) where two configs differ, e.g. ['llm.hidden_size: 4096 != 5120']."""
+    out = []
+    for part in ("vision", "llm"):
+        pa, pb = getattr(a, part), getattr(b, part)
+        for f in dataclasses.fields(pa):
+            if f.name not in _RUNTIME_FIELDS and getattr(pa, f.name) != getattr(pb, f.name):
+                out.append(f"{part}.{f.name}: {getattr(pa, f.name)!r} != {getattr(pb, f.name)!r}")
+    for name in ("projector", "image_token_id"):
+        if getattr(a, name) != getattr(b, name):
+            out.append(f"{name}: {getattr(a, name)!r} != {getattr(b, name)!r}")
+    return out
 
 
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

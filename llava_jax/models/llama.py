@@ -2,8 +2,9 @@
 
 tokens [B, T] (or embeddings [B, T, D]) + positions [B, T] + segment ids [B, T] (0 = padding,
 1..k = packed samples) -> logits [B, T, V] float32. RMSNorm, RoPE in the Hugging Face half-split
-("rotate_half") layout, grouped-query attention, SwiGLU MLP, tied or untied output embedding. The
-blocks are stacked and scanned; `cfg.remat` names the rematerialisation policy.
+("rotate_half") layout (plain, linear or dynamic-NTK scaled: `rope.py`), grouped-query attention,
+SwiGLU MLP, tied or untied output embedding. The blocks are stacked and scanned; `cfg.remat` names
+the rematerialisation policy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name as _name
 from llava_jax.models import attention
 from llava_jax.models.config import LlamaConfig
 from llava_jax.models.norms import RMSNorm
+from llava_jax.models.rope import apply_rope, inverse_frequencies, rotation
 from llava_jax.models.stacking import scan, stacked
 from llava_jax.parallel.rules import constrain
 
@@ -47,17 +49,6 @@ class KVCache(NamedTuple):
         )
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split layout. x [B, T, N, H], positions [B, T] -> [B, T, N, H]."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 def _dense(cfg: LlamaConfig, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
         din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
@@ -81,8 +72,8 @@ class LlamaBlock(nnx.Module):
         self.up_proj = _dense(cfg, d, f, ("embed", "mlp"), rngs)
         self.down_proj = _dense(cfg, f, d, ("mlp", "embed"), rngs)
 
-    def __call__(self, x, positions, mask, cache=None):
-        """x [B, T, D]; positions [B, T]; mask [B, T, S].
+    def __call__(self, x, rope, mask, cache=None):
+        """x [B, T, D]; rope: (cos, sin) of the positions, each [B, T, H/2]; mask [B, T, S].
 
         cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, S, K, H], this
         block's layer and the first slot to write. The new keys/values are written in place (only T
@@ -93,8 +84,8 @@ class LlamaBlock(nnx.Module):
         q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q = _name(apply_rope(q, positions, cfg.rope_theta), "query_proj")
-        k = _name(apply_rope(k, positions, cfg.rope_theta), "key_proj")
+        q = _name(apply_rope(q, *rope), "query_proj")
+        k = _name(apply_rope(k, *rope), "key_proj")
         v = _name(v, "value_proj")
         impl = cfg.attention
         kv = None
@@ -128,6 +119,12 @@ class Llama(nnx.Module):
             cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs
         )
 
+    def inverse_frequencies(self, positions: jax.Array) -> jax.Array:
+        """RoPE inverse frequencies [head_dim // 2] for a call at `positions` [B, T] (see `rope`)."""
+        cfg = self.cfg
+        return inverse_frequencies(cfg.head_dim, cfg.rope_theta, positions, rope_type=cfg.rope_type,
+                                   factor=cfg.rope_factor, max_position_embeddings=cfg.max_position_embeddings)
+
     def embed(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype."""
         return self.embed_tokens(tokens).astype(self.cfg.dtype)
@@ -146,11 +143,12 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = constrain(embeddings.astype(cfg.dtype), _ACT)
+        rope = rotation(positions, self.inverse_frequencies(positions))
         if cache is None:
             mask = attention.make_mask(segment_ids, segment_ids, causal=True)
 
             def body(blk, c, _):
-                return constrain(blk(c, positions, mask)[0], _ACT), None
+                return constrain(blk(c, rope, mask)[0], _ACT), None
 
             x, _ = scan(self.layers, body, x, policy=cfg.remat)
         else:
@@ -161,7 +159,7 @@ class Llama(nnx.Module):
             # (as scan outputs they would be rebuilt, a full cache copy per step).
             def body(blk, carry, _):
                 c, ks, vs, layer = carry
-                y, (ks, vs) = blk(c, positions, mask, (ks, vs, layer, cache.index))
+                y, (ks, vs) = blk(c, rope, mask, (ks, vs, layer, cache.index))
                 return (constrain(y, _ACT), ks, vs, layer + 1), None
 
             (x, ks, vs, _), _ = scan(self.layers, body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)),

@@ -112,6 +112,39 @@ def _place(arrays: dict[str, np.ndarray], target: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map_with_path(put, target, shardings)
 
 
+def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
+    """`config.init.llava` must hold the architecture of `config.model`: its config.json (llava-hf, or
+    original LLaVA with a known mm_vision_tower) is read through transformers' config classes and
+    compared field by field. The original's 32000-row vocabulary is fitted at load time, so the
+    vocabulary size is not compared for it."""
+    from llava_jax.convert import hf_config
+    from llava_jax.models.config import architecture_differences
+
+    directory = pathlib.Path(path)
+    if not (directory / "config.json").exists():
+        return
+    d = hf_config.read_config(directory)
+    if hf_config.is_original_llava(d):
+        try:
+            vision = hf_config.original_vision_config(d, None)
+        except ValueError:  # a tower not known by name: its weights, if any, are checked by shape on load
+            vision = cfg.vision
+        theirs, _ = hf_config.original_llava_config(d, vision, vocab_size=cfg.llm.vocab_size)
+    elif d.get("model_type") == "llava":
+        theirs = hf_config.llava_config_from_hf(d)
+    else:
+        raise ValueError(f"config.init.llava={path}: config.json has model_type={d.get('model_type')!r}; it takes a "
+                         "llava-hf or original LLaVA directory (use init.vision / init.llm for CLIP and LLaMA)")
+    diffs = architecture_differences(cfg, theirs)
+    if diffs:
+        from llava_jax.models.presets import PRESETS
+
+        match = [name for name, c in PRESETS.items() if not architecture_differences(c, theirs)]
+        fix = f"set config.model={match[0]!r}" if match else "no preset has this architecture"
+        raise ValueError(f"config.init.llava={path} does not have the architecture of config.model={preset!r} "
+                         f"(model != checkpoint): {'; '.join(diffs)}; {fix}")
+
+
 def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None) -> Any:
     """Random init (seeded), then the pretrained parts named in config.init, then the projector of the
     previous stage (the original's `--pretrain_mm_mlp_adapter`)."""
@@ -120,6 +153,8 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
     frozen_dtype = _dtype(config.frozen_dtype, "frozen_dtype")
     params = init_params(spec, config.seed, mask, frozen_dtype, shardings)
     abstract_model = nnx.eval_shape(lambda: Llava(spec.cfg, rngs=nnx.Rngs(0)))
+    if config.init.llava:
+        check_init_architecture(config.init.llava, spec.cfg, config.model)
     for key in ("llava", "vision", "llm"):
         path = config.init[key]
         if path:
