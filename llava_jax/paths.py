@@ -106,3 +106,35 @@ def staged_dir(out: PathLike) -> Iterator[epath.Path]:
         copy_tree(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _RewritingAppender:
+    """Append-mode text file on an object store: objects cannot be appended to, so `flush` rewrites the
+    whole object (existing text + everything written). Meant for small logs such as metrics.jsonl."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._text = path.read_text() if path.exists() else ""
+        self._dirty = False
+
+    def write(self, text: str) -> int:
+        self._text += text
+        self._dirty = True
+        return len(text)
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_text(self._text)
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+def open_append(path: PathLike):
+    """A text file opened for appending, whose `flush()` makes the written lines durable: a plain
+    local file, or on an object store a small appender that rewrites the object on flush."""
+    p = as_path(path)
+    if is_url(p):
+        return _RewritingAppender(p)
+    return open(p, "a", encoding="utf-8")
