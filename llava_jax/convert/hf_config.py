@@ -7,9 +7,9 @@ refused with the field named, rather than loaded into a model that would compute
 from __future__ import annotations
 
 import json
-import pathlib
 
 from llava_jax.models.config import IMAGE_TOKEN_ID, PAD_TOKEN_ID, LlamaConfig, LlavaConfig, VisionConfig
+from llava_jax.paths import Path, as_path
 
 
 def _require(d: dict, key: str, allowed, what: str):
@@ -19,7 +19,7 @@ def _require(d: dict, key: str, allowed, what: str):
 
 
 def read_config(path) -> dict:
-    path = pathlib.Path(path)
+    path = as_path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: a Hugging Face model directory needs a config.json")
