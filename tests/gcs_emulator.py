@@ -32,9 +32,22 @@ class GcsEmulator:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port),
-             "--in-memory", "--default-bucket", bucket, "--quiet"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "gcp_storage_emulator",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--in-memory",
+                "--default-bucket",
+                bucket,
+                "--quiet",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 120  # generous: only bounds a broken start-up
         while True:
@@ -49,16 +62,21 @@ class GcsEmulator:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "test"}
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+            "GOOGLE_CLOUD_PROJECT": "test",
+        }
 
     def names(self, prefix: str) -> list[str]:
         """Object names under `prefix` in the bucket (the emulator's JSON API, paged)."""
         names, token = [], None
         while True:
             q = {"prefix": prefix, **({"pageToken": token} if token else {})}
-            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(q)}",
-                                        timeout=30) as r:
+            with urllib.request.urlopen(
+                f"{self.url}/storage/v1/b/{self.bucket}/o?{urllib.parse.urlencode(q)}", timeout=30
+            ) as r:
                 page = json.loads(r.read())
             names += [item["name"] for item in page.get("items", [])]
             token = page.get("nextPageToken")

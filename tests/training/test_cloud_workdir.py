@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from gcs_emulator import GcsEmulator, emulator_env
+
 from llava_jax import paths
 
 pytest.importorskip("gcsfs")
@@ -89,20 +89,46 @@ def test_train_with_gs_workdir_writes_the_run_to_the_bucket(gcs, tmp_path):
     """`python -m llava_jax.train --workdir gs://bucket/run` (the TPU-pod command) from an empty folder:
     data, both stages, eval and summary in the bucket; chat/export load it back from there."""
     env = {**os.environ, **gcs.env, "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
-    args = ["--workdir=gs://bucket/run", "--config.synthetic.num_pretrain=16", "--config.synthetic.num_instruct=16",
-            "--config.synthetic.num_eval=4", "--config.log_every=1", "--config.eval.max_examples=4",
-            "--config.eval.batch_size=4", "--config.eval.max_new_tokens=2"]
+    args = [
+        "--workdir=gs://bucket/run",
+        "--config.synthetic.num_pretrain=16",
+        "--config.synthetic.num_instruct=16",
+        "--config.synthetic.num_eval=4",
+        "--config.log_every=1",
+        "--config.eval.max_examples=4",
+        "--config.eval.batch_size=4",
+        "--config.eval.max_new_tokens=2",
+    ]
     for stage in ("stage1", "stage2"):
-        args += [f"--config.{stage}.batch_size=8", f"--config.{stage}.num_steps=2",
-                 f"--config.{stage}.checkpoint_every=1", f"--config.{stage}.keep_checkpoints=1"]
-    r = subprocess.run([sys.executable, "-m", "llava_jax.train", *args], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=1200)
+        args += [
+            f"--config.{stage}.batch_size=8",
+            f"--config.{stage}.num_steps=2",
+            f"--config.{stage}.checkpoint_every=1",
+            f"--config.{stage}.keep_checkpoints=1",
+        ]
+    r = subprocess.run(
+        [sys.executable, "-m", "llava_jax.train", *args],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
 
     assert _local_url_folders(tmp_path) == [] and not any(tmp_path.iterdir()), sorted(map(str, tmp_path.rglob("*")))
     names = set(gcs.names("run/"))
-    for expected in ("run/config.json", "run/summary.json", "run/data/meta.json", "run/data/pretrain.json",
-                     "run/stage1/model.json", "run/stage1/DONE", "run/stage2/model.json", "run/stage2/DONE"):
+    for expected in (
+        "run/config.json",
+        "run/summary.json",
+        "run/data/meta.json",
+        "run/data/pretrain.json",
+        "run/stage1/model.json",
+        "run/stage1/DONE",
+        "run/stage2/model.json",
+        "run/stage2/DONE",
+    ):
         assert expected in names, sorted(names)
     for stage in ("stage1", "stage2"):
         assert any(n.startswith(f"run/{stage}/final_params/") for n in names)
@@ -128,18 +154,25 @@ def test_train_with_gs_workdir_writes_the_run_to_the_bucket(gcs, tmp_path):
     saved = ckpt.manager.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     ckpt.close()
     proj = saved["params"]["multi_modal_projector"]
-    np.testing.assert_array_equal(np.asarray(final["multi_modal_projector"]["linear_1"]["kernel"]),
-                                  np.asarray(proj["linear_1"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(final["multi_modal_projector"]["linear_1"]["kernel"]), np.asarray(proj["linear_1"]["kernel"])
+    )
 
     # Export to the bucket, then read the llava-hf directory back from there.
     from llava_jax.convert.export import export_checkpoint
 
     export_checkpoint("gs://bucket/run", "gs://bucket/hf", dtype="float32")
     hf = set(gcs.names("hf/"))
-    for expected in ("hf/config.json", "hf/model.safetensors.index.json", "hf/tokenizer_config.json",
-                     "hf/preprocessor_config.json"):
+    for expected in (
+        "hf/config.json",
+        "hf/model.safetensors.index.json",
+        "hf/tokenizer_config.json",
+        "hf/preprocessor_config.json",
+    ):
         assert expected in hf, sorted(hf)
     again = nnx.state(load_model("gs://bucket/hf").model).to_pure_dict()
-    np.testing.assert_array_equal(np.asarray(again["multi_modal_projector"]["linear_1"]["kernel"]),
-                                  np.asarray(final["multi_modal_projector"]["linear_1"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(again["multi_modal_projector"]["linear_1"]["kernel"]),
+        np.asarray(final["multi_modal_projector"]["linear_1"]["kernel"]),
+    )
     assert _local_url_folders(tmp_path) == []
