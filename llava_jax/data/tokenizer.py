@@ -68,6 +68,8 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, legacy: bool | None
     """
     from transformers import AddedToken, AutoTokenizer
 
+    if path is None and is_url(os.environ.get(TOKENIZER_ENV, "")):
+        path = os.environ[TOKENIZER_ENV]
     if path is not None and is_url(path):
         path = _tokenizer_files(path)
     folder = pathlib.Path(path) if path is not None else default_tokenizer_dir()
