@@ -5,6 +5,11 @@ uses are pointed at it through their documented endpoint settings: `STORAGE_EMUL
 (what etils epath uses for gs:// files) and `TENSORSTORE_GCS_HTTP_URL` for tensorstore (what orbax
 writes the arrays with). `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps tensorstore from looking for cloud
 credentials. The objects are read back here with plain HTTP, independent of both clients.
+
+The emulator's object download leaves out two things of the GCS API that tensorstore relies on (the
+`x-goog-generation` header, and the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions it
+revalidates its cache with); `_serve` adds them, running as its own process:
+`python tests/gcs_emulator.py PORT BUCKET`.
 """
 
 from __future__ import annotations
@@ -32,22 +37,7 @@ class GcsEmulator:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gcp_storage_emulator",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--in-memory",
-                "--default-bucket",
-                bucket,
-                "--quiet",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            [sys.executable, __file__, str(self.port), bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 120  # generous: only bounds a broken start-up
         while True:
@@ -111,3 +101,40 @@ def emulator_env(emulator: GcsEmulator):
             else:
                 os.environ[k] = v
         gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def _serve(port: int, bucket: str) -> None:
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    plain = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            return plain(request, response, storage, *args, **kwargs)
+        generation, q = str(obj["generation"]), request.query
+        if "ifGenerationMatch" in q and q["ifGenerationMatch"][0] != generation:
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            return None
+        if "ifGenerationNotMatch" in q and q["ifGenerationNotMatch"][0] == generation:
+            response.status = HTTPStatus.NOT_MODIFIED
+            return None
+        response["x-goog-generation"] = generation
+        response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        return plain(request, response, storage, *args, **kwargs)
+
+    objects.download = download  # before the server module builds its routing table
+    from gcp_storage_emulator.server import create_server
+
+    create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    _serve(int(sys.argv[1]), sys.argv[2])
