@@ -176,3 +176,31 @@ def test_train_with_gs_workdir_writes_the_run_to_the_bucket(gcs, tmp_path):
         np.asarray(final["multi_modal_projector"]["linear_1"]["kernel"]),
     )
     assert _local_url_folders(tmp_path) == []
+
+
+def test_data_written_read_and_packed_in_the_bucket(gcs, tmp_path, monkeypatch):
+    """Synthetic data written to the bucket, read back as a LLaVA JSON source (images through the URL)
+    and packed into ArrayRecord shards uploaded to the bucket; shards at a URL are refused clearly."""
+    from llava_jax.data.image import open_image
+    from llava_jax.data.pack import pack
+    from llava_jax.data.sources import LlavaJsonSource, find_shards
+    from llava_jax.data.synthetic import generate
+
+    monkeypatch.chdir(tmp_path)
+    generate("gs://bucket/data", image_size=32, num_pretrain=3, num_instruct=2, num_eval=1, seed=0)
+    source = LlavaJsonSource("gs://bucket/data/pretrain.json")
+    assert len(source) == 3 and source.image_folder == "gs://bucket/data"
+    record = source[1]
+    assert record["image_path"] == "gs://bucket/data/" + record["image"]
+    assert open_image(record["image_path"]).size == (32, 32)
+
+    summary = pack("gs://bucket/data/pretrain.json", None, "gs://bucket/packed", 2, progress=False)
+    assert summary["records_written"] == 3
+    names = gcs.names("packed/")
+    assert names == sorted(
+        ["packed/bad_records.jsonl", "packed/pack_summary.json"]
+        + [f"packed/pretrain-0000{k}-of-00002.array_record" for k in range(2)]
+    ), names
+    with pytest.raises(ValueError, match="local disk"):
+        find_shards("gs://bucket/packed")
+    assert _local_url_folders(tmp_path) == [] and not any(tmp_path.iterdir())
