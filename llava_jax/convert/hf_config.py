@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from llava_jax.models.config import IMAGE_TOKEN_ID, PAD_TOKEN_ID, LlamaConfig, LlavaConfig, VisionConfig
-from llava_jax.paths import Path, as_path
+from llava_jax.paths import as_path
 
 
 def _require(d: dict, key: str, allowed, what: str):

@@ -19,7 +19,7 @@ import json
 
 from llava_jax.convert.chat_template import chat_template
 from llava_jax.models.config import LlavaConfig
-from llava_jax.paths import Path, as_path
+from llava_jax.paths import as_path
 
 
 def write_tokenizer(out_dir, tokenizer=None, *, template: str | None = None, max_length: int | None = None):

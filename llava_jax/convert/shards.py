@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llava_jax.paths import Path, as_path
+from llava_jax.paths import as_path
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
