@@ -2,9 +2,10 @@
 
 `gcp-storage-emulator` (pure Python, in-memory) speaks the GCS JSON API. Both clients the project
 uses are pointed at it through their documented endpoint settings: `STORAGE_EMULATOR_HOST` for gcsfs
-(what etils epath uses for gs:// files) and `TENSORSTORE_GCS_HTTP_URL` for tensorstore (what orbax
-writes the arrays with). `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps tensorstore from looking for cloud
-credentials. The objects are read back here with plain HTTP, independent of both clients.
+(what etils epath uses for gs:// files), `TENSORSTORE_GCS_HTTP_URL` for tensorstore (what orbax
+writes the arrays with) and `CLOUD_STORAGE_EMULATOR_ENDPOINT` for the google-cloud-cpp client inside
+ArrayRecord. `GOOGLE_AUTH_TOKEN_FOR_TESTING` keeps tensorstore from looking for cloud credentials.
+The objects are read back here with plain HTTP, independent of the clients.
 
 The emulator's object download leaves out two things of the GCS API that tensorstore relies on (the
 `x-goog-generation` header, and the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions it
@@ -57,6 +58,7 @@ class GcsEmulator:
             "TENSORSTORE_GCS_HTTP_URL": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
             "GOOGLE_CLOUD_PROJECT": "test",
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,  # google-cloud-cpp, inside ArrayRecord
         }
 
     def names(self, prefix: str) -> list[str]:

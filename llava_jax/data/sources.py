@@ -158,11 +158,17 @@ def find_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         return [f for p in path for f in find_shards(p)]
     path = os.fspath(path)
     if is_url(path):
-        raise ValueError(
-            f"{path}: ArrayRecord shards are read from a local disk (the ArrayRecord reader opens local files "
-            "only); copy them first, e.g. `gcloud storage cp -r gs://... /local/dir`"
-        )
-    if os.path.isdir(path):
+        if not path.startswith("gs://"):
+            raise ValueError(f"{path}: ArrayRecord shards are read from a local disk or gs:// (the ArrayRecord "
+                             "reader's own storage client); copy them to one of those")
+        p = as_path(path)
+        if any(c in path for c in "*?["):
+            files = sorted(os.fspath(f) for f in p.parent.glob(p.name))
+        elif p.is_dir():
+            files = sorted(os.fspath(f) for f in p.glob("*" + ARRAY_RECORD_SUFFIX))
+        else:
+            files = [path] if p.is_file() else []
+    elif os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*" + ARRAY_RECORD_SUFFIX)))
     elif any(c in path for c in "*?["):
         files = sorted(glob.glob(path))

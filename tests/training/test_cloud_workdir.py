@@ -179,11 +179,11 @@ def test_train_with_gs_workdir_writes_the_run_to_the_bucket(gcs, tmp_path):
 
 
 def test_data_written_read_and_packed_in_the_bucket(gcs, tmp_path, monkeypatch):
-    """Synthetic data written to the bucket, read back as a LLaVA JSON source (images through the URL)
-    and packed into ArrayRecord shards uploaded to the bucket; shards at a URL are refused clearly."""
+    """Synthetic data written to the bucket, read back as a LLaVA JSON source (images through the URL),
+    packed into ArrayRecord shards uploaded to the bucket, and read back from there."""
     from llava_jax.data.image import open_image
     from llava_jax.data.pack import pack
-    from llava_jax.data.sources import LlavaJsonSource, find_shards
+    from llava_jax.data.sources import ArrayRecordSource, LlavaJsonSource
     from llava_jax.data.synthetic import generate
 
     monkeypatch.chdir(tmp_path)
@@ -201,6 +201,8 @@ def test_data_written_read_and_packed_in_the_bucket(gcs, tmp_path, monkeypatch):
         ["packed/bad_records.jsonl", "packed/pack_summary.json"]
         + [f"packed/pretrain-0000{k}-of-00002.array_record" for k in range(2)]
     ), names
-    with pytest.raises(ValueError, match="local disk"):
-        find_shards("gs://bucket/packed")
+    packed = ArrayRecordSource("gs://bucket/packed")  # ArrayRecord's own GCS client, at the emulator
+    assert packed.paths == [f"gs://bucket/packed/pretrain-0000{k}-of-00002.array_record" for k in range(2)]
+    assert [packed[i]["conversations"] for i in range(3)] == [source[i]["conversations"] for i in range(3)]
+    assert packed[1]["image_bytes"] == gcs.read("data/" + record["image"])
     assert _local_url_folders(tmp_path) == [] and not any(tmp_path.iterdir())
