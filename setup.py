@@ -23,6 +23,10 @@ CORE = [
 # The OpenAI-compatible server and its web chat page (`python -m llava_jax.serve`).
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
 
+# gs:// paths (workdirs, data, exports) through etils epath's fsspec backend; orbax writes the
+# checkpoint arrays itself (tensorstore's GCS driver).
+GCS = ["gcsfs>=2024.2"]
+
 EXTRAS = {
     # Parity tests build the same random weights in PyTorch transformers. The pin keeps pip on the
     # CPU wheel where one is provided locally; a range would let pip pick a multi-GB CUDA build.
@@ -37,12 +41,16 @@ EXTRAS = {
         *SERVE,
         "openai>=1.30",
         "httpx>=0.27",
+        # gs:// paths are tested offline against a local GCS emulator.
+        *GCS,
+        "gcp-storage-emulator>=2024.8",
     ],
     "serve": SERVE,
     # Instruction-data generation (`python -m llava_jax.datagen.generate`): the HTTP client.
     "datagen": ["httpx>=0.27"],
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
-    "tpu": ["jax[tpu]>=0.10,<0.12"],
+    "tpu": ["jax[tpu]>=0.10,<0.12", *GCS],
+    "gcs": GCS,
     "tensorboard": ["tensorboardX>=2.6"],
     # TFDS: build LLaVA JSON + images with llava_jax/data/tfds_builders/llava_json and read the
     # ArrayRecord build through tfds.data_source; neither imports TensorFlow. importlib_resources:

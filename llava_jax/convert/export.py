@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 
 import numpy as np
 from flax import nnx
@@ -28,6 +27,7 @@ from llava_jax.convert.mapping import FORMATS, Kind, to_theirs
 from llava_jax.convert.shards import TensorPlan, parse_size, write_shards
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
+from llava_jax.paths import Path, as_path, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None) -> list[Tensor
     return plans
 
 
-def _prepare(out_dir, overwrite: bool) -> pathlib.Path:
-    out = pathlib.Path(out_dir)
+def _prepare(out_dir, overwrite: bool) -> Path:
+    out = as_path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True (--overwrite)")
@@ -101,7 +101,7 @@ def _prepare(out_dir, overwrite: bool) -> pathlib.Path:
     return out
 
 
-def _write_json(path: pathlib.Path, obj: dict) -> None:
+def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
@@ -111,7 +111,7 @@ def _generation_config(cfg_pad: int | None) -> dict:
 
 def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
                     tokenizer=None, template: str | None = "v1", image_aspect_ratio: str = "square",
-                    overwrite: bool = False) -> pathlib.Path:
+                    overwrite: bool = False) -> Path:
     """Write `model` as a llava-hf directory (module docstring).
 
     dtype: storage dtype of the weights (`bfloat16`, `float16`, `float32`).
@@ -124,20 +124,21 @@ def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard
     np_dtype = _np_dtype(dtype)
     out = _prepare(out_dir, overwrite)
     cfg = model.cfg
-    _write_json(out / "config.json",
-                hf_config.llava_config_to_hf(cfg, dtype=dtype, image_aspect_ratio=image_aspect_ratio))
-    _write_json(out / "generation_config.json", _generation_config(cfg.pad_token_id))
-    write_shards(export_tensors(model), out, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
-                 progress=log.info)
-    write_tokenizer(out, tokenizer, template=template, max_length=cfg.llm.context_length)
-    write_processor(out, cfg, image_aspect_ratio=image_aspect_ratio, template=template)
+    with staged_dir(out) as local:  # safetensors and tokenizers write local files; a URL gets them uploaded
+        _write_json(local / "config.json",
+                    hf_config.llava_config_to_hf(cfg, dtype=dtype, image_aspect_ratio=image_aspect_ratio))
+        _write_json(local / "generation_config.json", _generation_config(cfg.pad_token_id))
+        write_shards(export_tensors(model), local, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
+                     progress=log.info)
+        write_tokenizer(local, tokenizer, template=template, max_length=cfg.llm.context_length)
+        write_processor(local, cfg, image_aspect_ratio=image_aspect_ratio, template=template)
     log.info("exported llava-hf model to %s", out)
     return out
 
 
 def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
                     tokenizer=None, template: str | None = "v1", pad_token_id: int | None = 32001,
-                    overwrite: bool = False) -> pathlib.Path:
+                    overwrite: bool = False) -> Path:
     """Write a `Llama` (e.g. `llava.language_model`) as a `LlamaForCausalLM` directory with the tokenizer."""
     if not isinstance(model, Llama):
         raise TypeError(f"export_llama_hf needs a Llama model, got {type(model).__name__}")
@@ -145,18 +146,19 @@ def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard
     out = _prepare(out_dir, overwrite)
     cfg = model.cfg
     hf = hf_config.llama_config_to_hf(cfg, dtype=dtype, pad_token_id=pad_token_id)
-    _write_json(out / "config.json", hf)
-    _write_json(out / "generation_config.json", _generation_config(hf["pad_token_id"]))
-    write_shards(export_tensors(model), out, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
-                 progress=log.info)
-    write_tokenizer(out, tokenizer, template=template, max_length=cfg.context_length)
+    with staged_dir(out) as local:
+        _write_json(local / "config.json", hf)
+        _write_json(local / "generation_config.json", _generation_config(hf["pad_token_id"]))
+        write_shards(export_tensors(model), local, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
+                     progress=log.info)
+        write_tokenizer(local, tokenizer, template=template, max_length=cfg.context_length)
     log.info("exported LLaMA model to %s", out)
     return out
 
 
 def export_checkpoint(checkpoint, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
                       llm_only: bool = False, tokenizer_path=None, template: str | None = None,
-                      overwrite: bool = False) -> pathlib.Path:
+                      overwrite: bool = False) -> Path:
     """Export a training run / stage directory or a llava-hf directory (anything
     `llava_jax.inference.load_model` reads). The conversation template and image aspect ratio come
     from the checkpoint (`template` overrides the first)."""

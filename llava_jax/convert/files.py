@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
+import tempfile
 from typing import Iterable, Mapping, Protocol
 
 import numpy as np
+
+from llava_jax.paths import Path, as_path, is_url, local_copy
 
 
 class TensorSource(Protocol):
@@ -37,12 +39,12 @@ class DictSource:
 class SafetensorsSource:
     """One or more `.safetensors` files (a sharded checkpoint's index maps keys to files)."""
 
-    def __init__(self, files: Iterable[pathlib.Path]):
+    def __init__(self, files: Iterable[Path]):
         from safetensors import safe_open
 
-        self._where: dict[str, pathlib.Path] = {}
+        self._where: dict[str, Path] = {}
         self._handles = {}
-        for f in files:
+        for f in _local(files):
             h = safe_open(str(f), framework="numpy")
             self._handles[f] = h
             for k in h.keys():
@@ -58,11 +60,11 @@ class SafetensorsSource:
 class TorchBinSource:
     """PyTorch `.bin` files, loaded with `weights_only=True` (refuses pickled code)."""
 
-    def __init__(self, files: Iterable[pathlib.Path]):
+    def __init__(self, files: Iterable[Path]):
         import torch
 
         self._tensors: dict[str, object] = {}
-        for f in files:
+        for f in _local(files):
             self._tensors.update(torch.load(str(f), map_location="cpu", weights_only=True, mmap=True))
 
     def keys(self) -> list[str]:
@@ -70,6 +72,18 @@ class TorchBinSource:
 
     def get(self, key: str) -> np.ndarray:
         return _to_numpy(self._tensors[key])
+
+
+def _local(files: Iterable[Path]) -> list[Path]:
+    """The files as local paths (the safetensors and torch readers open local files only): files at a
+    URL (gs://...) are downloaded into one temporary folder (`TMPDIR`), kept while the process runs."""
+    out, cache = [], None
+    for f in files:
+        if is_url(f):
+            cache = cache or tempfile.mkdtemp(prefix="llava_jax_weights_")
+            f = local_copy(f, cache)
+        out.append(f)
+    return out
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -87,7 +101,7 @@ def _to_numpy(t) -> np.ndarray:
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
     """A checkpoint directory (or a single file): safetensors (plain or sharded with an index) is
     preferred; `.bin` files are read with `torch.load(weights_only=True)`."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsSource([path])

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 from llava_jax.models.config import IMAGE_TOKEN_ID, PAD_TOKEN_ID, LlamaConfig, LlavaConfig, VisionConfig
 from llava_jax.models.rope import ROPE_TYPES
+from llava_jax.paths import as_path
 
 HfConfig = Any  # a transformers PretrainedConfig, or a config.json dict (read into one)
 
 
 def read_config(path) -> dict:
-    path = pathlib.Path(path)
+    path = as_path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{file} not found: a Hugging Face model directory needs a config.json")

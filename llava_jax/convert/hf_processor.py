@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
-import pathlib
 
 from llava_jax.convert.chat_template import chat_template
 from llava_jax.models.config import LlavaConfig
+from llava_jax.paths import as_path
 
 
 def write_tokenizer(out_dir, tokenizer=None, *, template: str | None = None, max_length: int | None = None):
@@ -58,7 +58,7 @@ def image_processor_config(cfg: LlavaConfig, image_aspect_ratio: str = "square")
 def write_processor(out_dir, cfg: LlavaConfig, *, image_aspect_ratio: str = "square",
                     template: str | None = None) -> None:
     """Write the image-processor, processor and chat-template files (the tokenizer is `write_tokenizer`'s)."""
-    out_dir = pathlib.Path(out_dir)
+    out_dir = as_path(out_dir)
     v = cfg.vision
 
     def dump(name, obj):

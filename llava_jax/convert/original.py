@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
 import re
 
 import numpy as np
@@ -35,6 +34,7 @@ from llava_jax.convert.mapping import FORMATS, to_ours
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import Llava
 from llava_jax.models.presets import VOCAB
+from llava_jax.paths import Path, as_path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ImportInfo:
 
 # ----------------------------------------------------------------------------- stage-1 projector
 
-def _projector_file(path: pathlib.Path) -> pathlib.Path:
+def _projector_file(path: Path) -> Path:
     if path.is_file():
         return path
     for name in PROJECTOR_FILES:
@@ -90,7 +90,7 @@ def load_projector(path, *, projector: str | None = None, cfg: LlavaConfig | Non
     cfg: when given, the shapes are checked against this model config too (and `projector` defaults
       to `cfg.projector`).
     """
-    file = _projector_file(pathlib.Path(path))
+    file = _projector_file(as_path(path))
     source = open_checkpoint(file)
     renamed, other = {}, []
     for k in source.keys():
@@ -150,16 +150,16 @@ def default_template(name: str) -> str:
     return "llava_v0"
 
 
-def _vision_dir(d: dict, vision) -> pathlib.Path | None:
+def _vision_dir(d: dict, vision) -> Path | None:
     if vision is not None:
-        return pathlib.Path(vision)
+        return as_path(vision)
     named = d.get("mm_vision_tower")
-    if named and pathlib.Path(named).is_dir():  # a local path written by the original training run
-        return pathlib.Path(named)
+    if named and as_path(named).is_dir():  # a local path written by the original training run
+        return as_path(named)
     return None
 
 
-def _added_tokens(path: pathlib.Path) -> dict[int, str]:
+def _added_tokens(path: Path) -> dict[int, str]:
     """{id: token} of tokens beyond LLaMA's 32000, from the checkpoint's tokenizer files if present."""
     f = path / "added_tokens.json"
     if f.exists():
@@ -171,7 +171,7 @@ def _added_tokens(path: pathlib.Path) -> dict[int, str]:
     return {}
 
 
-def _vocab_source(path: pathlib.Path, rows: int, d: dict) -> dict:
+def _vocab_source(path: Path, rows: int, d: dict) -> dict:
     moved = vocab.added_token_ids(rows)
     names = _added_tokens(path)
     info = {"checkpoint_rows": rows, "rows": VOCAB, "mapping": vocab.describe(rows, VOCAB)}
@@ -192,7 +192,7 @@ def load_original(path, *, vision=None, param_dtype=np.float32) -> tuple[Llava, 
     """
     import jax.numpy as jnp
 
-    path = pathlib.Path(path)
+    path = as_path(path)
     d = hf_config.read_config(path)
     if not hf_config.is_original_llava(d):
         raise ValueError(f"{path}/config.json is not an original LLaVA config (no mm_vision_tower / mm_hidden_size "
@@ -222,7 +222,7 @@ def load_original(path, *, vision=None, param_dtype=np.float32) -> tuple[Llava, 
     return model, info
 
 
-def _projector_fields(projector_path: pathlib.Path) -> dict:
+def _projector_fields(projector_path: Path) -> dict:
     """`mm_*` fields of the stage-1 run's config.json beside the projector file, if there is one."""
     folder = projector_path if projector_path.is_dir() else projector_path.parent
     f = folder / "config.json"
@@ -239,7 +239,7 @@ def load_pair(llm, *, vision, projector, select_layer: int | None = None, param_
     `select_layer` overrides `mm_vision_select_layer` (default: the stage-1 config's, else -2)."""
     import jax.numpy as jnp
 
-    llm, vision, projector = pathlib.Path(llm), pathlib.Path(vision), pathlib.Path(projector)
+    llm, vision, projector = as_path(llm), as_path(vision), as_path(projector)
     proj = load_projector(projector)
     kind = "mlp2x_gelu" if "multi_modal_projector/linear_2/kernel" in proj else "linear"
     d = {**hf_config.read_config(llm), "mm_vision_select_layer": -2, **_projector_fields(projector),

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import re
 from typing import Callable, Sequence
 
 import numpy as np
+
+from llava_jax.paths import as_path
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -64,7 +65,7 @@ def write_shards(tensors: Sequence[TensorPlan], out_dir, *, dtype, max_shard_byt
     """Write the tensors as safetensors shards + index into `out_dir`; returns the index dict."""
     from safetensors.numpy import save_file
 
-    out_dir = pathlib.Path(out_dir)
+    out_dir = as_path(out_dir)
     keys = [t.key for t in tensors]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +19,13 @@ from flax import nnx
 
 from llava_jax.models.config import config_to_dict
 from llava_jax.models.llava import Llava
+from llava_jax.paths import Path, as_path
 
 log = logging.getLogger(__name__)
 
 
 def save_stage(model: Llava, out_dir, *, template: str, image_aspect_ratio: str, source: dict | None = None,
-               dtype=None, overwrite: bool = False) -> pathlib.Path:
+               dtype=None, overwrite: bool = False) -> Path:
     """Write `model` into `out_dir` (created). `dtype` casts the stored parameters (default: as they are)."""
     from llava_jax.data.image import ASPECT_RATIOS
     from llava_jax.data.templates import get_template
@@ -35,11 +34,11 @@ def save_stage(model: Llava, out_dir, *, template: str, image_aspect_ratio: str,
     get_template(template)  # refuse unknown names before writing anything
     if image_aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: use one of {ASPECT_RATIOS}")
-    out = pathlib.Path(out_dir)
+    out = as_path(out_dir)
     if (out / "model.json").exists() or (out / "final_params").exists():
         if not overwrite:
             raise FileExistsError(f"{out} already holds a stage (model.json / final_params); pass --overwrite")
-        shutil.rmtree(out / "final_params", ignore_errors=True)
+        (out / "final_params").rmtree(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     log.info("writing %s/final_params", out)
     params = nnx.state(model).to_pure_dict()
@@ -54,7 +53,7 @@ def save_stage(model: Llava, out_dir, *, template: str, image_aspect_ratio: str,
     return out
 
 
-def _llava_hf_aspect_ratio(path: pathlib.Path, d: dict, projector: str) -> str:
+def _llava_hf_aspect_ratio(path: Path, d: dict, projector: str) -> str:
     """The preprocessing a llava-hf directory's model expects: its config's `image_aspect_ratio`
     (llava_jax exports write it), else a padding image processor, else LLaVA-1.5's habit (`pad`
     with the MLP projector, `square` with the linear one)."""
@@ -68,7 +67,7 @@ def _llava_hf_aspect_ratio(path: pathlib.Path, d: dict, projector: str) -> str:
 
 def import_checkpoint(source, out_dir, *, vision=None, projector=None, select_layer: int | None = None,
                       template: str | None = None, image_aspect_ratio: str | None = None, dtype=None,
-                      overwrite: bool = False) -> pathlib.Path:
+                      overwrite: bool = False) -> Path:
     """Import `source` into a stage directory (`save_stage`). `source` is one of:
 
     - an original LLaVA directory (`mm_*` config fields): `vision` is the CLIP directory when the
@@ -82,7 +81,7 @@ def import_checkpoint(source, out_dir, *, vision=None, projector=None, select_la
     from llava_jax.convert import hf_config, original
     from llava_jax.convert.load import from_pretrained
 
-    path = pathlib.Path(source)
+    path = as_path(source)
     d = hf_config.read_config(path)
     log.info("importing %s", path)
     if hf_config.is_original_llava(d):

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.data.errors import BadSample
+from llava_jax.paths import as_path, is_url
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,6 +86,17 @@ def open_image(
         if len(source) == 0:
             raise _bad(record_id, path, "image bytes are empty (0 bytes)")
         opener = lambda: io.BytesIO(source)  # noqa: E731
+    elif is_url(source):  # an object store: one read, then decoded from memory
+        path = os.fspath(source)
+        try:
+            data = as_path(path).read_bytes()
+        except FileNotFoundError:
+            raise _bad(record_id, path, "image file not found; check image_folder and the record's 'image'") from None
+        except OSError as e:
+            raise _bad(record_id, path, f"cannot read image file: {e}") from None
+        if not data:
+            raise _bad(record_id, path, "image file is empty (0 bytes)")
+        opener = lambda: io.BytesIO(data)  # noqa: E731
     else:
         path = os.fspath(source)
         try:

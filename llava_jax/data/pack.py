@@ -29,6 +29,7 @@ from typing import Iterator
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, open_image
 from llava_jax.data.sources import ARRAY_RECORD_SUFFIX, LlavaJsonSource, encode_record
+from llava_jax.paths import absolute, as_path, staged_dir
 
 VERIFY_MODES = ("header", "decode", "none")
 
@@ -61,10 +62,10 @@ def read_record_image(record: dict, verify: str = "header", max_pixels: int = DE
     if not record.get("image"):
         return None
     path = record.get("image_path")
-    if not os.path.isfile(path):
-        raise BadSample(rid, "image file not found; check the image folder (pack: --image-folder; TFDS build: image_folder) and the record's 'image'", path=path)
-    with open(path, "rb") as f:
-        data = f.read()
+    if not as_path(path).is_file():
+        raise BadSample(rid, "image file not found; check the image folder (pack: --image-folder; TFDS build: "
+                        "image_folder) and the record's 'image'", path=path)
+    data = as_path(path).read_bytes()
     if not data:
         raise BadSample(rid, "image file is empty (0 bytes)", path=path)
     if verify == "header":
@@ -116,68 +117,70 @@ def pack(
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     source = LlavaJsonSource(json_path, image_folder)
-    n = len(source)
-    os.makedirs(out_dir, exist_ok=True)
-    name = name or os.path.splitext(os.path.basename(json_path))[0]
-    shard_files = [os.path.join(out_dir, f"{name}-{k:05d}-of-{num_shards:05d}{ARRAY_RECORD_SUFFIX}") for k in range(num_shards)]
-    bounds = [k * n // num_shards for k in range(num_shards + 1)]
-    shard_counts = [0] * num_shards
-    reasons: collections.Counter = collections.Counter()
-    bad_path = os.path.join(out_dir, "bad_records.jsonl")
+    with staged_dir(out_dir) as local:  # the ArrayRecord writer writes local files; a URL gets them uploaded
+        local.mkdir(parents=True, exist_ok=True)
+        local_out = os.fspath(local)
+        n = len(source)
+        name = name or os.path.splitext(os.path.basename(json_path))[0]
+        shard_files = [os.path.join(local_out, f"{name}-{k:05d}-of-{num_shards:05d}{ARRAY_RECORD_SUFFIX}") for k in range(num_shards)]
+        bounds = [k * n // num_shards for k in range(num_shards + 1)]
+        shard_counts = [0] * num_shards
+        reasons: collections.Counter = collections.Counter()
+        bad_path = os.path.join(local_out, "bad_records.jsonl")
 
-    pool = None
-    if workers > 1:
-        import multiprocessing
+        pool = None
+        if workers > 1:
+            import multiprocessing
 
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(_prepare, _tasks(source, verify, max_pixels), chunksize=64)
-    else:
-        results = map(_prepare, _tasks(source, verify, max_pixels))
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            results = pool.imap(_prepare, _tasks(source, verify, max_pixels), chunksize=64)
+        else:
+            results = map(_prepare, _tasks(source, verify, max_pixels))
 
-    shard, writer = -1, None
-    try:
-        with open(bad_path, "w", encoding="utf-8") as bad_file, tqdm(total=n, desc=f"pack {name}", unit="rec", disable=not progress) as bar:
-            for index, payload, bad in results:
-                while index >= bounds[shard + 1]:
+        shard, writer = -1, None
+        try:
+            with open(bad_path, "w", encoding="utf-8") as bad_file, tqdm(total=n, desc=f"pack {name}", unit="rec", disable=not progress) as bar:
+                for index, payload, bad in results:
+                    while index >= bounds[shard + 1]:
+                        if writer is not None:
+                            writer.close()
+                        shard += 1
+                        writer = ArrayRecordWriter(shard_files[shard], "group_size:1")
+                    if bad is not None:
+                        reasons[reason_key(bad["reason"])] += 1
+                        bad_file.write(json.dumps(bad, ensure_ascii=False) + "\n")
+                    else:
+                        writer.write(payload)
+                        shard_counts[shard] += 1
+                    bar.update(1)
+                    if reasons:
+                        bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
+                # Shards past the last record (num_shards > n) are still written, empty, so the set is complete.
+                while shard < num_shards - 1:
                     if writer is not None:
                         writer.close()
                     shard += 1
                     writer = ArrayRecordWriter(shard_files[shard], "group_size:1")
-                if bad is not None:
-                    reasons[reason_key(bad["reason"])] += 1
-                    bad_file.write(json.dumps(bad, ensure_ascii=False) + "\n")
-                else:
-                    writer.write(payload)
-                    shard_counts[shard] += 1
-                bar.update(1)
-                if reasons:
-                    bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
-            # Shards past the last record (num_shards > n) are still written, empty, so the set is complete.
-            while shard < num_shards - 1:
-                if writer is not None:
-                    writer.close()
-                shard += 1
-                writer = ArrayRecordWriter(shard_files[shard], "group_size:1")
-    finally:
-        if writer is not None:
-            writer.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+        finally:
+            if writer is not None:
+                writer.close()
+            if pool is not None:
+                pool.close()
+                pool.join()
 
-    summary = {
-        "json": os.path.abspath(json_path),
-        "image_folder": source.image_folder,
-        "records_in": n,
-        "records_written": sum(shard_counts),
-        "records_skipped": sum(reasons.values()),
-        "skipped_by_reason": dict(reasons.most_common()),
-        "verify": verify,
-        "shards": [{"file": os.path.basename(f), "records": c} for f, c in zip(shard_files, shard_counts)],
-        "bad_records": os.path.basename(bad_path),
-    }
-    with open(os.path.join(out_dir, "pack_summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+        summary = {
+            "json": os.fspath(absolute(json_path)),
+            "image_folder": source.image_folder,
+            "records_in": n,
+            "records_written": sum(shard_counts),
+            "records_skipped": sum(reasons.values()),
+            "skipped_by_reason": dict(reasons.most_common()),
+            "verify": verify,
+            "shards": [{"file": os.path.basename(f), "records": c} for f, c in zip(shard_files, shard_counts)],
+            "bad_records": os.path.basename(bad_path),
+        }
+        with open(os.path.join(local_out, "pack_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

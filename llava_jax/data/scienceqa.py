@@ -38,6 +38,8 @@ import os
 import sys
 from typing import Any, Mapping, Sequence
 
+from llava_jax.paths import as_path
+
 OPTION_LETTERS = ("A", "B", "C", "D", "E")
 
 INPUT_FORMATS = {
@@ -171,9 +173,9 @@ def convert(
 
 def convert_files(problems_path: str, splits_path: str, split: str, prompt_format: str, image_prefix: str = ""):
     """Read ``problems.json`` and ``pid_splits.json`` and convert one split (see `convert`)."""
-    with open(problems_path, encoding="utf-8") as f:
+    with as_path(problems_path).open("r", encoding="utf-8") as f:
         problems = json.load(f)
-    with open(splits_path, encoding="utf-8") as f:
+    with as_path(splits_path).open("r", encoding="utf-8") as f:
         splits = json.load(f)
     if split not in splits:
         raise KeyError(f"split {split!r} is not in {splits_path} (it has {sorted(splits)})")
@@ -193,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = convert_files(args.problems, args.splits, args.split, args.format, args.image_prefix)
     except (KeyError, ValueError) as err:
         parser.exit(2, f"error: {err.args[0] if err.args else err}\n")
-    with open(args.out, "w", encoding="utf-8") as f:
+    with as_path(args.out).open("w", encoding="utf-8") as f:
         json.dump(records, f, indent=2)
     n_image = sum("image" in r for r in records)
     print(f"{len(records)} samples ({n_image} with an image) -> {args.out}", file=sys.stderr)

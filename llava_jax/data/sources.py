@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from llava_jax.paths import absolute, as_path, is_url
+
 RECORD_MAGIC = b"LJR1"  # ArrayRecord payload: MAGIC | uint32 header length | JSON header | image bytes
 _HEADER_LEN = struct.Struct("<I")
 ARRAY_RECORD_SUFFIX = ".array_record"
@@ -73,11 +75,11 @@ class LlavaJsonSource:
     """
 
     def __init__(self, json_path: str | os.PathLike, image_folder: str | os.PathLike | None = None):
-        self.json_path = os.fspath(json_path)
-        if not os.path.isfile(self.json_path):
+        self.json_path = os.fspath(json_path)  # a local path or a URL (gs://...)
+        if not as_path(self.json_path).is_file():
             raise FileNotFoundError(f"LLaVA JSON file not found: {self.json_path}")
-        self.image_folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(os.path.abspath(self.json_path))
-        if not os.path.isdir(self.image_folder):
+        self.image_folder = os.fspath(image_folder) if image_folder is not None else os.fspath(absolute(self.json_path).parent)
+        if not as_path(self.image_folder).is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_folder} (for {self.json_path}); pass image_folder=")
         chunks, offsets = [], [0]
         for raw in _read_records(self.json_path):
@@ -108,7 +110,7 @@ class LlavaJsonSource:
 def _read_records(path: str) -> list:
     if path.endswith(".jsonl"):
         records = []
-        with open(path, encoding="utf-8") as f:
+        with as_path(path).open("r", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -117,7 +119,7 @@ def _read_records(path: str) -> list:
                 except json.JSONDecodeError as e:
                     records.append({"id": f"{os.path.basename(path)}:{lineno}", "conversations": None, "_error": f"invalid JSON on line {lineno}: {e}"})
         return records
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open("r", encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
@@ -156,7 +158,18 @@ def find_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if isinstance(path, (list, tuple)):
         return [f for p in path for f in find_shards(p)]
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if is_url(path):
+        if not path.startswith("gs://"):
+            raise ValueError(f"{path}: ArrayRecord shards are read from a local disk or gs:// (the ArrayRecord "
+                             "reader's own storage client); copy them to one of those")
+        p = as_path(path)
+        if any(c in path for c in "*?["):
+            files = sorted(os.fspath(f) for f in p.parent.glob(p.name))
+        elif p.is_dir():
+            files = sorted(os.fspath(f) for f in p.glob("*" + ARRAY_RECORD_SUFFIX))
+        else:
+            files = [path] if p.is_file() else []
+    elif os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "*" + ARRAY_RECORD_SUFFIX)))
     elif any(c in path for c in "*?["):
         files = sorted(glob.glob(path))

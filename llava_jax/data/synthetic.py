@@ -40,6 +40,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
+from llava_jax.paths import Path, as_path
+
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -147,11 +149,12 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Ima
     return img
 
 
-def _save(img: Image.Image, path: str, image_format: str) -> None:
-    if image_format == "png":
-        img.save(path, format="PNG", compress_level=1)
-    else:
-        img.save(path, format="JPEG", quality=95)
+def _save(img: Image.Image, path: Path, image_format: str) -> None:
+    with path.open("wb") as f:
+        if image_format == "png":
+            img.save(f, format="PNG", compress_level=1)
+        else:
+            img.save(f, format="JPEG", quality=95)
 
 
 def _question(category: str, rng: np.random.Generator) -> str:
@@ -174,8 +177,9 @@ def generate(
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the shapes to be recognisable, got {image_size}")
-    image_dir = os.path.join(out_dir, "images")
-    os.makedirs(image_dir, exist_ok=True)
+    out = as_path(out_dir)  # a local folder or a URL (gs://...)
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
     categories = tuple(QUESTIONS)
     # Independent streams per split: changing one split's size never changes another split's data.
     rngs = {split: np.random.default_rng([seed, k]) for k, split in enumerate(("pretrain", "instruct", "eval"))}
@@ -195,7 +199,7 @@ def generate(
         else:
             raise RuntimeError("could not draw an eval image unlike every training image; lower the record counts")
         name = f"{split}_{i:06d}.{image_format}"
-        _save(img, os.path.join(image_dir, name), image_format)
+        _save(img, image_dir / name, image_format)
         return "images/" + name, scene
 
     pretrain = []
@@ -234,17 +238,15 @@ def generate(
 
     paths = {}
     for split, records in (("pretrain", pretrain), ("instruct", instruct), ("eval", evaluation)):
-        paths[split] = os.path.join(out_dir, f"{split}.json")
-        with open(paths[split], "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
+        paths[split] = os.fspath(out / f"{split}.json")
+        (out / f"{split}.json").write_text(json.dumps(records, indent=1))
     meta = {
         "image_size": image_size, "seed": seed, "image_format": image_format,
         "counts": {"pretrain": num_pretrain, "instruct": num_instruct, "eval": num_eval},
         "colors": list(COLORS), "shapes": list(SHAPES), "numbers": [str(c) for c in COUNTS], "positions": list(POSITIONS),
         "choices": {k: list(v) for k, v in CHOICES.items()},
     }
-    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return {**paths, "image_folder": out_dir, "counts": meta["counts"]}
 
 

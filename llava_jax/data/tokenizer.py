@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from llava_jax.paths import as_path, copy_file, is_url
+
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 IMAGE_TOKEN_ID = 32000
@@ -66,6 +68,10 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, legacy: bool | None
     """
     from transformers import AddedToken, AutoTokenizer
 
+    if path is None and is_url(os.environ.get(TOKENIZER_ENV, "")):
+        path = os.environ[TOKENIZER_ENV]
+    if path is not None and is_url(path):
+        path = _tokenizer_files(path)
     folder = pathlib.Path(path) if path is not None else default_tokenizer_dir()
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -89,6 +95,21 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, legacy: bool | None
             "llava-hf one"
         )
     return tokenizer
+
+
+def _tokenizer_files(url) -> pathlib.Path:
+    """The small files of a tokenizer folder at a URL (JSON, SentencePiece model, chat template),
+    copied into a temporary folder; weights beside them are not downloaded."""
+    import tempfile
+
+    src = as_path(url)
+    if not src.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {str(src)!r} does not exist; pass a Hugging Face tokenizer folder")
+    dst = pathlib.Path(tempfile.mkdtemp(prefix="llava_jax_tokenizer_"))
+    for f in src.iterdir():
+        if f.suffix in (".json", ".model", ".jinja", ".txt") and not f.is_dir():
+            copy_file(f, dst / f.name)
+    return dst
 
 
 def _is_legacy(tokenizer) -> bool:

@@ -10,7 +10,6 @@ roles and separators), and both stop a reply at EOS or at the template's stop st
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +20,10 @@ from llava_jax.data.templates import IMAGE_PLACEHOLDER, Template, get_template
 from llava_jax.data.tokenize import tokenize_prompt
 from llava_jax.data.tokenizer import load_tokenizer
 from llava_jax.models.llava import Llava
+from llava_jax.paths import Path, absolute, as_path
 
 
-def _tokenizer_for(path: pathlib.Path, tokenizer_dir):
+def _tokenizer_for(path: Path, tokenizer_dir):
     """The checkpoint's own tokenizer files when it has them (a llava-hf directory), else the given
     folder, else the vendored LLaMA tokenizer."""
     if tokenizer_dir is None:
@@ -58,12 +58,12 @@ class ChatModel:
         """Load a training run / stage directory or a llava-hf directory (see `load_model`)."""
         from llava_jax.inference.load import load_model
 
-        path = pathlib.Path(path)
+        path = as_path(path)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         loaded = load_model(path, dtype=dtype, template=template)
         return cls(loaded.model, _tokenizer_for(loaded.path, tokenizer_dir), get_template(loaded.template),
-                   loaded.image_aspect_ratio, name or path.resolve().name)
+                   loaded.image_aspect_ratio, name or absolute(path).name)
 
     # ----------------------------------------------------------------------------------------
     @property

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from flax import nnx
 
 from llava_jax.models import Llava
 from llava_jax.models.config import config_from_dict
+from llava_jax.paths import Path, as_path
 
 
 @dataclasses.dataclass
@@ -28,10 +28,10 @@ class Loaded:
     model: Llava
     template: str
     image_aspect_ratio: str
-    path: pathlib.Path
+    path: Path
 
 
-def _stage_dir(path: pathlib.Path) -> pathlib.Path:
+def _stage_dir(path: Path) -> Path:
     if (path / "model.json").exists():
         return path
     stages = sorted(p.parent for p in path.glob("*/model.json"))
@@ -49,7 +49,7 @@ def _stage_dir(path: pathlib.Path) -> pathlib.Path:
 
 
 def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loaded:
-    path = pathlib.Path(path)
+    path = as_path(path)
     if (path / "config.json").exists() and not (path / "model.json").exists() \
             and json.loads((path / "config.json").read_text()).get("model_type") == "llava":
         from llava_jax.convert import from_pretrained

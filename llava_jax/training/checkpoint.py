@@ -11,12 +11,13 @@ run resumes from the latest complete step. Restores go into an abstract target t
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from llava_jax.paths import PathLike, absolute
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -25,8 +26,8 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, *, every: int, keep: int):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: PathLike, *, every: int, keep: int):
+        self.directory = absolute(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -61,16 +62,16 @@ class Checkpointer:
         self.manager.close()
 
 
-def save_params(directory: str | pathlib.Path, params: Any) -> None:
+def save_params(directory: PathLike, params: Any) -> None:
     """Write a parameter tree (blocking), replacing what is there."""
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(pathlib.Path(directory).absolute(), params, force=True)
+        ckpt.save(absolute(directory), params, force=True)
 
 
-def restore_params(directory: str | pathlib.Path, abstract: Any, *, partial: bool = False) -> Any:
+def restore_params(directory: PathLike, abstract: Any, *, partial: bool = False) -> Any:
     """Read a parameter tree into `abstract` (ShapeDtypeStructs with shardings; dtypes are cast).
     `partial=True` reads only the subtree `abstract` names (e.g. just the projector)."""
-    directory = pathlib.Path(directory).absolute()
+    directory = absolute(directory)
     if not directory.exists():
         raise FileNotFoundError(f"no parameter checkpoint at {directory}")
     with ocp.PyTreeCheckpointer() as ckpt:

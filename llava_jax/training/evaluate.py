@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import json
-import pathlib
 from typing import Any
 
 import numpy as np
@@ -15,18 +14,19 @@ from tqdm import tqdm
 from llava_jax.data.image import load_image
 from llava_jax.data.tokenize import tokenize_prompt
 from llava_jax.inference import generate
+from llava_jax.paths import Path, as_path
 
 
 def _norm(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-def qa_accuracy(model, json_path: str | pathlib.Path, *, tokenizer, template: str, image_folder: str | None = None,
+def qa_accuracy(model, json_path: str | Path, *, tokenizer, template: str, image_folder: str | None = None,
                 max_examples: int = 200, batch_size: int = 32, max_new_tokens: int = 8,
                 aspect_ratio: str = "square") -> dict[str, Any]:
     """Exact-match accuracy overall and per `category`; `chance` from the records' `choices`."""
-    json_path = pathlib.Path(json_path)
-    folder = pathlib.Path(image_folder) if image_folder else json_path.parent
+    json_path = as_path(json_path)
+    folder = as_path(image_folder) if image_folder else json_path.parent
     records = json.loads(json_path.read_text())[:max_examples]
     if not records:
         raise ValueError(f"{json_path}: no evaluation records")

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
 import time
 
 import jax
 from flax import nnx
 
+from llava_jax.paths import Path, absolute, as_path
 from llava_jax.training import loop
 
 log = logging.getLogger("llava_jax.train")
 
 
-def _resolve_paths(config, workdir: pathlib.Path) -> None:
+def _resolve_paths(config, workdir: Path) -> None:
     """Paths may start with {workdir}; fill it in (the demo keeps its data under the run)."""
     def fill(d):
         for k, v in d.items():
@@ -33,7 +33,7 @@ def prepare_synthetic(config) -> None:
     s = config.synthetic
     if not s.enabled:
         return
-    out = pathlib.Path(s.out)
+    out = as_path(s.out)
     if (out / "meta.json").exists():
         log.info("synthetic data already at %s", out)
         return
@@ -69,7 +69,7 @@ def evaluate(config, params) -> dict:
 
 
 def main(config, workdir) -> int:
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = absolute(workdir)
     _resolve_paths(config, workdir)
     t0 = time.time()
     prepare_synthetic(config)

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import signal
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.models import Llava, LlavaConfig, get_preset
+from llava_jax.paths import Path, PathLike, absolute, as_path
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.training import optimizer, partition
 from llava_jax.training.loss import max_targets_per_row
@@ -161,7 +161,7 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
             log.info("loading %s weights from %s", key, path)
             params = _place(convert_arrays(abstract_model, open_checkpoint(path)), params, shardings)
     if previous_stage:
-        prev = pathlib.Path(previous_stage)
+        prev = as_path(previous_stage)
         if prev.is_file() or any(prev.glob("mm_projector.*")):  # the original's stage-1 output
             from llava_jax.convert import load_projector
 
@@ -179,7 +179,7 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
 # ----------------------------------------------------------------------------- one stage
 
 
-def write_model_info(stage_dir: pathlib.Path, cfg: LlavaConfig, template: str, aspect_ratio: str) -> None:
+def write_model_info(stage_dir: Path, cfg: LlavaConfig, template: str, aspect_ratio: str) -> None:
     """`model.json` beside `final_params/`: what chat, serving and export need to rebuild the model."""
     from llava_jax.models.config import config_to_dict
 
@@ -208,7 +208,7 @@ class StageResult:
     params: Any = None
 
 
-def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib.Path,
+def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
                 previous_stage: str | None) -> StageResult:
     stage = config[name]
     stage_dir = workdir / name
@@ -305,9 +305,9 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
 # ----------------------------------------------------------------------------- all stages
 
 
-def run(config, workdir: str | pathlib.Path) -> dict[str, Any]:
+def run(config, workdir: PathLike) -> dict[str, Any]:
     """Run every stage in `config.stages`; returns per-stage results (and eval, if configured)."""
-    workdir = pathlib.Path(workdir)
+    workdir = absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

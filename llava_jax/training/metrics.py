@@ -4,12 +4,13 @@ progress bar, and a model-FLOPs utilisation estimate. Only process 0 writes."""
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from llava_jax.paths import PathLike, as_path, open_append
 
 # Dense bf16 peak FLOP/s per device, by device_kind substring (vendor datasheets).
 PEAK_FLOPS = {
@@ -47,16 +48,16 @@ def step_flops(cfg, *, tokens: int, images: int, llm_trainable: bool, seq_len: i
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, desc: str, initial: int = 0):
+    def __init__(self, workdir: PathLike, *, total_steps: int, desc: str, initial: int = 0):
         self.enabled = jax.process_index() == 0
         self.file = None
         self.tb = None
         self.bar = None
         if not self.enabled:
             return
-        workdir = pathlib.Path(workdir)
+        workdir = as_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self.file = open(workdir / "metrics.jsonl", "a")
+        self.file = open_append(workdir / "metrics.jsonl")
         try:
             from tensorboardX import SummaryWriter
 
