@@ -120,7 +120,7 @@ def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
     from llava_jax.convert import hf_config
     from llava_jax.models.config import architecture_differences
 
-    directory = pathlib.Path(path)
+    directory = as_path(path)
     if not (directory / "config.json").exists():
         return
     d = hf_config.read_config(directory)
