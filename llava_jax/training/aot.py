@@ -43,7 +43,8 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
                   positions=((b, length), jnp.int32), segment_ids=((b, length), jnp.int32),
                   images=((b, m, s, s, 3), jnp.uint8))
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, (shape, dt) in shapes.items()}
-    step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row)
+    step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row,
+                           stage.loss_reduction, loop.loss_groups(stage, mesh))
     with jax.set_mesh(mesh):
         compiled = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
                            donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch).compile()

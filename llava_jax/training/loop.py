@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llava_jax.models import Llava, LlavaConfig, get_preset
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.training import optimizer, partition
-from llava_jax.training.loss import max_targets_per_row
+from llava_jax.training.loss import REDUCTIONS, max_targets_per_row
 from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings, restore_params, save_params
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
 from llava_jax.training.state import (ModelSpec, abstract_state, init_params, new_state, param_shardings,
@@ -95,6 +95,22 @@ def check_batch_divides(stage, mesh: Mesh) -> None:
         )
     if stage.batch_size % jax.process_count():
         raise ValueError(f"batch_size={stage.batch_size} must be divisible by the {jax.process_count()} processes")
+    loss_groups(stage, mesh)
+
+
+def loss_groups(stage, mesh: Mesh) -> int:
+    """Device groups per micro-batch for `loss_reduction='original'` (1 for the global mean)."""
+    if stage.loss_reduction not in REDUCTIONS:
+        raise ValueError(f"loss_reduction={stage.loss_reduction!r}: use one of {REDUCTIONS}")
+    if stage.loss_reduction != "original":
+        return 1
+    if stage.loss_devices < 0:
+        raise ValueError(f"loss_devices={stage.loss_devices}: use 0 (this mesh's data*fsdp) or the device count")
+    groups = stage.loss_devices or mesh.shape["data"] * mesh.shape["fsdp"]
+    if stage.batch_size % (groups * stage.micro_batches):
+        raise ValueError(f"loss_reduction='original': batch_size={stage.batch_size} must be divisible by "
+                         f"micro_batches={stage.micro_batches} times {groups} devices (loss_devices)")
+    return groups
 
 
 # ----------------------------------------------------------------------------- initial weights
@@ -205,7 +221,8 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
     def compile_step(targets_per_row: int):
-        return jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row),
+        return jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row,
+                                       stage.loss_reduction, loss_groups(stage, mesh)),
                        in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
 
     step_fn = compile_step(stage.targets_per_row)
