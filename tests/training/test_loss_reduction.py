@@ -64,14 +64,15 @@ def _labels(rng, rows: int, length: int, vocab: int) -> np.ndarray:
     return labels
 
 
-@pytest.mark.parametrize("n,devices", [(1, 1), (1, 4), (2, 2), (4, 2)])
+@pytest.mark.parametrize("n,devices", [(1, 4), (4, 2)])
 def test_original_reduction_equals_torch(n, devices):
     rng = np.random.default_rng(n * 10 + devices)
     rows, length, vocab = 16, 9, 11
     logits = rng.normal(size=(rows, length, vocab)).astype(np.float32) * 3
     labels = _labels(rng, rows, length, vocab)
     ref_loss, ref_grad = torch_original(logits.astype(np.float64), labels, n, devices)
-    got, grad = jax.value_and_grad(ours)(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), n, devices)
+    loss_and_grad = jax.jit(jax.value_and_grad(ours), static_argnums=(2, 3))
+    got, grad = loss_and_grad(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), n, devices)
     np.testing.assert_allclose(float(got), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-7)
     # ... and it is not the global token mean on such data
@@ -99,6 +100,7 @@ def _varied_batch(rows: int, seed: int) -> dict:
     return b
 
 
+@pytest.mark.slow
 def test_train_step_uses_the_original_reduction():
     """The step's loss and gradient norm equal torch's reduction applied to the model's own logits
     (gradient through the model: jax.vjp with torch's d(loss)/d(logits))."""
