@@ -308,6 +308,8 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: pathlib
     finally:
         writer.close()
         ckpt.close()
+    log.info("%s: done, %d steps in %.0fs, final loss %s; weights in %s", name, steps, time.time() - t_start,
+             f"{last:.4g}" if last is not None else "n/a", stage_dir / "final_params")
     return StageResult(name, steps, last, time.time() - t_start, state.params)
 
 
