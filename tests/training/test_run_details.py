@@ -126,7 +126,7 @@ def test_aot_report_includes_the_full_logits_step():
     config = base_config()
     with config.unlocked():
         config.stages = "stage2"
-        config.stage2.batch_size = 2
+        config.stage2.batch_size = 8
         config.stage2.data.max_length = 256
         config.stage2.targets_per_row = 8
     (row,) = aot.report(config)
