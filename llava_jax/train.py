@@ -7,7 +7,6 @@ for a mesh of fake CPU devices without allocating weights and prints per-device 
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 
@@ -21,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", str(_DEMO), "experiment conf
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config name>)")
 _AOT = flags.DEFINE_bool("aot", False, "compile the train step ahead of time and report memory; no training")
 _FAKE = flags.DEFINE_integer("fake_devices", 0, "with --aot: pretend to have this many CPU devices")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "also print the libraries' INFO lines (always in <workdir>/train.log)")
 
 
 def _default_workdir(config_file: str) -> str:
@@ -31,7 +31,9 @@ def _default_workdir(config_file: str) -> str:
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from llava_jax.training import console
+
+    console.setup(verbose=_VERBOSE.value)
     if _FAKE.value:
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax
@@ -42,8 +44,6 @@ def main(argv):
     initialize(_CONFIG.value.distributed)
     import jax
 
-    if jax.process_index() != 0:  # only process 0 logs; the others report warnings and errors
-        logging.getLogger().setLevel(logging.WARNING)
     config = _CONFIG.value
     if _AOT.value:
         from llava_jax.training.aot import report
@@ -51,6 +51,7 @@ def main(argv):
         report(config)
         return 0
     workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    console.add_log_file(workdir, jax.process_index())  # other processes: warnings and errors on the console
     from llava_jax.training.job import main as run_job
 
     return run_job(config, workdir)

@@ -1,5 +1,6 @@
 """Ahead-of-time memory check: compile the real-size train step for a mesh of fake devices, with no
-weights allocated, and print per-device memory from the compiled executable.
+weights allocated, and print per-device memory from the compiled executable. With `targets_per_row`
+set, the full-logits step that the run compiles for batches with a longer row is reported too.
 
     python -m llava_jax.train --config configs/stage2_finetune.py:vicuna-13b --aot --fake_devices 8
 
@@ -43,22 +44,26 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
                   positions=((b, length), jnp.int32), segment_ids=((b, length), jnp.int32),
                   images=((b, m, s, s, 3), jnp.uint8))
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, (shape, dt) in shapes.items()}
-    step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row)
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
-                           donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch).compile()
-    mem = compiled.memory_analysis()
     n = mesh.size
     out = {
         "stage": name, "mesh": describe(mesh), "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
         "remat": cfg.llm.remat, "params_GiB": _bytes(abstract.params) / n / GiB,
         "opt_state_GiB": _bytes(abstract.opt_state) / n / GiB,
     }
-    if mem is not None:
-        args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-        temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-        out.update(arguments_GiB=args / GiB, outputs_GiB=outs / GiB, temps_GiB=temp / GiB,
-                   peak_GiB=(args + outs + temp - alias) / GiB)
+    # With targets_per_row the run also compiles the full-logits step, for batches with a longer row.
+    variants = {"": stage.targets_per_row, "full_logits_": 0} if stage.targets_per_row else {"": 0}
+    for prefix, targets_per_row in variants.items():
+        step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row,
+                               stage.loss_reduction, loop.loss_groups(stage, mesh))
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
+                               donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+            temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+            out.update({f"{prefix}arguments_GiB": args / GiB, f"{prefix}outputs_GiB": outs / GiB,
+                        f"{prefix}temps_GiB": temp / GiB, f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB})
     return out
 
 
@@ -75,4 +80,7 @@ def report(config) -> list[dict]:
         print(f"  {name}: batch {row['batch']}, remat {row['remat']}")
         print("    per device: params {params_GiB:.2f} GiB, optimizer {opt_state_GiB:.2f} GiB".format(**row)
               + (", temps {temps_GiB:.2f} GiB, peak {peak_GiB:.2f} GiB".format(**row) if "peak_GiB" in row else ""))
+        if "full_logits_peak_GiB" in row:
+            print("    full-logits fall-back step (a row with more than targets_per_row targets): temps "
+                  "{full_logits_temps_GiB:.2f} GiB, peak {full_logits_peak_GiB:.2f} GiB".format(**row))
     return rows

@@ -39,6 +39,11 @@ def stage_config(*, trainable: str, lr: float, batch_size: int, epochs: float, t
         # >0: compute logits only at up to this many target tokens per row (most LLaVA positions
         # are image tokens or prompt and have none); a row with more targets stops the run. 0: all.
         targets_per_row=0,
+        # 'global_token_mean': sum of target NLL / target tokens of the global batch. 'original': the
+        # original's HF Trainer + DeepSpeed reduction, the mean over (micro-batch, device) groups of each
+        # group's token mean (see llava_jax/training/loss.py).
+        loss_reduction="global_token_mean",
+        loss_devices=0,  # with 'original': data-parallel devices to reproduce; 0 = this mesh's data*fsdp
         epochs=epochs,
         num_steps=-1,  # -1: derived from epochs and the dataset size
         optim=optim_config(lr),

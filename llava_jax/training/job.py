@@ -50,11 +50,15 @@ def prepare_synthetic(config) -> None:
         multihost_utils.sync_global_devices("synthetic data")
 
 
-def evaluate(config, params) -> dict:
+def evaluate(config, params, stage: str | None = None) -> dict:
+    """Held-out accuracy of `params`, trained by `stage` (default: the last configured one), whose
+    template, tokenizer and image aspect mode (`square` / `pad`) the questions are prepared with."""
     from llava_jax.data.tokenizer import load_tokenizer
     from llava_jax.models import Llava
     from llava_jax.training.evaluate import qa_accuracy
 
+    stage = stage or [s.strip() for s in config.stages.split(",") if s.strip()][-1]
+    data = config[stage].data
     spec_cfg = loop.model_config(config)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llava(spec_cfg, rngs=nnx.Rngs(0))))
     if jax.process_count() > 1:  # every process evaluates on a full host copy (fine at eval sizes)
@@ -63,9 +67,10 @@ def evaluate(config, params) -> dict:
         params = multihost_utils.process_allgather(params, tiled=True)
     model = nnx.merge(graphdef, jax.device_get(params))
     e = config.eval
-    tok = load_tokenizer(config.stage2.data.tokenizer_path or None)
-    return qa_accuracy(model, e.json_path, tokenizer=tok, template=config.stage2.data.template,
-                       max_examples=e.max_examples, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+    tok = load_tokenizer(data.tokenizer_path or None)
+    return qa_accuracy(model, e.json_path, tokenizer=tok, template=data.template, max_examples=e.max_examples,
+                       batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                       aspect_ratio=data.image_aspect_ratio)
 
 
 def main(config, workdir) -> int:
@@ -85,7 +90,7 @@ def main(config, workdir) -> int:
 
             spec = ModelSpec.create(loop.model_config(config))
             params = restore_params(workdir / last.name / "final_params", spec.abstract)
-        summary["eval"] = evaluate(config, params)
+        summary["eval"] = evaluate(config, params, last.name)
         ev = summary["eval"]
         log.info("held-out accuracy %.3f on %d questions (chance %s); per category %s", ev["accuracy"], ev["n"],
                  f"{ev['chance']:.3f}" if ev["chance"] else "n/a", ev["per_category"])

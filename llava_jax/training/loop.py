@@ -29,7 +29,7 @@ from llava_jax.models import Llava, LlavaConfig, get_preset
 from llava_jax.paths import Path, PathLike, absolute, as_path
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.training import optimizer, partition
-from llava_jax.training.loss import max_targets_per_row
+from llava_jax.training.loss import REDUCTIONS, max_targets_per_row
 from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings, restore_params, save_params
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
 from llava_jax.training.state import (ModelSpec, abstract_state, init_params, new_state, param_shardings,
@@ -95,6 +95,22 @@ def check_batch_divides(stage, mesh: Mesh) -> None:
         )
     if stage.batch_size % jax.process_count():
         raise ValueError(f"batch_size={stage.batch_size} must be divisible by the {jax.process_count()} processes")
+    loss_groups(stage, mesh)
+
+
+def loss_groups(stage, mesh: Mesh) -> int:
+    """Device groups per micro-batch for `loss_reduction='original'` (1 for the global mean)."""
+    if stage.loss_reduction not in REDUCTIONS:
+        raise ValueError(f"loss_reduction={stage.loss_reduction!r}: use one of {REDUCTIONS}")
+    if stage.loss_reduction != "original":
+        return 1
+    if stage.loss_devices < 0:
+        raise ValueError(f"loss_devices={stage.loss_devices}: use 0 (this mesh's data*fsdp) or the device count")
+    groups = stage.loss_devices or mesh.shape["data"] * mesh.shape["fsdp"]
+    if stage.batch_size % (groups * stage.micro_batches):
+        raise ValueError(f"loss_reduction='original': batch_size={stage.batch_size} must be divisible by "
+                         f"micro_batches={stage.micro_batches} times {groups} devices (loss_devices)")
+    return groups
 
 
 # ----------------------------------------------------------------------------- initial weights
@@ -199,6 +215,14 @@ def _over_cap(labels: np.ndarray, cap: int) -> bool:
     return over
 
 
+def _memory_note(compiled) -> str:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return ""
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return f" (peak {peak / 1024 ** 3:.2f} GiB per device)"
+
+
 @dataclasses.dataclass
 class StageResult:
     name: str
@@ -239,42 +263,62 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
 
     batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
-    def compile_step(targets_per_row: int):
-        return jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row),
-                       in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+    variants = {"capped": stage.targets_per_row, "full": 0} if stage.targets_per_row else {"full": 0}
+    jitted = {v: jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, tpr, stage.loss_reduction,
+                                         loss_groups(stage, mesh)),
+                         in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+              for v, tpr in variants.items()}
+    compiled: dict[tuple, Any] = {}
 
-    step_fn = compile_step(stage.targets_per_row)
-    full_step_fn = None  # logits at every position, for the rare batch with more targets than the cap
+    def step_fn(variant: str, state, batch):
+        """The compiled step for this variant and batch shape; compiled on first need (the loop asks
+        for every variant before step 1, so a long row later does not stall the run)."""
+        key = (variant,) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in compiled:
+            t = time.time()
+            compiled[key] = jitted[variant].lower(state, batch).compile()
+            what = "full-logits fallback step" if variant == "full" and stage.targets_per_row else "train step"
+            log.info("%s: compiled the %s in %.1fs%s", name, what, time.time() - t, _memory_note(compiled[key]))
+        return compiled[key]
+
     llm_trains = "llm" in partition.parse_trainable(stage.trainable)
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
     skipped_total = 0
     last = None
     step = int(state.step)  # counted on the host from here on: no device sync per step
-    t_log, step_at_log = time.time(), step
+    t_log, step_at_log = None, step
+    warned = False
     try:
         with jax.set_mesh(mesh):
             while step < steps:
                 local = next(data_iter)  # overlaps with the previous step still running on device
                 skipped_total += int(np.sum(local.get("meta_skipped", 0)))
-                fn = step_fn
+                batch = {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in MODEL_KEYS}
+                if t_log is None:  # before the first step: compile every variant (a stall now, not mid-run)
+                    for v in variants:
+                        step_fn(v, state, batch)
+                    t_log = time.time()
+                variant = "capped" if stage.targets_per_row else "full"
                 if stage.targets_per_row and _over_cap(local["labels"], stage.targets_per_row):
-                    if full_step_fn is None:
+                    if not warned:
                         log.warning("%s: a batch has rows with more than targets_per_row=%d targets; such "
                                     "batches use full logits (slower; raise targets_per_row)", name,
                                     stage.targets_per_row)
-                        full_step_fn = compile_step(0)
-                    fn = full_step_fn
-                batch = {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in MODEL_KEYS}
-                state, metrics = fn(state, batch)
+                        warned = True
+                    variant = "full"
+                state, metrics = step_fn(variant, state, batch)(state, batch)
                 step += 1
                 writer.advance()
-                if step % config.log_every == 0 or step % stage.checkpoint_every == 0 or step == steps:
+                final = step == steps
+                if (config.log_every > 0 and step % config.log_every == 0) or ckpt.due(step, final=final) or final:
                     m = jax.device_get(metrics)  # waits for this step
-                    if not np.isfinite(m["loss"]):
+                    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                        good = ckpt.latest_step()
+                        where = (f"The last good checkpoint is step {good} in {ckpt.directory}." if good is not None
+                                 else "No checkpoint of this stage was written.")
                         raise NonFiniteLoss(
-                            f"{name}: loss is {m['loss']} at step {step}; stopping without saving. The last good "
-                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}. Lower optim.lr, "
-                            "raise warmup, or check the data."
+                            f"{name}: loss {m['loss']}, gradient norm {m['grad_norm']} at step {step}; stopping "
+                            f"without saving. {where} Lower optim.lr, raise warmup, or check the data."
                         )
                     dt = (time.time() - t_log) / max(step - step_at_log, 1)
                     t_log, step_at_log = time.time(), step
@@ -287,7 +331,7 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
                         m["mfu"] = flops / dt / (peak_flops() * mesh.size)
                     writer.write(step, m)
                     last = float(m["loss"])
-                ckpt.save(step, state, data_iter, force=step == steps)
+                ckpt.save(step, state, data_iter, final=final)  # only after the finiteness check above
                 if step == _KILL_AFTER_STEP:  # preemption drill: die like a preempted host would
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -299,6 +343,8 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
     finally:
         writer.close()
         ckpt.close()
+    log.info("%s: done, %d steps in %.0fs, final loss %s; weights in %s", name, steps, time.time() - t_start,
+             f"{last:.4g}" if last is not None else "n/a", stage_dir / "final_params")
     return StageResult(name, steps, last, time.time() - t_start, state.params)
 
 

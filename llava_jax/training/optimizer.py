@@ -7,6 +7,7 @@ applies updates to trainable leaves only, so frozen leaves stay bit-identical.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import optax
@@ -14,10 +15,18 @@ import optax
 from llava_jax.training import partition
 
 
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Warmup length as HF Trainer counts it (`TrainingArguments.get_warmup_steps`): rounded up."""
+    return math.ceil(total_steps * ratio)
+
+
 def schedule(optim, total_steps: int) -> optax.Schedule:
-    """Linear warmup over `warmup_ratio` of the steps to `lr`, then cosine decay to `end_lr_ratio*lr`."""
+    """Linear warmup over `warmup_ratio` of the steps to `lr`, then cosine decay to `end_lr_ratio*lr`.
+
+    The value at step s is the learning rate of update s (0-based), as in HF Trainer's
+    `get_cosine_schedule_with_warmup`."""
     total_steps = max(int(total_steps), 1)
-    warmup = int(round(optim.warmup_ratio * total_steps))
+    warmup = warmup_steps(optim.warmup_ratio, total_steps)
     if optim.schedule == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)], [warmup]

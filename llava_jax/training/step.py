@@ -1,8 +1,9 @@
 """The jitted train step: micro-batched gradients of the trainable leaves, masked AdamW update.
 
 Gradients are taken with respect to the trainable leaves only (the frozen ones enter as constants),
-summed over micro-batches, and divided once by the number of target tokens of the whole global
-batch, so accumulation gives the same update as one big batch.
+summed over micro-batches, and divided once by the loss denominator of the whole global batch
+(`loss.reduce_sums`: the number of target tokens, or with the original's reduction the number of
+(micro-batch, device) groups), so accumulation gives the same update as one big batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import optax
 from flax import nnx
 
 from llava_jax.parallel.rules import constrain
-from llava_jax.training.loss import gather_targets, shifted_targets, target_loss_sums
+from llava_jax.training.loss import gather_targets, reduce_sums, shifted_targets
 from llava_jax.training.state import TrainState
 
 MODEL_KEYS = ("input_ids", "labels", "positions", "segment_ids", "images")
@@ -42,8 +43,10 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0) -> tuple[jax.Array, jax.Array]:
-    """(sum of target-token NLL, number of target tokens) for one (micro-)batch.
+def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0, reduction: str = "global_token_mean",
+            loss_groups: int = 1) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(numerator, (denominator, number of target tokens)) of the loss of one (micro-)batch, see
+    `loss.reduce_sums`; `loss_groups` device groups per micro-batch for the original's reduction.
 
     targets_per_row > 0: logits only at the first that-many target positions of each row (rows with
     more must have been refused on the host); 0: logits at every position."""
@@ -55,34 +58,38 @@ def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0) -> tup
     targets = shifted_targets(batch["labels"])
     if 0 < targets_per_row < targets.shape[1]:
         hidden, targets = gather_targets(hidden, targets, targets_per_row)
-    return target_loss_sums(model.language_model.logits(hidden), targets)
+    num, denom, count = reduce_sums(model.language_model.logits(hidden), targets, reduction, loss_groups)
+    return num, (denom, count)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, mask: Any, lr_schedule: Callable,
-                    micro_batches: int = 1, targets_per_row: int = 0
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns step(state, batch) -> (state, metrics). `batch` holds the MODEL_KEYS arrays."""
+                    micro_batches: int = 1, targets_per_row: int = 0, loss_reduction: str = "global_token_mean",
+                    loss_groups: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns step(state, batch) -> (state, metrics). `batch` holds the MODEL_KEYS arrays.
+
+    loss_reduction / loss_groups: see `loss.reduce_sums`; with "original", each micro-batch's rows
+    form `loss_groups` consecutive groups (the data-parallel devices' shares of it)."""
 
     def grads_and_sums(trainable, frozen, batch):
         def f(tr):
-            return loss_fn(graphdef, _join(mask, tr, frozen), batch, targets_per_row)
+            return loss_fn(graphdef, _join(mask, tr, frozen), batch, targets_per_row, loss_reduction, loss_groups)
 
-        (total, count), g = jax.value_and_grad(f, has_aux=True)(trainable)
-        return g, total, count
+        (total, (denom, count)), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return g, total, denom, count
 
     def step(state: TrainState, batch: dict):
         batch = {k: batch[k] for k in MODEL_KEYS}
         trainable, frozen = _split(state.params, mask)
         if micro_batches == 1:
-            g, total, count = grads_and_sums(trainable, frozen, batch)
+            g, total, denom, count = grads_and_sums(trainable, frozen, batch)
         else:
             def body(acc, mb):
-                g, t, c = grads_and_sums(trainable, frozen, mb)
-                return jax.tree.map(jnp.add, acc, (g, t, c)), None
+                return jax.tree.map(jnp.add, acc, grads_and_sums(trainable, frozen, mb)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (g, total, count), _ = jax.lax.scan(body, zeros, _micro_batches(batch, micro_batches))
-        denom = jnp.maximum(count, 1.0)
+            zero = jnp.zeros((), jnp.float32)
+            zeros = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero)
+            (g, total, denom, count), _ = jax.lax.scan(body, zeros, _micro_batches(batch, micro_batches))
+        denom = jnp.maximum(denom, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
         # Frozen leaves enter the optax masks as zeros; set_to_zero ignores them (and XLA drops them).
         full_grads = _join(mask, g, jax.tree.map(lambda p: jnp.zeros((), p.dtype), frozen))

@@ -69,7 +69,8 @@ class Setup:
 
 
 def build(mesh_shape=(1, 1, 1), devices=None, *, trainable="projector,llm", micro_batches=1, frozen_dtype=jnp.float32,
-          cfg: LlavaConfig = SMALL, total_steps=10, seed=0, targets_per_row=0, **optim_kw) -> Setup:
+          cfg: LlavaConfig = SMALL, total_steps=10, seed=0, targets_per_row=0, loss_reduction="global_token_mean",
+          loss_groups=1, **optim_kw) -> Setup:
     devices = devices if devices is not None else jax.devices()[: int(np.prod([max(s, 1) for s in mesh_shape]))]
     mesh = make_mesh(mesh_shape, devices=devices)
     spec = ModelSpec.create(cfg)
@@ -80,7 +81,8 @@ def build(mesh_shape=(1, 1, 1), devices=None, *, trainable="projector,llm", micr
     ssh = state_shardings(abstract, psh, mesh)
     state = new_state(init_params(spec, seed, mask, frozen_dtype, psh), tx, ssh, seed)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    step = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, micro_batches, targets_per_row),
+    step = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, micro_batches, targets_per_row, loss_reduction,
+                                   loss_groups),
                    in_shardings=(ssh, batch_sh), out_shardings=(ssh, None))
     return Setup(spec, mesh, mask, tx, ssh, step, state, batch_sh)
 
