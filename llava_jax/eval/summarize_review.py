@@ -56,7 +56,7 @@ def review_files(args) -> list[str]:
     if not args.dir:
         raise SystemExit("error: give review files with -f, or a folder with -d")
     return [x for x in os.listdir(args.dir) if x.endswith(".jsonl") and (
-        x.startswith("gpt4_text") or x.startswith("reviews_") or x.startswith("review_") or "review" in args.dir)]
+        x.startswith(("gpt4_text", "reviews_", "review_")) or "review" in args.dir)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
