@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "inference"))
-from serving_fixtures import png_bytes, shared_checkpoint  # noqa: E402, F401  (re-exported)
+from serving_fixtures import png_bytes, shared_checkpoint  # noqa: F401  (re-exported)
 
 
 def write_questions(folder: pathlib.Path, n: int = 12, *, missing: tuple[int, ...] = (), corrupt: tuple[int, ...] = ()

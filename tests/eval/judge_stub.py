@@ -40,9 +40,9 @@ def serve_stub(script: dict[str, list]):
         def log_message(self, *args):
             pass
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            user = [m["content"] for m in body["messages"] if m["role"] == "user"][0]
+            user = next(m["content"] for m in body["messages"] if m["role"] == "user")
             kind, value = stub.next_reply(user)
             if kind == "hang":
                 time.sleep(value)
