@@ -20,7 +20,7 @@ def _answer(nproc: int, ckpt, questions, answers, logs):
     cmd = ["bash", str(LAUNCH), str(nproc), "2", "python", "-m", "llava_jax.eval.model_vqa", "--model-path", str(ckpt),
            "--question-file", str(questions), "--image-folder", str(questions.parent / "images"),
            "--answers-file", str(answers), "--temperature", "0", "--max_new_tokens", "8", "--batch-size", "4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     text = "".join((logs / f"process_{i}.log").read_text() for i in range(nproc))
     assert proc.returncode == 0, text[-4000:]
     return text
