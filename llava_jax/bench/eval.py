@@ -11,7 +11,8 @@ transformers llava_jax's parameters), greedily, stopping at EOS or `--new-tokens
 * llava_jax: `model_vqa.Answerer` in batches of `--batch-size` (fixed shapes, all local devices);
 * transformers: a loop, one question per ``generate`` call.
 
-Both get decoded pixels (image decoding is not timed on either side). Printed: questions/s of each
+Both get decoded pixels (image decoding is not timed on either side); torch runs with the faster of
+its default thread count and 1 (measured). Printed: questions/s of each
 (after a warm-up that compiles), their ratio, and how many answers agree word for word.
 """
 
@@ -87,6 +88,14 @@ def main(argv: list[str]) -> int:
             return chat.tokenizer.decode(out[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
 
         one(prompts[0], images[0])  # warm-up
+        timings = {}
+        for threads in dict.fromkeys((torch.get_num_threads(), 1)):  # keep the faster of torch's default and 1
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            one(prompts[0], images[0])
+            timings[threads] = time.perf_counter() - t0
+        torch.set_num_threads(min(timings, key=timings.get))
+        figures["torch_threads"] = torch.get_num_threads()
         t0 = time.perf_counter()
         theirs = [one(p, img) for p, img in zip(prompts, images)]
         theirs_s = time.perf_counter() - t0
