@@ -41,6 +41,9 @@ EXTRAS = {
     "serve": SERVE,
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
     "tpu": ["jax[tpu]>=0.10,<0.12"],
+    # libtpu's compiler for `--aot --topology` on a machine without TPUs (CI installs it in a venv of its
+    # own so the CPU tests never load it). The same packages as `tpu`.
+    "tpu-compile": ["jax[tpu]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
     # TFDS datasets through tfds.data_source (reads ArrayRecord-format builds without TensorFlow;
     # preparing a dataset still needs TensorFlow, so this stays optional).
