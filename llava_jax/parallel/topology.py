@@ -62,9 +62,13 @@ def num_chips(name: str, slices: int = 1) -> int:
 
 
 def prepare_environment() -> None:
-    """Keep jax on the CPU and stop libtpu from querying a cloud metadata server (call before jax's import)."""
+    """Keep jax on the CPU, stop libtpu from querying a cloud metadata server and from locking out other
+    processes (call before jax's import)."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["TPU_SKIP_MDS_QUERY"] = "1"
+    # Compile-only use touches no TPU, so several processes may load libtpu at once (it otherwise
+    # takes /tmp/libtpu_lockfile and refuses a second process).
+    os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
 
 
 def available() -> bool:
