@@ -74,7 +74,7 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     mem = compiled.memory_analysis()
     n = mesh.size
     out = {
-        "stage": name, "mesh": describe(mesh), "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
+        "stage": name, "mesh": describe(mesh), "devices": n, "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
         "remat": cfg.llm.remat, "frozen_dtype": config.frozen_dtype,
         "params_GiB": _bytes(abstract.params) / n / GiB, "opt_state_GiB": _bytes(abstract.opt_state) / n / GiB,
         "flops_per_device": _flops(compiled),
@@ -158,8 +158,7 @@ def _print_row(row: dict, chip: topo.Chip | None) -> None:
     print(line)
     if row.get("flops_per_device"):
         f = row["flops_per_device"]
-        n = int(row["mesh"].rsplit("(", 1)[1].split()[0])
-        msg = f"    FLOPs per step: {f:.3e} per device, {f * n:.3e} in all"
+        msg = f"    FLOPs per step: {f:.3e} per device, {f * row['devices']:.3e} in all"
         if chip is not None:
             msg += f" (>= {f / (chip.bf16_tflops * 1e12):.2f} s per step at the chip's peak bf16 rate)"
         print(msg)
