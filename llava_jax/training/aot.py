@@ -16,6 +16,7 @@ first setting that fits is printed (`--fit_tries` bounds the number of compiles)
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from llava_jax.training.step import make_train_step
 GiB = 1024**3
 # Remat policies from the least recomputation (fastest, most memory) to the most.
 REMAT_ORDER = ("none", "dots", "qkv_mlp", "qkv_proj", "full")
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
 def _bytes(tree) -> int:
@@ -68,19 +70,28 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
                   images=((b, m, s, s, 3), jnp.uint8))
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, (shape, dt) in shapes.items()}
     step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, stage.targets_per_row)
-    with jax.set_mesh(mesh):
-        compiled = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
-                           donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch).compile()
-    mem = compiled.memory_analysis()
     n = mesh.size
     out = {
         "stage": name, "mesh": describe(mesh), "devices": n, "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
         "remat": cfg.llm.remat, "frozen_dtype": config.frozen_dtype,
         "params_GiB": _bytes(abstract.params) / n / GiB, "opt_state_GiB": _bytes(abstract.opt_state) / n / GiB,
-        "flops_per_device": _flops(compiled),
         "model_flops": metrics.step_flops(cfg, tokens=b * length, images=b * m, seq_len=length,
                                           llm_trainable="llm" in stage.trainable),
     }
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
+                          donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            # The TPU compiler refuses a program that cannot fit HBM and says how much it needs.
+            m_ = _OOM.search(str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or m_ is None:
+                raise
+            out.update(oom=str(e).splitlines()[0], temps_GiB=float(m_.group(1)), hbm_available_GiB=float(m_.group(2)))
+            return out
+    out["flops_per_device"] = _flops(compiled)
+    mem = compiled.memory_analysis()
     if mem is not None:
         args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
         temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
@@ -141,6 +152,9 @@ def _fits(row: dict, hbm_gib: float) -> bool:
 
 
 def _verdict(row: dict, hbm_gib: float) -> str:
+    if "oom" in row:
+        return (f"does not fit: the TPU compiler needs {row['temps_GiB']:.2f} GiB of temporaries, "
+                f"{row['hbm_available_GiB']:.2f} GiB of HBM is available")
     peak = row.get("peak_GiB")
     if peak is None:
         return "no memory analysis"
@@ -155,11 +169,15 @@ def _print_row(row: dict, chip: topo.Chip | None) -> None:
     line = "    per device: params {params_GiB:.2f} GiB, optimizer {opt_state_GiB:.2f} GiB".format(**row)
     if "peak_GiB" in row:
         line += ", temps {temps_GiB:.2f} GiB, peak {peak_GiB:.2f} GiB".format(**row)
+    elif "oom" in row:
+        line += ", temps over {temps_GiB:.2f} GiB".format(**row)
     if chip is not None:
         line += f": {_verdict(row, chip.hbm_gib)}"
     print(line)
     # XLA's cost analysis counts a while-loop body once, so with scanned layers the compiled figure
     # is about one layer's worth; the model figure (metrics.step_flops) counts every layer.
+    if "oom" in row:
+        return
     f, model = row.get("flops_per_device"), row["model_flops"]
     msg = f"    FLOPs per step: model {model:.3e} ({model / row['devices']:.3e} per device)"
     if f:
@@ -179,7 +197,7 @@ def fit(config, name: str, chip: topo.Chip, devices: list, slices: int, tries: i
         mesh = make_mesh(c.mesh.ici, c.mesh.dcn, devices=devices)
         row = compile_stage(c, name, ModelSpec.create(loop.model_config(c)), mesh)
         peak = row.get("peak_GiB")
-        print(f"      {setting.describe(name)}: peak {peak:.2f} GiB" if peak is not None else "      no analysis")
+        print(f"      {setting.describe(name)}: " + (f"peak {peak:.2f} GiB" if peak is not None else _verdict(row, chip.hbm_gib)))
         if _fits(row, chip.hbm_gib):
             print(f"    cheapest setting that fits: {setting.describe(name)}")
             return {**row, "setting": setting.describe(name)}
