@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.parallel import topology as topo
-from llava_jax.parallel.mesh import describe, make_mesh
+from llava_jax.parallel.mesh import describe, make_mesh, resolve_shape
 from llava_jax.training import loop, metrics, optimizer, partition
 from llava_jax.training.checkpoint import abstract_with_shardings
 from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
@@ -136,7 +136,8 @@ def candidates(config, name: str, devices_per_slice: int) -> list[Setting]:
         while stage.batch_size % (shards * mb) == 0:
             out.append(dataclasses.replace(free, micro_batches=mb, remat=remat))
             mb *= 2
-    current = Setting(config.frozen_dtype, tuple(config.mesh.ici), stage.micro_batches, config.remat)
+    ici = resolve_shape(config.mesh.ici, devices_per_slice, "mesh.ici")
+    current = Setting(config.frozen_dtype, ici, stage.micro_batches, config.remat)
     return [s for s in out if s != current]
 
 

@@ -51,6 +51,11 @@ def test_candidates_cheapest_first():
     free = ("bfloat16", (1, 8, 1))
     want = [(*free, mb, r) for r in ("dots", "qkv_mlp", "qkv_proj", "full") for mb in (1, 2, 4)]
     assert got == want
+    # The setting already in force (-1 resolved) is not tried again.
+    c.frozen_dtype, c.mesh.ici = "bfloat16", (1, -1, 1)
+    assert ("bfloat16", (1, 8, 1), 1, "dots") not in [
+        (s.frozen_dtype, s.ici, s.micro_batches, s.remat) for s in aot.candidates(c, "stage2", 8)
+    ]
 
 
 @pytest.mark.slow
