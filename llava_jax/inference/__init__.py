@@ -4,7 +4,7 @@ model loading. Front ends: `conversation.ChatModel` / `chat.ChatSession` (termin
 `python -m llava_jax.serve`, needs the `serve` extra)."""
 
 from llava_jax.inference.generate import Chunk, generate, stream_generate
-from llava_jax.inference.load import Loaded, load_model
+from llava_jax.checkpoint.stage_dir import Loaded, load_model
 from llava_jax.inference.sampling import GREEDY, Sampling, filter_logits, sample_tokens
 
 __all__ = ["GREEDY", "Chunk", "Loaded", "Sampling", "filter_logits", "generate", "load_model", "sample_tokens",

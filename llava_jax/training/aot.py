@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.training import loop, optimizer, partition
-from llava_jax.training.checkpoint import abstract_with_shardings
+from llava_jax.checkpoint.params import abstract_with_shardings
 from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
 from llava_jax.training.step import make_train_step
 

@@ -85,7 +85,7 @@ def main(config, workdir) -> int:
         last = results[list(results)[-1]]
         params = last.params
         if params is None:  # the stage had finished earlier: read its final parameters
-            from llava_jax.training.checkpoint import restore_params
+            from llava_jax.checkpoint.params import restore_params
             from llava_jax.training.state import ModelSpec
 
             spec = ModelSpec.create(loop.model_config(config))

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 from train_fixtures import build, random_batch, run_steps
 
-from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from llava_jax.checkpoint.params import abstract_with_shardings
+from llava_jax.training.train_checkpoint import Checkpointer
 from llava_jax.training.state import abstract_state
 
 

@@ -57,7 +57,7 @@ def test_evaluation_uses_the_stage_image_aspect_ratio(tmp_path, monkeypatch):
 def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, monkeypatch):
     from grain._src.core import sharding
 
-    from llava_jax.training.checkpoint import Checkpointer
+    from llava_jax.training.train_checkpoint import Checkpointer
 
     state = {"w": jax.numpy.arange(4.0)}
     it = iter(grain.MapDataset.range(100).to_iter_dataset())
