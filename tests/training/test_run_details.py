@@ -25,8 +25,9 @@ ORIGINAL_PAD = (122, 116, 104)
 
 def test_evaluation_uses_the_stage_image_aspect_ratio(tmp_path, monkeypatch):
     from llava_jax.models import Llava
-    from llava_jax.training import evaluate as evaluate_mod
-    from llava_jax.training import job, loop
+    from llava_jax import experiment as job
+    from llava_jax.eval import heldout as evaluate_mod
+    from llava_jax.training import loop
 
     Image.new("RGB", (64, 32), (255, 0, 0)).save(tmp_path / "wide.png")  # wide: pad adds bands top and bottom
     record = {"id": "q0", "image": "wide.png", "answer": "red",
