@@ -48,7 +48,7 @@ def shared_checkpoint(tmp_path_factory) -> pathlib.Path:
 
 def shared_chat_model(tmp_path_factory):
     """The shared checkpoint loaded as a `ChatModel` (read-only: tests must not change it)."""
-    from llava_jax.inference.conversation import ChatModel
+    from llava_jax.inference.chat_model import ChatModel
 
     if "chat" not in _SHARED:
         _SHARED["chat"] = ChatModel.from_checkpoint(shared_checkpoint(tmp_path_factory))
