@@ -26,6 +26,7 @@ from llava_jax.checkpoint.mapping import FORMATS, Kind, to_theirs
 from llava_jax.checkpoint.shards import TensorPlan, parse_size, write_shards
 from llava_jax.checkpoint.stage_dir import load_model
 from llava_jax.convert.hf_processor import write_processor, write_tokenizer
+from llava_jax.data.tokenizer import PAD_TOKEN_ID
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
 from llava_jax.paths import Path, as_path, staged_dir
@@ -138,7 +139,7 @@ def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard
 
 
 def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
-                    tokenizer=None, template: str | None = "v1", pad_token_id: int | None = 32001,
+                    tokenizer=None, template: str | None = "v1", pad_token_id: int | None = PAD_TOKEN_ID,
                     overwrite: bool = False) -> Path:
     """Write a `Llama` (e.g. `llava.language_model`) as a `LlamaForCausalLM` directory with the tokenizer."""
     if not isinstance(model, Llama):

@@ -36,11 +36,11 @@ from llava_jax.paths import Path, PathLike, absolute, as_path
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.training import optimizer, partition
 from llava_jax.training.loss import REDUCTIONS, max_targets_per_row
-from llava_jax.training.train_checkpoint import Checkpointer
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
 from llava_jax.training.state import (ModelSpec, abstract_state, init_params, new_state, param_shardings,
                                       state_shardings)
 from llava_jax.training.step import MODEL_KEYS, make_train_step
+from llava_jax.training.train_checkpoint import Checkpointer
 
 log = logging.getLogger("llava_jax.train")
 
