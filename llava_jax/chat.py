@@ -41,9 +41,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from llava_jax.inference.chat import ChatSession, fetch_image, run_terminal
-    from llava_jax.inference.conversation import ChatModel
+    from llava_jax.inference.chat_model import ChatModel
     from llava_jax.inference.sampling import Sampling
+    from llava_jax.inference.terminal_chat import ChatSession, fetch_image, run_terminal
 
     try:
         sampling = Sampling(args.temperature, args.top_p, args.top_k)

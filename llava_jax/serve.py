@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     except ImportError:
         print('error: serving needs the serve extra: pip install -e ".[serve]"', file=sys.stderr)
         return 2
-    from llava_jax.inference.conversation import ChatModel
+    from llava_jax.inference.chat_model import ChatModel
     from llava_jax.inference.openai_protocol import Limits
     from llava_jax.inference.server import ServerConfig, create_app
 

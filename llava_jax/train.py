@@ -64,7 +64,7 @@ def main(argv):
         return 0
     workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     console.add_log_file(workdir, jax.process_index())  # other processes: warnings and errors on the console
-    from llava_jax.training.job import main as run_job
+    from llava_jax.experiment import main as run_job
 
     return run_job(config, workdir)
 

@@ -8,7 +8,7 @@ memory-bandwidth bound of decoding a 7B-shaped LLaVA.
 Each row is a LLaVA prompt: BOS, the image's tokens (one random image per row), `--prompt-tokens`
 text tokens; then `--new-tokens` tokens are generated greedily with no EOS, so every row runs to the
 end. The model is a random LLaVA of the chosen shape; transformers gets the very same weights through
-the conversion tables (`llava_jax.convert.mapping`, the llava-hf layout), and the first tokens of
+the conversion tables (`llava_jax.checkpoint.mapping`, the llava-hf layout), and the first tokens of
 both are compared as a check.
 
 Figures, per batch size (medians over `--repeats` runs after a warm-up run that also compiles; the
@@ -113,8 +113,8 @@ def to_transformers(model: Llava):
     import torch
     import transformers as tf
 
-    from llava_jax.convert.load import rules_for
-    from llava_jax.convert.mapping import to_theirs
+    from llava_jax.checkpoint.hf_load import rules_for
+    from llava_jax.checkpoint.mapping import to_theirs
 
     cfg = model.cfg
     v, t = cfg.vision, cfg.llm

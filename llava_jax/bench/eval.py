@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     from llava_jax.data.templates import get_template
     from llava_jax.data.tokenizer import load_tokenizer
     from llava_jax.eval.model_vqa import Answerer
-    from llava_jax.inference.conversation import ChatModel
+    from llava_jax.inference.chat_model import ChatModel
     from llava_jax.inference.sampling import GREEDY
     from llava_jax.models.presets import get_preset
 

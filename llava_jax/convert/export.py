@@ -2,7 +2,7 @@
 
     export_llava_hf(model, "out/llava-hf")      # LlavaForConditionalGeneration + AutoProcessor
     export_llama_hf(model.language_model, "out/llm")   # LlamaForCausalLM + tokenizer
-    export_checkpoint("runs/demo", "out/hf")    # anything `inference.load_model` reads
+    export_checkpoint("runs/demo", "out/hf")    # anything `checkpoint.load_model` reads
 
 A llava-hf directory holds `config.json`, `generation_config.json`, safetensors shards with
 `model.safetensors.index.json` (keys in the llava-hf file layout, `FORMATS["llava_hf"]`, the same
@@ -20,11 +20,13 @@ import logging
 import numpy as np
 from flax import nnx
 
-from llava_jax.convert import hf_config
+from llava_jax.checkpoint import hf_config
+from llava_jax.checkpoint.hf_load import _config_of, _root_kind
+from llava_jax.checkpoint.mapping import FORMATS, Kind, to_theirs
+from llava_jax.checkpoint.shards import TensorPlan, parse_size, write_shards
+from llava_jax.checkpoint.stage_dir import load_model
 from llava_jax.convert.hf_processor import write_processor, write_tokenizer
-from llava_jax.convert.load import _config_of, _root_kind
-from llava_jax.convert.mapping import FORMATS, Kind, to_theirs
-from llava_jax.convert.shards import TensorPlan, parse_size, write_shards
+from llava_jax.data.tokenizer import PAD_TOKEN_ID
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
 from llava_jax.paths import Path, as_path, staged_dir
@@ -137,7 +139,7 @@ def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard
 
 
 def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
-                    tokenizer=None, template: str | None = "v1", pad_token_id: int | None = 32001,
+                    tokenizer=None, template: str | None = "v1", pad_token_id: int | None = PAD_TOKEN_ID,
                     overwrite: bool = False) -> Path:
     """Write a `Llama` (e.g. `llava.language_model`) as a `LlamaForCausalLM` directory with the tokenizer."""
     if not isinstance(model, Llama):
@@ -160,10 +162,9 @@ def export_checkpoint(checkpoint, out_dir, *, dtype: str = "bfloat16", max_shard
                       llm_only: bool = False, tokenizer_path=None, template: str | None = None,
                       overwrite: bool = False) -> Path:
     """Export a training run / stage directory or a llava-hf directory (anything
-    `llava_jax.inference.load_model` reads). The conversation template and image aspect ratio come
+    `llava_jax.checkpoint.load_model` reads). The conversation template and image aspect ratio come
     from the checkpoint (`template` overrides the first)."""
     from llava_jax.data.tokenizer import load_tokenizer
-    from llava_jax.inference.load import load_model
 
     _np_dtype(dtype)  # fail before loading
     parse_size(max_shard_size)

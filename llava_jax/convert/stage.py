@@ -1,11 +1,6 @@
-"""Write an imported model as a llava_jax stage directory: `model.json` + orbax `final_params/`.
-
-The layout is the one training writes at the end of a stage, so `inference.load_model`, chat,
-evaluation, export and a following training stage all read it:
-
-    <out>/model.json      {"model": config_to_dict(cfg), "template", "image_aspect_ratio",
-                           "params": "final_params", "source": {where the weights came from}}
-    <out>/final_params/   the parameter tree (`nnx.state(model).to_pure_dict()`)
+"""Import a Hugging Face / original LLaVA checkpoint as a llava_jax stage directory
+(`checkpoint.stage_dir`: `model.json` + orbax `final_params/`), the layout training writes at the end
+of a stage, so chat, evaluation, export and a following training stage all read it.
 """
 
 from __future__ import annotations
@@ -13,44 +8,12 @@ from __future__ import annotations
 import json
 import logging
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-
-from llava_jax.models.config import config_to_dict
-from llava_jax.models.llava import Llava
+from llava_jax.checkpoint import hf_config, original
+from llava_jax.checkpoint.hf_load import from_pretrained
+from llava_jax.checkpoint.stage_dir import save_stage
 from llava_jax.paths import Path, as_path
 
 log = logging.getLogger(__name__)
-
-
-def save_stage(model: Llava, out_dir, *, template: str, image_aspect_ratio: str, source: dict | None = None,
-               dtype=None, overwrite: bool = False) -> Path:
-    """Write `model` into `out_dir` (created). `dtype` casts the stored parameters (default: as they are)."""
-    from llava_jax.data.image import ASPECT_RATIOS
-    from llava_jax.data.templates import get_template
-    from llava_jax.training.checkpoint import save_params
-
-    get_template(template)  # refuse unknown names before writing anything
-    if image_aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio={image_aspect_ratio!r}: use one of {ASPECT_RATIOS}")
-    out = as_path(out_dir)
-    if (out / "model.json").exists() or (out / "final_params").exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a stage (model.json / final_params); pass --overwrite")
-        (out / "final_params").rmtree(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    log.info("writing %s/final_params", out)
-    params = nnx.state(model).to_pure_dict()
-    if dtype is not None:
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    save_params(out / "final_params", params)
-    info = {"model": config_to_dict(model.cfg), "template": template, "image_aspect_ratio": image_aspect_ratio,
-            "params": "final_params"}
-    if source:
-        info["source"] = source
-    (out / "model.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
 
 
 def _llava_hf_aspect_ratio(path: Path, d: dict, projector: str) -> str:
@@ -78,9 +41,6 @@ def import_checkpoint(source, out_dir, *, vision=None, projector=None, select_la
 
     `template` / `image_aspect_ratio` override what the source says or implies.
     """
-    from llava_jax.convert import hf_config, original
-    from llava_jax.convert.load import from_pretrained
-
     path = as_path(source)
     d = hf_config.read_config(path)
     log.info("importing %s", path)

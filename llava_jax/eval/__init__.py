@@ -10,5 +10,6 @@ Command-line modules (``python -m llava_jax.eval.<name>``):
 - `summarize_review`: per-category relative scores of review files.
 
 Pieces: `questions` (question files), `answers` (answers files), `judge_client` (the
-OpenAI-compatible client behind every judge call).
+OpenAI-compatible client behind every judge call), `heldout` (exact-answer accuracy on held-out
+LLaVA JSON, the demo's evaluation after training).
 """

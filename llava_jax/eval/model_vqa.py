@@ -149,7 +149,7 @@ def run(args) -> dict:
     import jax
 
     from llava_jax.data.errors import BadSample
-    from llava_jax.inference.conversation import ChatModel
+    from llava_jax.inference.chat_model import ChatModel
     from llava_jax.inference.sampling import Sampling
 
     process, count = jax.process_index(), jax.process_count()

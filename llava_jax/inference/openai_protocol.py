@@ -32,7 +32,7 @@ import numpy as np
 
 from llava_jax.data.errors import BadSample
 from llava_jax.data.templates import IMAGE_PLACEHOLDER
-from llava_jax.inference.conversation import ChatModel
+from llava_jax.inference.chat_model import ChatModel
 from llava_jax.inference.sampling import Sampling
 
 MAX_STOPS = 4

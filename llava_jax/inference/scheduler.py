@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from llava_jax.inference.conversation import ChatModel
+from llava_jax.inference.chat_model import ChatModel
 from llava_jax.inference.detokenize import IncrementalDecoder, StopMatcher
 from llava_jax.inference.generate import stream_generate
 from llava_jax.inference.sampling import GREEDY, Sampling

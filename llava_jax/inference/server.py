@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_jax.inference import openai_protocol as protocol
-from llava_jax.inference.conversation import ChatModel
+from llava_jax.inference.chat_model import ChatModel
 from llava_jax.inference.openai_protocol import ApiError, Limits
 from llava_jax.inference.sampling import Sampling
 from llava_jax.inference.scheduler import Delta, Done, Failed, Job, QueueFull, Scheduler

@@ -13,13 +13,9 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from llava_jax.data.image import CLIP_MEAN, CLIP_STD
+from llava_jax.data.tokenizer import IMAGE_TOKEN_ID, PAD_TOKEN_ID  # "<image>", "<pad>": the llava-hf ids
 from llava_jax.models.rope import check_rope_type
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-IMAGE_TOKEN_ID = 32000  # "<image>", llava-hf convention
-PAD_TOKEN_ID = 32001  # "<pad>"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llava_jax.checkpoint.params import abstract_with_shardings
 from llava_jax.parallel import topology as topo
 from llava_jax.parallel.mesh import describe, make_mesh, resolve_shape
 from llava_jax.training import loop, metrics, optimizer, partition
-from llava_jax.training.checkpoint import abstract_with_shardings
 from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
 from llava_jax.training.step import make_train_step
 

@@ -25,16 +25,22 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llava_jax.checkpoint import hf_config
+from llava_jax.checkpoint.files import open_checkpoint
+from llava_jax.checkpoint.hf_load import convert_arrays
+from llava_jax.checkpoint.original import load_projector
+from llava_jax.checkpoint.params import abstract_with_shardings, restore_params, save_params
+from llava_jax.checkpoint.stage_dir import write_model_info
 from llava_jax.models import Llava, LlavaConfig, get_preset
 from llava_jax.paths import Path, PathLike, absolute, as_path
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.training import optimizer, partition
 from llava_jax.training.loss import REDUCTIONS, max_targets_per_row
-from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings, restore_params, save_params
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
 from llava_jax.training.state import (ModelSpec, abstract_state, init_params, new_state, param_shardings,
                                       state_shardings)
 from llava_jax.training.step import MODEL_KEYS, make_train_step
+from llava_jax.training.train_checkpoint import Checkpointer
 
 log = logging.getLogger("llava_jax.train")
 
@@ -133,7 +139,6 @@ def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
     original LLaVA with a known mm_vision_tower) is read through transformers' config classes and
     compared field by field. The original's 32000-row vocabulary is fitted at load time, so the
     vocabulary size is not compared for it."""
-    from llava_jax.convert import hf_config
     from llava_jax.models.config import architecture_differences
 
     directory = as_path(path)
@@ -164,8 +169,6 @@ def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
 def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None) -> Any:
     """Random init (seeded), then the pretrained parts named in config.init, then the projector of the
     previous stage (the original's `--pretrain_mm_mlp_adapter`)."""
-    from llava_jax.convert import convert_arrays, open_checkpoint
-
     frozen_dtype = _dtype(config.frozen_dtype, "frozen_dtype")
     params = init_params(spec, config.seed, mask, frozen_dtype, shardings)
     abstract_model = nnx.eval_shape(lambda: Llava(spec.cfg, rngs=nnx.Rngs(0)))
@@ -179,8 +182,6 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
     if previous_stage:
         prev = as_path(previous_stage)
         if prev.is_file() or any(prev.glob("mm_projector.*")):  # the original's stage-1 output
-            from llava_jax.convert import load_projector
-
             log.info("projector from %s", prev)
             return _place(load_projector(prev, cfg=spec.cfg), params, shardings)
         prev = prev / "final_params" if (prev / "final_params").exists() else prev
@@ -193,15 +194,6 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
 
 
 # ----------------------------------------------------------------------------- one stage
-
-
-def write_model_info(stage_dir: Path, cfg: LlavaConfig, template: str, aspect_ratio: str) -> None:
-    """`model.json` beside `final_params/`: what chat, serving and export need to rebuild the model."""
-    from llava_jax.models.config import config_to_dict
-
-    info = {"model": config_to_dict(cfg), "template": template, "image_aspect_ratio": aspect_ratio,
-            "params": "final_params"}
-    (stage_dir / "model.json").write_text(json.dumps(info, indent=2))
 
 
 def _over_cap(labels: np.ndarray, cap: int) -> bool:

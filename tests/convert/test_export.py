@@ -11,10 +11,11 @@ import transformers as tf
 from flax import nnx
 from PIL import Image
 
-from llava_jax.convert import export_llama_hf, export_llava_hf, from_pretrained, save_stage
+from llava_jax.checkpoint import from_pretrained, save_stage
+from llava_jax.convert import export_llama_hf, export_llava_hf
 from llava_jax.convert.__main__ import main
 from llava_jax.convert.hf_processor import write_processor, write_tokenizer
-from llava_jax.convert.shards import parse_size
+from llava_jax.checkpoint.shards import parse_size
 from llava_jax.data.image import normalize, preprocess
 from llava_jax.data.templates import get_template
 from llava_jax.inference import generate, load_model

@@ -21,8 +21,8 @@ from llava_jax.models.presets import get_preset
 
 def write_tiny_checkpoint(directory: pathlib.Path, *, template: str = "v1", seed: int = 0) -> pathlib.Path:
     """A stage directory (model.json + final_params) holding a random `tiny` LLaVA."""
-    from llava_jax.training.checkpoint import save_params
-    from llava_jax.training.loop import write_model_info
+    from llava_jax.checkpoint.params import save_params
+    from llava_jax.checkpoint.stage_dir import write_model_info
 
     cfg = get_preset("tiny")
     model = Llava(cfg, rngs=nnx.Rngs(seed))
@@ -48,7 +48,7 @@ def shared_checkpoint(tmp_path_factory) -> pathlib.Path:
 
 def shared_chat_model(tmp_path_factory):
     """The shared checkpoint loaded as a `ChatModel` (read-only: tests must not change it)."""
-    from llava_jax.inference.conversation import ChatModel
+    from llava_jax.inference.chat_model import ChatModel
 
     if "chat" not in _SHARED:
         _SHARED["chat"] = ChatModel.from_checkpoint(shared_checkpoint(tmp_path_factory))

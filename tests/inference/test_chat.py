@@ -20,7 +20,7 @@ from serving_fixtures import png_bytes, shared_chat_model, shared_checkpoint
 from llava_jax.data import load_tokenizer
 from llava_jax.data.templates import get_template
 from llava_jax.inference import generate
-from llava_jax.inference.chat import ChatSession, ContextFull, fetch_image
+from llava_jax.inference.terminal_chat import ChatSession, ContextFull, fetch_image
 from llava_jax.inference.detokenize import IncrementalDecoder, StopMatcher
 from llava_jax.inference.sampling import GREEDY
 from llava_jax.models import Llava

@@ -9,8 +9,8 @@ import torch
 from flax import nnx
 from hf_reference import LLAVA_IMAGE_TOKEN, llama, llava
 
-from llava_jax.convert import DictSource, load_weights
-from llava_jax.convert.hf_config import llama_config_from_hf, llava_config_from_hf
+from llava_jax.checkpoint import DictSource, load_weights
+from llava_jax.checkpoint.hf_config import llama_config_from_hf, llava_config_from_hf
 from llava_jax.inference import Sampling, filter_logits, generate, sample_tokens, stream_generate
 from llava_jax.inference.generate import TRACE_COUNTS, _decode, _prefill, bucket
 from llava_jax.models import Llama, Llava

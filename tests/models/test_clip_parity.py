@@ -9,8 +9,8 @@ import torch
 from flax import nnx
 from hf_reference import clip_vision, np_
 
-from llava_jax.convert import DictSource, load_weights
-from llava_jax.convert.hf_config import vision_config_from_hf
+from llava_jax.checkpoint import DictSource, load_weights
+from llava_jax.checkpoint.hf_config import vision_config_from_hf
 from llava_jax.models import ClipVisionTower
 
 

@@ -10,8 +10,8 @@ import torch
 from flax import nnx
 from hf_reference import llama, np_
 
-from llava_jax.convert import DictSource, load_weights
-from llava_jax.convert.hf_config import llama_config_from_hf
+from llava_jax.checkpoint import DictSource, load_weights
+from llava_jax.checkpoint.hf_config import llama_config_from_hf
 from llava_jax.models import KVCache, Llama
 
 

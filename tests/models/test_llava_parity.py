@@ -7,8 +7,8 @@ import torch
 from flax import nnx
 from hf_reference import LLAVA_IMAGE_TOKEN, llava, np_, to_v4_keys
 
-from llava_jax.convert import DictSource, from_pretrained, load_weights
-from llava_jax.convert.hf_config import llava_config_from_hf
+from llava_jax.checkpoint import DictSource, from_pretrained, load_weights
+from llava_jax.checkpoint.hf_config import llava_config_from_hf
 from llava_jax.models import Llava
 
 P = 16  # (56 / 14)^2 image tokens

@@ -10,8 +10,8 @@ import torch
 from flax import nnx
 from hf_reference import llama, np_
 
-from llava_jax.convert import DictSource, load_weights
-from llava_jax.convert.hf_config import llama_config_from_hf
+from llava_jax.checkpoint import DictSource, load_weights
+from llava_jax.checkpoint.hf_config import llama_config_from_hf
 from llava_jax.inference import generate
 from llava_jax.models import Llama, LlamaConfig
 
@@ -120,7 +120,7 @@ def test_exported_config_declares_the_scaling(kind):
     """An exported config.json is read by transformers with the same RoPE scaling."""
     import transformers as tf
 
-    from llava_jax.convert.hf_config import llama_config_to_hf
+    from llava_jax.checkpoint.hf_config import llama_config_to_hf
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_position_embeddings=MAX_POS, rope_type=kind, rope_factor=2.5)

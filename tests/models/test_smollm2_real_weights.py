@@ -10,8 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
-from llava_jax.convert import DictSource, load_weights
-from llava_jax.convert.hf_config import llama_config_from_hf
+from llava_jax.checkpoint import DictSource, load_weights
+from llava_jax.checkpoint.hf_config import llama_config_from_hf
 from llava_jax.models import Llama
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -52,7 +52,8 @@ def test_absolute_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):
 
 
 def test_checkpoint_metrics_and_model_json_go_to_the_bucket(gcs, tmp_path, monkeypatch):
-    from llava_jax.training.checkpoint import Checkpointer, restore_params, save_params
+    from llava_jax.checkpoint.params import restore_params, save_params
+    from llava_jax.training.train_checkpoint import Checkpointer
     from llava_jax.training.metrics import MetricWriter
 
     monkeypatch.chdir(tmp_path)
@@ -141,8 +142,8 @@ def test_train_with_gs_workdir_writes_the_run_to_the_bucket(gcs, tmp_path):
     # Restorable from the bucket: the final parameters equal the last checkpoint's.
     from flax import nnx
 
-    from llava_jax.inference.load import load_model
-    from llava_jax.training.checkpoint import Checkpointer
+    from llava_jax.checkpoint.stage_dir import load_model
+    from llava_jax.training.train_checkpoint import Checkpointer
 
     loaded = load_model("gs://bucket/run")
     assert str(loaded.path) == "gs://bucket/run/stage2"

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 from train_fixtures import build, random_batch, run_steps
 
-from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from llava_jax.checkpoint.params import abstract_with_shardings
 from llava_jax.training.state import abstract_state
+from llava_jax.training.train_checkpoint import Checkpointer
 
 
 def test_restore_on_a_different_mesh(tmp_path):

@@ -25,8 +25,9 @@ ORIGINAL_PAD = (122, 116, 104)
 
 def test_evaluation_uses_the_stage_image_aspect_ratio(tmp_path, monkeypatch):
     from llava_jax.models import Llava
-    from llava_jax.training import evaluate as evaluate_mod
-    from llava_jax.training import job, loop
+    from llava_jax import experiment as job
+    from llava_jax.eval import heldout as evaluate_mod
+    from llava_jax.training import loop
 
     Image.new("RGB", (64, 32), (255, 0, 0)).save(tmp_path / "wide.png")  # wide: pad adds bands top and bottom
     record = {"id": "q0", "image": "wide.png", "answer": "red",
@@ -57,7 +58,7 @@ def test_evaluation_uses_the_stage_image_aspect_ratio(tmp_path, monkeypatch):
 def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, monkeypatch):
     from grain._src.core import sharding
 
-    from llava_jax.training.checkpoint import Checkpointer
+    from llava_jax.training.train_checkpoint import Checkpointer
 
     state = {"w": jax.numpy.arange(4.0)}
     it = iter(grain.MapDataset.range(100).to_iter_dataset())

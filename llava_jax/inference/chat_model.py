@@ -56,7 +56,7 @@ class ChatModel:
     def from_checkpoint(cls, path, *, template: str | None = None, tokenizer_dir=None, dtype=jnp.float32,
                         name: str | None = None) -> "ChatModel":
         """Load a training run / stage directory or a llava-hf directory (see `load_model`)."""
-        from llava_jax.inference.load import load_model
+        from llava_jax.checkpoint.stage_dir import load_model
 
         path = as_path(path)
         if not path.exists():

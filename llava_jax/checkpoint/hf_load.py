@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.convert import hf_config, vocab
-from llava_jax.convert.files import TensorSource, open_checkpoint
-from llava_jax.convert.mapping import FORMATS, Rule, detect_format, to_ours
+from llava_jax.checkpoint import hf_config, vocab
+from llava_jax.checkpoint.files import TensorSource, open_checkpoint
+from llava_jax.checkpoint.mapping import FORMATS, Rule, detect_format, to_ours
 from llava_jax.models.clip import ClipVisionTower
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
@@ -183,7 +183,7 @@ def config_from_hf(d: dict):
         raise ValueError(
             "this is an original LLaVA (LlavaLlamaForCausalLM) config; its shards usually hold no vision tower. "
             "Import it with `python -m llava_jax.convert import --from DIR [--vision CLIP_DIR] --out RUN_DIR` "
-            "or llava_jax.convert.original.load_original(DIR, vision=CLIP_DIR)"
+            "or llava_jax.checkpoint.original.load_original(DIR, vision=CLIP_DIR)"
         )
     if mt == "llava":
         return Llava, hf_config.llava_config_from_hf(d)

@@ -12,8 +12,8 @@ import torch
 import transformers as tf
 from flax import nnx
 
-from llava_jax.convert import hf_config
-from llava_jax.convert.load import config_from_hf
+from llava_jax.checkpoint import hf_config
+from llava_jax.checkpoint.hf_load import config_from_hf
 from llava_jax.models import Llava, get_preset
 from llava_jax.models.config import architecture_differences
 from llava_jax.models.presets import VOCAB
@@ -96,7 +96,8 @@ def test_diff_format_directory_loads_everywhere(tmp_path):
     import` and load_model, and computes transformers' logits."""
     from hf_reference import np_, perturb_
 
-    from llava_jax.convert import from_pretrained, import_checkpoint
+    from llava_jax.checkpoint import from_pretrained
+    from llava_jax.convert import import_checkpoint
     from llava_jax.inference import load_model
 
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ from flax import nnx
 
 from hf_reference import clip_vision, llama
 
-from llava_jax.convert import CheckpointMismatch, DictSource, detect_format, load_weights, open_checkpoint
-from llava_jax.convert.hf_config import llama_config_from_hf
+from llava_jax.checkpoint import CheckpointMismatch, DictSource, detect_format, load_weights, open_checkpoint
+from llava_jax.checkpoint.hf_config import llama_config_from_hf
 from llava_jax.models import Llama, Llava, get_preset
 
 
@@ -65,7 +65,7 @@ def test_parts_load_into_a_llava_model(tmp_path):
     lm.save_pretrained(tmp_path / "llm")
     import dataclasses
 
-    from llava_jax.convert.hf_config import vision_config_from_hf
+    from llava_jax.checkpoint.hf_config import vision_config_from_hf
 
     cfg = dataclasses.replace(get_preset("tiny"), vision=vision_config_from_hf(clip.config.to_dict()),
                               llm=llama_config_from_hf(lm.config.to_dict()))

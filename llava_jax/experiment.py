@@ -1,5 +1,6 @@
-"""The whole job behind `python -m llava_jax.train`: prepare data (the demo's synthetic set), run the
-stages, evaluate, and write a summary (`<workdir>/summary.json`)."""
+"""The experiment behind `python -m llava_jax.train`: prepare data (the demo's synthetic set), run the
+stages (`training.loop`), evaluate on held-out questions (`eval.heldout`), and write a summary
+(`<workdir>/summary.json`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ import time
 import jax
 from flax import nnx
 
+from llava_jax.checkpoint.params import restore_params
+from llava_jax.data.synthetic import generate
+from llava_jax.data.tokenizer import load_tokenizer
+from llava_jax.eval.heldout import qa_accuracy
+from llava_jax.models import Llava
 from llava_jax.paths import Path, absolute, as_path
 from llava_jax.training import loop
+from llava_jax.training.state import ModelSpec
 
 log = logging.getLogger("llava_jax.train")
 
@@ -38,8 +45,6 @@ def prepare_synthetic(config) -> None:
         log.info("synthetic data already at %s", out)
         return
     if jax.process_index() == 0:
-        from llava_jax.data.synthetic import generate
-
         t = time.time()
         generate(str(out), image_size=s.image_size, num_pretrain=s.num_pretrain, num_instruct=s.num_instruct,
                  num_eval=s.num_eval, seed=s.seed)
@@ -53,10 +58,6 @@ def prepare_synthetic(config) -> None:
 def evaluate(config, params, stage: str | None = None) -> dict:
     """Held-out accuracy of `params`, trained by `stage` (default: the last configured one), whose
     template, tokenizer and image aspect mode (`square` / `pad`) the questions are prepared with."""
-    from llava_jax.data.tokenizer import load_tokenizer
-    from llava_jax.models import Llava
-    from llava_jax.training.evaluate import qa_accuracy
-
     stage = stage or [s.strip() for s in config.stages.split(",") if s.strip()][-1]
     data = config[stage].data
     spec_cfg = loop.model_config(config)
@@ -85,9 +86,6 @@ def main(config, workdir) -> int:
         last = results[list(results)[-1]]
         params = last.params
         if params is None:  # the stage had finished earlier: read its final parameters
-            from llava_jax.training.checkpoint import restore_params
-            from llava_jax.training.state import ModelSpec
-
             spec = ModelSpec.create(loop.model_config(config))
             params = restore_params(workdir / last.name / "final_params", spec.abstract)
         summary["eval"] = evaluate(config, params, last.name)

@@ -1,8 +1,9 @@
-"""Orbax checkpoints: train state (params, optimizer state, step, RNG) + the grain iterator state.
+"""Orbax train-state checkpoints: params, optimizer state, step, RNG + the grain iterator state.
 
 Layout of a stage directory:
     <workdir>/<stage>/checkpoints/<step>/{state,data}   rolling, every N steps (0: none) and at the end, keep K
     <workdir>/<stage>/final_params/                     the trained parameters, written when the stage ends
+                                                        (`checkpoint.params`, `checkpoint.stage_dir`)
 
 Saves are asynchronous; orbax finalises a step directory only when every file is written, so a killed
 run resumes from the latest complete step. Restores go into an abstract target that carries the
@@ -18,11 +19,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from llava_jax.paths import PathLike, absolute
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (what restore lays the arrays out as)."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
 class Checkpointer:
@@ -85,22 +81,3 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def save_params(directory: PathLike, params: Any) -> None:
-    """Write a parameter tree (blocking), replacing what is there."""
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(absolute(directory), params, force=True)
-
-
-def restore_params(directory: PathLike, abstract: Any, *, partial: bool = False) -> Any:
-    """Read a parameter tree into `abstract` (ShapeDtypeStructs with shardings; dtypes are cast).
-    `partial=True` reads only the subtree `abstract` names (e.g. just the projector)."""
-    directory = absolute(directory)
-    if not directory.exists():
-        raise FileNotFoundError(f"no parameter checkpoint at {directory}")
-    with ocp.PyTreeCheckpointer() as ckpt:
-        restore_args = jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape), abstract
-        )
-        return ckpt.restore(directory, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                                                   partial_restore=partial))

@@ -15,7 +15,8 @@ import dataclasses
 import json
 from typing import Any
 
-from llava_jax.models.config import IMAGE_TOKEN_ID, PAD_TOKEN_ID, LlamaConfig, LlavaConfig, VisionConfig
+from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID
+from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig
 from llava_jax.models.rope import ROPE_TYPES
 from llava_jax.paths import as_path
 
@@ -180,7 +181,7 @@ def llava_config_to_hf(cfg: LlavaConfig, *, dtype: str = "float32", image_aspect
     out = {
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
         "vision_config": vision_config_to_hf(v), "text_config": text,
-        "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id, "ignore_index": -100,
+        "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id, "ignore_index": IGNORE_INDEX,
         "projector_hidden_act": "gelu" if cfg.projector == "mlp2x_gelu" else "linear",
         "multimodal_projector_bias": True,
         "vision_feature_layer": v.select_layer,

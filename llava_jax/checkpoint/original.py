@@ -27,10 +27,10 @@ import re
 import numpy as np
 from flax import nnx
 
-from llava_jax.convert import hf_config, vocab
-from llava_jax.convert.files import open_checkpoint
-from llava_jax.convert.load import CheckpointMismatch, convert_arrays, materialize
-from llava_jax.convert.mapping import FORMATS, to_ours
+from llava_jax.checkpoint import hf_config, vocab
+from llava_jax.checkpoint.files import open_checkpoint
+from llava_jax.checkpoint.hf_load import CheckpointMismatch, convert_arrays, materialize
+from llava_jax.checkpoint.mapping import FORMATS, to_ours
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import Llava
 from llava_jax.models.presets import VOCAB

@@ -11,7 +11,7 @@ import transformers as tf
 from hf_reference import clip_vision, llama, np_
 from safetensors.torch import save_file
 
-from llava_jax.convert import CheckpointMismatch, from_pretrained, load_original, load_pair, load_projector
+from llava_jax.checkpoint import CheckpointMismatch, from_pretrained, load_original, load_pair, load_projector
 from llava_jax.convert.__main__ import main
 from llava_jax.inference import load_model
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, TextIO
 import numpy as np
 
 from llava_jax.data.templates import PLAIN
-from llava_jax.inference.conversation import ChatModel
+from llava_jax.inference.chat_model import ChatModel
 from llava_jax.inference.detokenize import IncrementalDecoder, StopMatcher
 from llava_jax.inference.generate import stream_generate
 from llava_jax.inference.sampling import Sampling
