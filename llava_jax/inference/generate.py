@@ -166,7 +166,9 @@ def _as_lists(prompts, lengths) -> list[list[int]]:
     return [[int(t) for t in p] for p in prompts]
 
 
-def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _Batch:
+def _prepare(
+    model, prompts: list[list[int]], images, max_new_tokens: int, min_prompt_length: int = 0, rows: int | None = None
+) -> _Batch:
     lm = _language_model(model)
     cfg = lm.cfg
     if not prompts:
@@ -181,6 +183,8 @@ def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _B
             raise ValueError(f"prompt {b} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
     context = cfg.context_length
+    if min_prompt_length > context:
+        raise ValueError(f"min_prompt_length={min_prompt_length} exceeds the model context of {context} tokens")
     if longest + max_new_tokens > context:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} exceeds the "
@@ -189,7 +193,11 @@ def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _B
         )
 
     n = len(prompts)
-    rows, width = 1 << (n - 1).bit_length(), bucket(longest)
+    if rows is None:
+        rows = 1 << (n - 1).bit_length()
+    elif rows < n:
+        raise ValueError(f"rows={rows} is fewer than the {n} prompts; pass rows >= the number of prompts")
+    width = bucket(max(longest, min_prompt_length))
     ids = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
     segment_ids = np.zeros((rows, width), np.int32)
@@ -249,6 +257,9 @@ def stream_generate(
     seed: int = 0,
     chunk_size: int = 16,
     lengths: Sequence[int] | None = None,
+    min_prompt_length: int = 0,
+    rows: int | None = None,
+    place: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> Generator[Chunk, Iterable[int] | None, list[list[int]]]:
     """Generate for a batch, yielding a `Chunk` (new tokens per row) as decoding proceeds.
 
@@ -260,12 +271,13 @@ def stream_generate(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     prompt_lists = _as_lists(prompts, lengths)
-    batch = _prepare(model, prompt_lists, images, max_new_tokens)
+    batch = _prepare(model, prompt_lists, images, max_new_tokens, min_prompt_length, rows)
+    put = place or jnp.asarray
     n = len(prompt_lists)
     eos_set, eos = _eos_table(eos_ids)
     mode, values = sampling.mode, sampling.values
     graphdef, params = nnx.split(model)
-    first, state = _start(graphdef, params, batch, max_new_tokens, eos, values, seed, mode)
+    first, state = _start(graphdef, params, batch, put, max_new_tokens, eos, values, seed, mode)
     remaining = max_new_tokens - 1
     stop = np.zeros(batch.ids.shape[0], bool)
     result: list[list[int]] = [[] for _ in range(n)]
@@ -278,7 +290,7 @@ def stream_generate(
             steps = min(chunk_size, remaining)
             remaining -= steps
             following, state = _decode(
-                graphdef, params, state, np.int32(steps), stop.copy(), eos, values, mode=mode, chunk=chunk_size
+                graphdef, params, state, np.int32(steps), put(stop.copy()), eos, values, mode=mode, chunk=chunk_size
             )
             stop[:] = False
         new = _read_chunk(np.asarray(in_flight), finish, eos_set)
@@ -301,18 +313,18 @@ def _eos_table(eos_ids: Iterable[int]) -> tuple[set[int], np.ndarray]:
     return eos_set, eos
 
 
-def _start(graphdef, params, batch: _Batch, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode):
-    """Prefill with a cache long enough for the prompt bucket and the new tokens.
-    Returns (first tokens [Bp] int32, DecodeState)."""
+def _start(graphdef, params, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode):
+    """Prefill with a cache long enough for the prompt bucket and the new tokens; `put` places each
+    host array on devices. Returns (first tokens [Bp] int32, DecodeState)."""
     cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1)
     return _prefill(
         graphdef,
         params,
-        jnp.asarray(batch.ids),
-        None if batch.images is None else jnp.asarray(batch.images),
-        jnp.asarray(batch.positions),
-        jnp.asarray(batch.segment_ids),
-        jnp.asarray(batch.active),
+        put(batch.ids),
+        None if batch.images is None else put(batch.images),
+        put(batch.positions),
+        put(batch.segment_ids),
+        put(batch.active),
         eos,
         values,
         jax.random.key(seed),
@@ -360,6 +372,9 @@ def generate(
     stream: Callable[[Chunk], Iterable[int] | None] | None = None,
     chunk_size: int = 16,
     lengths: Sequence[int] | None = None,
+    min_prompt_length: int = 0,
+    rows: int | None = None,
+    place: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` new tokens for each prompt; returns them per row (EOS excluded).
 
@@ -374,6 +389,11 @@ def generate(
     seed: seeds `jax.random`; the same seed, batch and settings give the same tokens.
     stream: called with each `Chunk` as it arrives; returning row indices stops those rows.
     chunk_size: decode steps per device call (the streaming granularity).
+    min_prompt_length: pad prompts to at least this many slots (its bucket), so that batches with
+        shorter prompts run the same compiled shapes (and the same reduction order).
+    rows: the exact batch row count to compile for (>= len(prompts); default: the next power of two).
+    place: puts each host array [B, ...] on devices (e.g. rows split over a mesh); default
+        `jnp.asarray` (the default device).
 
     Raises ValueError when the longest prompt + max_new_tokens exceeds the model's context
     (`LlamaConfig.context_length`: max_position_embeddings, times the RoPE scaling factor).
@@ -388,6 +408,9 @@ def generate(
         seed=seed,
         chunk_size=chunk_size,
         lengths=lengths,
+        min_prompt_length=min_prompt_length,
+        rows=rows,
+        place=place,
     )
     request = None
     try:
