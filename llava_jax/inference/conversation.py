@@ -14,10 +14,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.data.conversation_tokens import tokenize_prompt
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, load_image
 from llava_jax.data.templates import IMAGE_PLACEHOLDER, Template, get_template
-from llava_jax.data.conversation_tokens import tokenize_prompt
 from llava_jax.data.tokenizer import load_tokenizer
 from llava_jax.models.llava import Llava
 from llava_jax.paths import Path, absolute, as_path
