@@ -129,10 +129,36 @@ def to_transformers(model: Llava):
     from llava_jax.convert.mapping import to_theirs
 
     cfg = model.cfg
-    v, t = cfg.vision, cfg.llm
     if cfg.projector != "mlp2x_gelu":
         raise SystemExit("the transformers reference is built for the mlp2x_gelu projector; pick such a preset")
-    hf_cfg = tf.LlavaConfig(
+    hf = tf.LlavaForConditionalGeneration(_hf_config(cfg)).eval()
+    theirs = hf.state_dict()
+    flat = {
+        "/".join(map(str, p)): np.array(x.value, np.float32) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    weights = {}
+    for rule in rules_for(model, "llava_hf_v5", theirs.keys()):
+        a = flat[rule.ours]
+        if rule.stacked:
+            for i in range(a.shape[0]):
+                weights[rule.theirs.format(i=i)] = torch.from_numpy(np.array(to_theirs(rule.kind, a[i])))
+        else:
+            weights[rule.theirs] = torch.from_numpy(np.array(to_theirs(rule.kind, a)))
+    missing, unexpected = hf.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith(("position_ids", "inv_freq"))]
+    if missing or unexpected:
+        raise RuntimeError(f"weight transfer incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def _hf_config(cfg):
+    """The transformers `LlavaConfig` of a llava-hf model shaped like `cfg` (a `LlavaConfig` of ours)."""
+    import transformers as tf
+
+    v, t = cfg.vision, cfg.llm
+    return tf.LlavaConfig(
         vision_config=tf.CLIPVisionConfig(
             hidden_size=v.hidden_size,
             intermediate_size=v.intermediate_size,
@@ -162,26 +188,6 @@ def to_transformers(model: Llava):
         vision_feature_select_strategy="default",
         image_seq_length=cfg.num_image_tokens,
     )
-    hf = tf.LlavaForConditionalGeneration(hf_cfg).eval()
-    theirs = hf.state_dict()
-    flat = {
-        "/".join(map(str, p)): np.array(x.value, np.float32) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-    weights = {}
-    for rule in rules_for(model, "llava_hf_v5", theirs.keys()):
-        a = flat[rule.ours]
-        if rule.stacked:
-            for i in range(a.shape[0]):
-                weights[rule.theirs.format(i=i)] = torch.from_numpy(np.array(to_theirs(rule.kind, a[i])))
-        else:
-            weights[rule.theirs] = torch.from_numpy(np.array(to_theirs(rule.kind, a)))
-    missing, unexpected = hf.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith(("position_ids", "inv_freq"))]
-    if missing or unexpected:
-        raise RuntimeError(f"weight transfer incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    return hf
 
 
 def run_transformers(hf, ids, images, new_tokens: int, image_mean, image_std):
