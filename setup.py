@@ -33,6 +33,8 @@ EXTRAS = {
     "test": [
         "pytest>=8",
         "pytest-xdist>=3",
+        # Lint and format check in .ci/run (settings in ruff.toml); pinned: formatter output changes between releases.
+        "ruff==0.17.6",
         "torch==2.13.0",
         "accelerate>=1.0",
         "scikit-image>=0.22",

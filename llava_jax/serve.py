@@ -45,16 +45,24 @@ def parse_args(argv):
     g.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 503 (default 64)")
     g.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
     g.add_argument("--chunk-size", type=int, default=8, help="decode steps per device call (streaming granularity)")
-    g.add_argument("--warmup", action="store_true",
-                   help="compile batches of 1..max-batch image questions (default settings) before serving")
+    g.add_argument(
+        "--warmup",
+        action="store_true",
+        help="compile batches of 1..max-batch image questions (default settings) before serving",
+    )
     g = p.add_argument_group("limits per request")
     g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)
     g.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     g.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
-    g.add_argument("--max-image-aspect-ratio", type=float, default=d.max_image_aspect_ratio,
-                   help="longest / shortest image side")
-    g.add_argument("--max-image-work-pixels", type=int, default=d.max_image_work_pixels,
-                   help="largest preprocessing intermediate (the pad square, the resize before the crop)")
+    g.add_argument(
+        "--max-image-aspect-ratio", type=float, default=d.max_image_aspect_ratio, help="longest / shortest image side"
+    )
+    g.add_argument(
+        "--max-image-work-pixels",
+        type=int,
+        default=d.max_image_work_pixels,
+        help="largest preprocessing intermediate (the pad square, the resize before the crop)",
+    )
     g.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
     g.add_argument("--max-tokens", type=int, default=d.max_output_tokens, help="largest max_tokens a request may ask")
     g.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
@@ -75,23 +83,40 @@ def main(argv=None) -> int:
     from llava_jax.inference.server import ServerConfig, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, max_image_aspect_ratio=args.max_image_aspect_ratio,
-                    max_image_work_pixels=args.max_image_work_pixels, max_prompt_tokens=args.max_prompt_tokens,
-                    max_output_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
-                    default_temperature=args.temperature, default_top_p=args.top_p)
-    config = ServerConfig(model_name=args.model_name, max_batch=args.max_batch, max_queue=args.max_queue,
-                          batch_wait_ms=args.batch_wait_ms, chunk_size=args.chunk_size, warmup=args.warmup,
-                          limits=limits)
+    limits = Limits(
+        max_request_bytes=args.max_request_bytes,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        max_image_aspect_ratio=args.max_image_aspect_ratio,
+        max_image_work_pixels=args.max_image_work_pixels,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_tokens,
+        default_max_tokens=args.default_max_tokens,
+        default_temperature=args.temperature,
+        default_top_p=args.top_p,
+    )
+    config = ServerConfig(
+        model_name=args.model_name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        batch_wait_ms=args.batch_wait_ms,
+        chunk_size=args.chunk_size,
+        warmup=args.warmup,
+        limits=limits,
+    )
     try:
-        chat = ChatModel.from_checkpoint(args.checkpoint, template=args.template, tokenizer_dir=args.tokenizer,
-                                         dtype=jnp.dtype(args.dtype))
+        chat = ChatModel.from_checkpoint(
+            args.checkpoint, template=args.template, tokenizer_dir=args.tokenizer, dtype=jnp.dtype(args.dtype)
+        )
     except (ValueError, FileNotFoundError, BadSample) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(chat, config)
-    print(f"serving {app.state.model_name!r} (template {chat.template.name}, context {chat.context_length}) on "
-          f"http://{args.host}:{args.port}  (API: /v1, web chat: /)", flush=True)
+    print(
+        f"serving {app.state.model_name!r} (template {chat.template.name}, context {chat.context_length}) on "
+        f"http://{args.host}:{args.port}  (API: /v1, web chat: /)",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -55,13 +55,23 @@ HBM_BANDWIDTH = {
 # ------------------------------------------------------------------------------------------------
 # the model and the inputs
 
+
 def model_config(args):
-    cfg = get_preset(args.preset, dtype=jnp.dtype(args.dtype).type, param_dtype=jnp.dtype(args.dtype).type,
-                     remat="none")
+    cfg = get_preset(
+        args.preset, dtype=jnp.dtype(args.dtype).type, param_dtype=jnp.dtype(args.dtype).type, remat="none"
+    )
     llm = cfg.llm
-    changes = {k: v for k, v in (("hidden_size", args.hidden), ("num_layers", args.layers),
-                                 ("num_heads", args.heads), ("num_kv_heads", args.kv_heads or args.heads),
-                                 ("intermediate_size", args.intermediate)) if v}
+    changes = {
+        k: v
+        for k, v in (
+            ("hidden_size", args.hidden),
+            ("num_layers", args.layers),
+            ("num_heads", args.heads),
+            ("num_kv_heads", args.kv_heads or args.heads),
+            ("intermediate_size", args.intermediate),
+        )
+        if v
+    }
     if args.hidden and not args.intermediate:
         changes["intermediate_size"] = int(args.hidden * 8 / 3 / 64 + 1) * 64  # LLaMA's SwiGLU width
     if changes:
@@ -80,13 +90,14 @@ def inputs(cfg, batch: int, prompt_tokens: int, seed: int = 0):
     p = cfg.num_image_tokens
     ids = rng.integers(3, 32000, (batch, 1 + p + prompt_tokens)).astype(np.int32)
     ids[:, 0] = 1
-    ids[:, 1:1 + p] = cfg.image_token_id
+    ids[:, 1 : 1 + p] = cfg.image_token_id
     s = cfg.vision.image_size
     return ids, rng.integers(0, 256, (batch, 1, s, s, 3), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
 # llava_jax
+
 
 def run_ours(model, ids, images, new_tokens: int, chunk_size: int) -> tuple[float, float, list[list[int]]]:
     """(ttft seconds, total seconds, tokens)."""
@@ -108,6 +119,7 @@ def run_ours(model, ids, images, new_tokens: int, chunk_size: int) -> tuple[floa
 # ------------------------------------------------------------------------------------------------
 # transformers on the same weights
 
+
 def to_transformers(model: Llava):
     """A transformers `LlavaForConditionalGeneration` holding `model`'s weights (fp32, eval mode)."""
     import torch
@@ -117,27 +129,13 @@ def to_transformers(model: Llava):
     from llava_jax.checkpoint.mapping import to_theirs
 
     cfg = model.cfg
-    v, t = cfg.vision, cfg.llm
     if cfg.projector != "mlp2x_gelu":
         raise SystemExit("the transformers reference is built for the mlp2x_gelu projector; pick such a preset")
-    hf_cfg = tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                          num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                                          image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu",
-                                          layer_norm_eps=v.layer_norm_eps),
-        text_config=tf.LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                                   intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                   num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                                   head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
-                                   max_position_embeddings=t.max_position_embeddings,
-                                   tie_word_embeddings=t.tie_word_embeddings),
-        image_token_index=cfg.image_token_id, projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
-        vision_feature_select_strategy="default", image_seq_length=cfg.num_image_tokens,
-    )
-    hf = tf.LlavaForConditionalGeneration(hf_cfg).eval()
+    hf = tf.LlavaForConditionalGeneration(_hf_config(cfg)).eval()
     theirs = hf.state_dict()
-    flat = {"/".join(map(str, p)): np.array(x.value, np.float32)
-            for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = {
+        "/".join(map(str, p)): np.array(x.value, np.float32) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     weights = {}
     for rule in rules_for(model, "llava_hf_v5", theirs.keys()):
         a = flat[rule.ours]
@@ -153,6 +151,43 @@ def to_transformers(model: Llava):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     return hf
+
+
+def _hf_config(cfg):
+    """The transformers `LlavaConfig` of a llava-hf model shaped like `cfg` (a `LlavaConfig` of ours)."""
+    import transformers as tf
+
+    v, t = cfg.vision, cfg.llm
+    return tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            hidden_act="quick_gelu",
+            layer_norm_eps=v.layer_norm_eps,
+        ),
+        text_config=tf.LlamaConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            head_dim=t.head_dim,
+            rms_norm_eps=t.rms_norm_eps,
+            rope_theta=t.rope_theta,
+            max_position_embeddings=t.max_position_embeddings,
+            tie_word_embeddings=t.tie_word_embeddings,
+        ),
+        image_token_index=cfg.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=v.select_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=cfg.num_image_tokens,
+    )
 
 
 def run_transformers(hf, ids, images, new_tokens: int, image_mean, image_std):
@@ -177,22 +212,34 @@ def run_transformers(hf, ids, images, new_tokens: int, image_mean, image_std):
     clock = Clock()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = hf.generate(input_ids=input_ids, pixel_values=pixels, attention_mask=torch.ones_like(input_ids),
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+        out = hf.generate(
+            input_ids=input_ids,
+            pixel_values=pixels,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+        )
     end = time.perf_counter()
     # the streamer sees the prompt first, then each new token
-    return clock.puts[1] - t0, end - t0, out[:, ids.shape[1]:].tolist()
+    return clock.puts[1] - t0, end - t0, out[:, ids.shape[1] :].tolist()
 
 
 # ------------------------------------------------------------------------------------------------
 # the bandwidth bound
 
+
 def decode_bytes(cfg, batch: int, context: int, bytes_per_value: int) -> tuple[float, float]:
     """(weight bytes, KV-cache bytes) read by one decode step of the LLM at `context` cached tokens."""
     t = cfg.llm
     kv = t.num_kv_heads * t.head_dim
-    per_layer = t.hidden_size * (t.num_heads * t.head_dim) * 2 + t.hidden_size * kv * 2 \
-        + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size
+    per_layer = (
+        t.hidden_size * (t.num_heads * t.head_dim) * 2
+        + t.hidden_size * kv * 2
+        + 3 * t.hidden_size * t.intermediate_size
+        + 2 * t.hidden_size
+    )
     weights = t.num_layers * per_layer + t.hidden_size + t.vocab_size * t.hidden_size  # + final norm, lm_head
     weights += batch * t.hidden_size  # embedding rows looked up
     cache = batch * context * t.num_layers * 2 * kv
@@ -205,14 +252,56 @@ def bound_table(context: int, batches=(1, 8, 32)) -> list[dict]:
     for b in batches:
         w, kv = decode_bytes(cfg, b, context, 2)
         for name, bw in HBM_BANDWIDTH.items():
-            rows.append({"device": name, "batch": b, "gb_per_step": (w + kv) / 1e9, "step_ms": (w + kv) / bw * 1e3,
-                         "max_tok_s": b * bw / (w + kv)})
+            rows.append(
+                {
+                    "device": name,
+                    "batch": b,
+                    "gb_per_step": (w + kv) / 1e9,
+                    "step_ms": (w + kv) / bw * 1e3,
+                    "max_tok_s": b * bw / (w + kv),
+                }
+            )
     return rows
 
 
 # ------------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str]) -> int:
+    args = _parse_args(argv)
+    cfg = model_config(args)
+    reference = args.reference == "transformers"
+    if reference and args.dtype != "float32":
+        raise SystemExit("the transformers reference runs in float32; use --dtype float32 or --reference none")
+    model = random_model(cfg)
+    result = _header(cfg, args)
+    hf = None
+    if reference:
+        import torch
+
+        hf = to_transformers(model)
+        result["torch_default_threads"] = torch.get_num_threads()
+
+    for batch in args.batch:
+        row = _measure(model, hf, cfg, args, batch, result.get("torch_default_threads"))
+        result["runs"].append(row)
+        _print_row(row)
+
+    result["bound_7b"] = {
+        "preset": "llava-v1.5-7b",
+        "dtype": "bfloat16",
+        "context": args.bound_context,
+        "table": bound_table(args.bound_context),
+    }
+    _print_bound(result["bound_7b"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "bound_7b")}))
+    return 0
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m llava_jax.bench decode", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", help="model shape (random weights); default tiny")
     ap.add_argument("--hidden", type=int, default=0, help="override the LLM width")
@@ -227,65 +316,65 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reference", default="transformers", choices=["transformers", "none"])
-    ap.add_argument("--torch-threads", type=int, default=0,
-                    help="torch intra-op threads (default: the faster of torch's default and 1, measured)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (default: the faster of torch's default and 1, measured)",
+    )
     ap.add_argument("--bound-context", type=int, default=1024, help="cached tokens assumed in the 7B bound")
     ap.add_argument("--out", default="")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    cfg = model_config(args)
-    reference = args.reference == "transformers"
-    if reference and args.dtype != "float32":
-        raise SystemExit("the transformers reference runs in float32; use --dtype float32 or --reference none")
-    model = random_model(cfg)
+
+def _header(cfg, args) -> dict:
+    """The run's settings: device, model shape, prompt and reply lengths; `runs` is filled per batch size."""
     device = jax.devices()[0]
-    result = {"device": f"{device.platform}: {device.device_kind}", "cpu": platform.processor() or platform.machine(),
-              "preset": args.preset, "llm": {k: getattr(cfg.llm, k) for k in ("hidden_size", "num_layers", "num_heads",
-                                                                                "num_kv_heads", "intermediate_size",
-                                                                                "vocab_size")},
-              "image_tokens": cfg.num_image_tokens, "prompt_tokens": 1 + cfg.num_image_tokens + args.prompt_tokens,
-              "new_tokens": args.new_tokens, "dtype": args.dtype, "runs": []}
-    hf = None
-    if reference:
-        import torch
+    llm_fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+    return {
+        "device": f"{device.platform}: {device.device_kind}",
+        "cpu": platform.processor() or platform.machine(),
+        "preset": args.preset,
+        "llm": {k: getattr(cfg.llm, k) for k in llm_fields},
+        "image_tokens": cfg.num_image_tokens,
+        "prompt_tokens": 1 + cfg.num_image_tokens + args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "dtype": args.dtype,
+        "runs": [],
+    }
 
-        hf = to_transformers(model)
-        result["torch_default_threads"] = torch.get_num_threads()
-    bpv = jnp.dtype(args.dtype).itemsize
 
-    for batch in args.batch:
-        ids, images = inputs(cfg, batch, args.prompt_tokens, seed=batch)
-        row = {"batch": batch}
-        ours, theirs = [], []
+def _measure(model, hf, cfg, args, batch: int, torch_default_threads: int | None) -> dict:
+    """One batch size: llava_jax (and transformers when `hf`) timed in turns, and their figures."""
+    ids, images = inputs(cfg, batch, args.prompt_tokens, seed=batch)
+    row = {"batch": batch}
+    ours, theirs = [], []
+    if hf is not None:
+        row["torch_threads"] = _pick_torch_threads(hf, ids, images, args, cfg, torch_default_threads)
+    for _ in range(args.repeats + 1):  # interleaved, so both see the same machine load; run 0 warms up
+        ours.append(run_ours(model, ids, images, args.new_tokens, args.chunk_size))
         if hf is not None:
-            row["torch_threads"] = _pick_torch_threads(hf, ids, images, args, cfg,
-                                                      result["torch_default_threads"])
-        for _ in range(args.repeats + 1):  # interleaved, so both see the same machine load; run 0 warms up
-            ours.append(run_ours(model, ids, images, args.new_tokens, args.chunk_size))
-            if hf is not None:
-                theirs.append(run_transformers(hf, ids, images, args.new_tokens, cfg.vision.image_mean,
-                                               cfg.vision.image_std))
-        weights, cache = decode_bytes(cfg, batch, ids.shape[1] + args.new_tokens // 2, bpv)
-        row["llava_jax"] = _figures(ours[1:], batch, args.new_tokens)
-        row["llava_jax"]["achieved_gb_s"] = (weights + cache) * row["llava_jax"]["decode_tok_s"] / batch / 1e9
-        if hf is not None:
-            row["transformers"] = _figures(theirs[1:], batch, args.new_tokens)
-            agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-                     for x, y in zip(ours[0][2], theirs[0][2])]
-            row["tokens_agree_before_first_difference"] = min(agree)
-            row["decode_speedup"] = row["llava_jax"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
-            row["ttft_speedup"] = row["transformers"]["ttft_s"] / row["llava_jax"]["ttft_s"]
-        result["runs"].append(row)
-        _print_row(row)
+            theirs.append(
+                run_transformers(hf, ids, images, args.new_tokens, cfg.vision.image_mean, cfg.vision.image_std)
+            )
+    weights, cache = decode_bytes(cfg, batch, ids.shape[1] + args.new_tokens // 2, jnp.dtype(args.dtype).itemsize)
+    row["llava_jax"] = _figures(ours[1:], batch, args.new_tokens)
+    row["llava_jax"]["achieved_gb_s"] = (weights + cache) * row["llava_jax"]["decode_tok_s"] / batch / 1e9
+    if hf is not None:
+        row["transformers"] = _figures(theirs[1:], batch, args.new_tokens)
+        row["tokens_agree_before_first_difference"] = _agreement(ours[0][2], theirs[0][2])
+        row["decode_speedup"] = row["llava_jax"]["decode_tok_s"] / row["transformers"]["decode_tok_s"]
+        row["ttft_speedup"] = row["transformers"]["ttft_s"] / row["llava_jax"]["ttft_s"]
+    return row
 
-    result["bound_7b"] = {"preset": "llava-v1.5-7b", "dtype": "bfloat16", "context": args.bound_context,
-                          "table": bound_table(args.bound_context)}
-    _print_bound(result["bound_7b"])
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("runs", "bound_7b")}))
-    return 0
+
+def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> int:
+    """Over the rows, the fewest leading tokens on which both implementations agree."""
+    agree = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), len(x))
+        for x, y in zip(ours, theirs, strict=True)
+    ]
+    return min(agree)
 
 
 def _pick_torch_threads(hf, ids, images, args, cfg, default: int) -> int:
@@ -300,34 +389,46 @@ def _pick_torch_threads(hf, ids, images, args, cfg, default: int) -> int:
     for n in dict.fromkeys((default, 1)):
         torch.set_num_threads(n)
         run_transformers(hf, ids, images, args.new_tokens, cfg.vision.image_mean, cfg.vision.image_std)
-        timings[n] = min(run_transformers(hf, ids, images, args.new_tokens, cfg.vision.image_mean,
-                                          cfg.vision.image_std)[1] for _ in range(2))
+        timings[n] = min(
+            run_transformers(hf, ids, images, args.new_tokens, cfg.vision.image_mean, cfg.vision.image_std)[1]
+            for _ in range(2)
+        )
     best = min(timings, key=timings.get)
     torch.set_num_threads(best)
     return best
 
 
 def _figures(runs, batch: int, new_tokens: int) -> dict:
-    return {"ttft_s": statistics.median(r[0] for r in runs),
-            "decode_tok_s": statistics.median(batch * (new_tokens - 1) / (r[1] - r[0]) for r in runs)}
+    return {
+        "ttft_s": statistics.median(r[0] for r in runs),
+        "decode_tok_s": statistics.median(batch * (new_tokens - 1) / (r[1] - r[0]) for r in runs),
+    }
 
 
 def _print_row(row: dict) -> None:
     ours = row["llava_jax"]
-    line = (f"batch {row['batch']:3d}  llava_jax: ttft {ours['ttft_s'] * 1e3:8.1f} ms, decode {ours['decode_tok_s']:9.1f}"
-            f" tok/s ({ours['achieved_gb_s']:.1f} GB/s of weights + KV)")
+    line = (
+        f"batch {row['batch']:3d}  llava_jax: ttft {ours['ttft_s'] * 1e3:8.1f} ms, decode {ours['decode_tok_s']:9.1f}"
+        f" tok/s ({ours['achieved_gb_s']:.1f} GB/s of weights + KV)"
+    )
     if "transformers" in row:
         ref = row["transformers"]
-        line += (f"  |  transformers: ttft {ref['ttft_s'] * 1e3:8.1f} ms, decode {ref['decode_tok_s']:9.1f} tok/s"
-                 f" ({row['torch_threads']} torch threads)"
-                 f"  |  decode x{row['decode_speedup']:.2f}, ttft x{row['ttft_speedup']:.2f}"
-                 f"  (greedy tokens agree for the first {row['tokens_agree_before_first_difference']})")
+        line += (
+            f"  |  transformers: ttft {ref['ttft_s'] * 1e3:8.1f} ms, decode {ref['decode_tok_s']:9.1f} tok/s"
+            f" ({row['torch_threads']} torch threads)"
+            f"  |  decode x{row['decode_speedup']:.2f}, ttft x{row['ttft_speedup']:.2f}"
+            f"  (greedy tokens agree for the first {row['tokens_agree_before_first_difference']})"
+        )
     print(line, flush=True)
 
 
 def _print_bound(bound: dict) -> None:
-    print(f"\ndecode bound, {bound['preset']} LLM in bf16, {bound['context']} cached tokens per row: "
-          "tokens/s <= batch x bandwidth / (weights + KV cache read per step)")
+    print(
+        f"\ndecode bound, {bound['preset']} LLM in bf16, {bound['context']} cached tokens per row: "
+        "tokens/s <= batch x bandwidth / (weights + KV cache read per step)"
+    )
     for r in bound["table"]:
-        print(f"  {r['device']:14s} batch {r['batch']:3d}: {r['gb_per_step']:6.2f} GB/step, >= {r['step_ms']:6.2f} ms/step,"
-              f" <= {r['max_tok_s']:8.1f} tok/s")
+        print(
+            f"  {r['device']:14s} batch {r['batch']:3d}: {r['gb_per_step']:6.2f} GB/step, >= {r['step_ms']:6.2f} ms/step,"
+            f" <= {r['max_tok_s']:8.1f} tok/s"
+        )

@@ -4,7 +4,7 @@ from llava_jax.data.errors import BadSample
 from llava_jax.data.image import CLIP_MEAN, CLIP_STD, load_image, normalize, preprocess
 from llava_jax.data.sources import ArrayRecordSource, LlavaJsonSource, TfdsSource, open_source
 from llava_jax.data.templates import TEMPLATES, Segment, Template, get_template
-from llava_jax.data.tokenize import tokenize_conversation, tokenize_prompt, tokenize_record
+from llava_jax.data.conversation_tokens import tokenize_conversation, tokenize_prompt, tokenize_record
 from llava_jax.data.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN,

@@ -44,7 +44,7 @@ from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, open_image
 from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.templates import TEMPLATES, get_template
-from llava_jax.data.tokenize import tokenize_record
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 FAIL_REASONS = (

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import io
 import json
 import os
 import re
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, open_image
@@ -63,8 +64,12 @@ def read_record_image(record: dict, verify: str = "header", max_pixels: int = DE
         return None
     path = record.get("image_path")
     if not as_path(path).is_file():
-        raise BadSample(rid, "image file not found; check the image folder (pack: --image-folder; TFDS build: "
-                        "image_folder) and the record's 'image'", path=path)
+        raise BadSample(
+            rid,
+            "image file not found; check the image folder (pack: --image-folder; TFDS build: "
+            "image_folder) and the record's 'image'",
+            path=path,
+        )
     data = as_path(path).read_bytes()
     if not data:
         raise BadSample(rid, "image file is empty (0 bytes)", path=path)
@@ -109,7 +114,6 @@ def pack(
     progress: bool = True,
 ) -> dict:
     """Writes `num_shards` ArrayRecord files into `out_dir`; returns the summary dict (also written as JSON)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm import tqdm
 
     if verify not in VERIFY_MODES:
@@ -122,72 +126,120 @@ def pack(
         local_out = os.fspath(local)
         n = len(source)
         name = name or os.path.splitext(os.path.basename(json_path))[0]
-        shard_files = [os.path.join(local_out, f"{name}-{k:05d}-of-{num_shards:05d}{ARRAY_RECORD_SUFFIX}") for k in range(num_shards)]
-        bounds = [k * n // num_shards for k in range(num_shards + 1)]
-        shard_counts = [0] * num_shards
+        shard_files = [
+            os.path.join(local_out, f"{name}-{k:05d}-of-{num_shards:05d}{ARRAY_RECORD_SUFFIX}")
+            for k in range(num_shards)
+        ]
+        shards = _Shards(shard_files, n)
         reasons: collections.Counter = collections.Counter()
         bad_path = os.path.join(local_out, "bad_records.jsonl")
 
-        pool = None
-        if workers > 1:
-            import multiprocessing
+        with _prepared(source, verify, max_pixels, workers) as results:
+            try:
+                with (
+                    open(bad_path, "w", encoding="utf-8") as bad_file,
+                    tqdm(total=n, desc=f"pack {name}", unit="rec", disable=not progress) as bar,
+                ):
+                    for index, payload, bad in results:
+                        shards.move_to(index)
+                        if bad is not None:
+                            reasons[reason_key(bad["reason"])] += 1
+                            bad_file.write(json.dumps(bad, ensure_ascii=False) + "\n")
+                        else:
+                            shards.write(payload)
+                        bar.update(1)
+                        if reasons:
+                            bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
+                    shards.complete()
+            finally:
+                shards.close()
 
-            pool = multiprocessing.get_context("spawn").Pool(workers)
-            results = pool.imap(_prepare, _tasks(source, verify, max_pixels), chunksize=64)
-        else:
-            results = map(_prepare, _tasks(source, verify, max_pixels))
-
-        shard, writer = -1, None
-        try:
-            with open(bad_path, "w", encoding="utf-8") as bad_file, tqdm(total=n, desc=f"pack {name}", unit="rec", disable=not progress) as bar:
-                for index, payload, bad in results:
-                    while index >= bounds[shard + 1]:
-                        if writer is not None:
-                            writer.close()
-                        shard += 1
-                        writer = ArrayRecordWriter(shard_files[shard], "group_size:1")
-                    if bad is not None:
-                        reasons[reason_key(bad["reason"])] += 1
-                        bad_file.write(json.dumps(bad, ensure_ascii=False) + "\n")
-                    else:
-                        writer.write(payload)
-                        shard_counts[shard] += 1
-                    bar.update(1)
-                    if reasons:
-                        bar.set_postfix(skipped=sum(reasons.values()), refresh=False)
-                # Shards past the last record (num_shards > n) are still written, empty, so the set is complete.
-                while shard < num_shards - 1:
-                    if writer is not None:
-                        writer.close()
-                    shard += 1
-                    writer = ArrayRecordWriter(shard_files[shard], "group_size:1")
-        finally:
-            if writer is not None:
-                writer.close()
-            if pool is not None:
-                pool.close()
-                pool.join()
-
-        summary = {
-            "json": os.fspath(absolute(json_path)),
-            "image_folder": source.image_folder,
-            "records_in": n,
-            "records_written": sum(shard_counts),
-            "records_skipped": sum(reasons.values()),
-            "skipped_by_reason": dict(reasons.most_common()),
-            "verify": verify,
-            "shards": [{"file": os.path.basename(f), "records": c} for f, c in zip(shard_files, shard_counts)],
-            "bad_records": os.path.basename(bad_path),
-        }
+        summary = _summary(json_path, source, shards, reasons, verify, bad_path)
         with open(os.path.join(local_out, "pack_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return summary
 
 
+class _Shards:
+    """Writes records into shard files in input order: shard k takes records [k * n // K, (k + 1) * n // K)."""
+
+    def __init__(self, files: list[str], n: int):
+        self.files = files
+        self.bounds = [k * n // len(files) for k in range(len(files) + 1)]
+        self.counts = [0] * len(files)
+        self.shard, self.writer = -1, None
+
+    def _next(self) -> None:
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self.writer is not None:
+            self.writer.close()
+        self.shard += 1
+        self.writer = ArrayRecordWriter(self.files[self.shard], "group_size:1")
+
+    def move_to(self, index: int) -> None:
+        """Opens the shard that holds record `index` (closing the ones before)."""
+        while index >= self.bounds[self.shard + 1]:
+            self._next()
+
+    def write(self, payload: bytes) -> None:
+        self.writer.write(payload)
+        self.counts[self.shard] += 1
+
+    def complete(self) -> None:
+        """Shards past the last record (more shards than records) are still written, empty, so the set is complete."""
+        while self.shard < len(self.files) - 1:
+            self._next()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@contextlib.contextmanager
+def _prepared(source: LlavaJsonSource, verify: str, max_pixels: int, workers: int):
+    """The records as (index, payload or None, bad-record info or None), in order; read and checked by
+    `workers` processes when more than one."""
+    tasks = _tasks(source, verify, max_pixels)
+    if workers <= 1:
+        yield map(_prepare, tasks)
+        return
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        yield pool.imap(_prepare, tasks, chunksize=64)
+    finally:
+        pool.close()
+        pool.join()
+
+
+def _summary(
+    json_path: str, source: LlavaJsonSource, shards: _Shards, reasons: collections.Counter, verify: str, bad_path: str
+) -> dict:
+    return {
+        "json": os.fspath(absolute(json_path)),
+        "image_folder": source.image_folder,
+        "records_in": len(source),
+        "records_written": sum(shards.counts),
+        "records_skipped": sum(reasons.values()),
+        "skipped_by_reason": dict(reasons.most_common()),
+        "verify": verify,
+        "shards": [
+            {"file": os.path.basename(f), "records": c} for f, c in zip(shards.files, shards.counts, strict=True)
+        ],
+        "bad_records": os.path.basename(bad_path),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_jax.data.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", required=True, help="LLaVA JSON (list of records) or JSON Lines file")
-    p.add_argument("--image-folder", default=None, help="folder the records' 'image' paths are relative to (default: the JSON's folder)")
+    p.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder the records' 'image' paths are relative to (default: the JSON's folder)",
+    )
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="processes reading and checking images")
@@ -196,7 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="shard file prefix (default: the JSON file's stem)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    s = pack(a.json, a.image_folder, a.out, a.num_shards, verify=a.verify, workers=a.workers, max_pixels=a.max_pixels, name=a.name, progress=not a.no_progress)
+    s = pack(
+        a.json,
+        a.image_folder,
+        a.out,
+        a.num_shards,
+        verify=a.verify,
+        workers=a.workers,
+        max_pixels=a.max_pixels,
+        name=a.name,
+        progress=not a.no_progress,
+    )
     print(f"wrote {s['records_written']} of {s['records_in']} records into {len(s['shards'])} shards in {a.out}")
     if s["records_skipped"]:
         print(f"skipped {s['records_skipped']} bad records (details in {os.path.join(a.out, s['bad_records'])}):")

@@ -69,7 +69,7 @@ import numpy as np
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import ASPECT_RATIOS, DEFAULT_MAX_PIXELS, load_image, preprocess
 from llava_jax.data.templates import get_template
-from llava_jax.data.tokenize import tokenize_record
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, text_encoder
 
 log = logging.getLogger(__name__)

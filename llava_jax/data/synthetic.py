@@ -178,80 +178,125 @@ def generate(
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the shapes to be recognisable, got {image_size}")
     out = as_path(out_dir)  # a local folder or a URL (gs://...)
-    image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    categories = tuple(QUESTIONS)
+    images = _ImageWriter(out / "images", image_size, image_format)
+    images.folder.mkdir(parents=True, exist_ok=True)
     # Independent streams per split: changing one split's size never changes another split's data.
     rngs = {split: np.random.default_rng([seed, k]) for k, split in enumerate(("pretrain", "instruct", "eval"))}
-
-    train_pixels: set[bytes] = set()  # pixel digests of pretrain/instruct images
-
-    def image_for(split: str, i: int, rng: np.random.Generator) -> tuple[str, Scene]:
-        for _ in range(1000):
-            scene = random_scene(rng)
-            img = render(scene, image_size, rng)
-            digest = hashlib.sha1(img.tobytes()).digest()
-            if split != "eval":
-                train_pixels.add(digest)
-                break
-            if digest not in train_pixels:  # held out: never pixel-identical to a training image
-                break
-        else:
-            raise RuntimeError("could not draw an eval image unlike every training image; lower the record counts")
-        name = f"{split}_{i:06d}.{image_format}"
-        _save(img, image_dir / name, image_format)
-        return "images/" + name, scene
-
-    pretrain = []
-    rng = rngs["pretrain"]
-    for i in range(num_pretrain):
-        image, scene = image_for("pretrain", i, rng)
-        instruction = CAPTION_INSTRUCTIONS[rng.integers(len(CAPTION_INSTRUCTIONS))]
-        pretrain.append({"id": f"pretrain-{i:06d}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + instruction},
-            {"from": "gpt", "value": scene.caption()},
-        ]})
-
-    instruct = []
-    rng = rngs["instruct"]
-    for i in range(num_instruct):
-        image, scene = image_for("instruct", i, rng)
-        order = rng.permutation(len(categories))[: int(rng.integers(2, len(categories) + 1))]
-        conversations = []
-        for t, c in enumerate(order):
-            question = _question(categories[c], rng)
-            conversations.append({"from": "human", "value": ("<image>\n" + question) if t == 0 else question})
-            conversations.append({"from": "gpt", "value": scene.answer(categories[c])})
-        instruct.append({"id": f"instruct-{i:06d}", "image": image, "conversations": conversations})
-
-    evaluation = []
-    rng = rngs["eval"]
-    for i in range(num_eval):
-        image, scene = image_for("eval", i, rng)
-        category = categories[i % len(categories)]  # balanced categories
-        question = _question(category, rng)
-        answer = scene.answer(category)
-        evaluation.append({"id": f"eval-{i:06d}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>\n" + question},
-            {"from": "gpt", "value": answer},
-        ], "question": question, "answer": answer, "category": category, "choices": list(CHOICES[category])})
-
+    splits = {
+        "pretrain": _pretrain_records(num_pretrain, images, rngs["pretrain"]),
+        "instruct": _instruct_records(num_instruct, images, rngs["instruct"]),
+        "eval": _eval_records(num_eval, images, rngs["eval"]),
+    }
     paths = {}
-    for split, records in (("pretrain", pretrain), ("instruct", instruct), ("eval", evaluation)):
+    for split, records in splits.items():
         paths[split] = os.fspath(out / f"{split}.json")
         (out / f"{split}.json").write_text(json.dumps(records, indent=1))
     meta = {
-        "image_size": image_size, "seed": seed, "image_format": image_format,
+        "image_size": image_size,
+        "seed": seed,
+        "image_format": image_format,
         "counts": {"pretrain": num_pretrain, "instruct": num_instruct, "eval": num_eval},
-        "colors": list(COLORS), "shapes": list(SHAPES), "numbers": [str(c) for c in COUNTS], "positions": list(POSITIONS),
+        "colors": list(COLORS),
+        "shapes": list(SHAPES),
+        "numbers": [str(c) for c in COUNTS],
+        "positions": list(POSITIONS),
         "choices": {k: list(v) for k, v in CHOICES.items()},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return {**paths, "image_folder": out_dir, "counts": meta["counts"]}
 
 
+class _ImageWriter:
+    """Draws and saves one image per record; held-out (eval) images are redrawn until they differ in
+    pixels from every training (pretrain / instruct) image drawn before."""
+
+    def __init__(self, folder: Path, image_size: int, image_format: str):
+        self.folder, self.image_size, self.image_format = folder, image_size, image_format
+        self.train_pixels: set[bytes] = set()  # pixel digests of pretrain/instruct images
+
+    def __call__(self, split: str, i: int, rng: np.random.Generator) -> tuple[str, Scene]:
+        """-> (the image path relative to the dataset folder, the scene it shows)."""
+        for _ in range(1000):
+            scene = random_scene(rng)
+            img = render(scene, self.image_size, rng)
+            digest = hashlib.sha1(img.tobytes()).digest()
+            if split != "eval":
+                self.train_pixels.add(digest)
+                break
+            if digest not in self.train_pixels:  # held out: never pixel-identical to a training image
+                break
+        else:
+            raise RuntimeError("could not draw an eval image unlike every training image; lower the record counts")
+        name = f"{split}_{i:06d}.{self.image_format}"
+        _save(img, self.folder / name, self.image_format)
+        return "images/" + name, scene
+
+
+def _pretrain_records(n: int, images: _ImageWriter, rng: np.random.Generator) -> list[dict]:
+    """Stage 1: a brief-description instruction and the scene's caption."""
+    records = []
+    for i in range(n):
+        image, scene = images("pretrain", i, rng)
+        instruction = CAPTION_INSTRUCTIONS[rng.integers(len(CAPTION_INSTRUCTIONS))]
+        records.append(
+            {
+                "id": f"pretrain-{i:06d}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + instruction},
+                    {"from": "gpt", "value": scene.caption()},
+                ],
+            }
+        )
+    return records
+
+
+def _instruct_records(n: int, images: _ImageWriter, rng: np.random.Generator) -> list[dict]:
+    """Stage 2: 2-4 one-word questions per image, each category at most once."""
+    categories = tuple(QUESTIONS)
+    records = []
+    for i in range(n):
+        image, scene = images("instruct", i, rng)
+        order = rng.permutation(len(categories))[: int(rng.integers(2, len(categories) + 1))]
+        conversations = []
+        for t, c in enumerate(order):
+            question = _question(categories[c], rng)
+            conversations.append({"from": "human", "value": ("<image>\n" + question) if t == 0 else question})
+            conversations.append({"from": "gpt", "value": scene.answer(categories[c])})
+        records.append({"id": f"instruct-{i:06d}", "image": image, "conversations": conversations})
+    return records
+
+
+def _eval_records(n: int, images: _ImageWriter, rng: np.random.Generator) -> list[dict]:
+    """Held-out questions, categories in turn, with the answer and the category's choices."""
+    categories = tuple(QUESTIONS)
+    records = []
+    for i in range(n):
+        image, scene = images("eval", i, rng)
+        category = categories[i % len(categories)]  # balanced categories
+        question = _question(category, rng)
+        answer = scene.answer(category)
+        records.append(
+            {
+                "id": f"eval-{i:06d}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + question},
+                    {"from": "gpt", "value": answer},
+                ],
+                "question": question,
+                "answer": answer,
+                "category": category,
+                "choices": list(CHOICES[category]),
+            }
+        )
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava_jax.data.synthetic", description="Write the synthetic coloured-shapes LLaVA dataset.")
+    p = argparse.ArgumentParser(
+        prog="python -m llava_jax.data.synthetic", description="Write the synthetic coloured-shapes LLaVA dataset."
+    )
     p.add_argument("--out", required=True, help="output folder (images/ and the JSON files go here)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--num-pretrain", type=int, default=2000)
@@ -260,11 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("png", "jpg"), default="png")
     a = p.parse_args(argv)
-    r = generate(a.out, image_size=a.image_size, num_pretrain=a.num_pretrain, num_instruct=a.num_instruct,
-                 num_eval=a.num_eval, seed=a.seed, image_format=a.format)
+    r = generate(
+        a.out,
+        image_size=a.image_size,
+        num_pretrain=a.num_pretrain,
+        num_instruct=a.num_instruct,
+        num_eval=a.num_eval,
+        seed=a.seed,
+        image_format=a.format,
+    )
     c = r["counts"]
-    print(f"wrote {c['pretrain']} pretrain, {c['instruct']} instruct, {c['eval']} eval records to {a.out} "
-          f"(image folder: {r['image_folder']})")
+    print(
+        f"wrote {c['pretrain']} pretrain, {c['instruct']} instruct, {c['eval']} eval records to {a.out} "
+        f"(image folder: {r['image_folder']})"
+    )
     return 0
 
 

@@ -24,9 +24,10 @@ import os
 import pathlib
 import re
 import weakref
+from collections.abc import Sequence
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -120,6 +121,17 @@ def _is_legacy(tokenizer) -> bool:
     return "prepend_scheme=first" not in repr(pre)
 
 
+class _Pieces(NamedTuple):
+    """Per piece of `TextEncoder.encode_chunks`' input: its unit count, `base` (source position of its
+    first character: one before the text when a "▁" prefix is added), `floor` (where its text starts)
+    and the index of its chunk."""
+
+    units: list[int]
+    base: list[int]
+    floor: list[int]
+    chunk: list[int]
+
+
 class TextEncoder:
     """Tokenizes text exactly as the slow SentencePiece ``LlamaTokenizer`` does, with offsets.
 
@@ -147,9 +159,15 @@ class TextEncoder:
         # The bare BPE model: no normalizer, pre-tokenizer, added tokens or templates; whitespace
         # and prefixes are handled here.
         core = {
-            "version": spec.get("version", "1.0"), "truncation": None, "padding": None,
-            "added_tokens": [], "normalizer": None, "pre_tokenizer": None,
-            "post_processor": None, "decoder": None, "model": model,
+            "version": spec.get("version", "1.0"),
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [],
+            "normalizer": None,
+            "pre_tokenizer": None,
+            "post_processor": None,
+            "decoder": None,
+            "model": model,
         }
         specials = {}
         for token in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token):
@@ -191,11 +209,34 @@ class TextEncoder:
           character offsets into that chunk. A token that is only the ``▁`` prefix gets an empty
           span at the start of the text it precedes.
         """
-        # Cut the chunks into pieces (a special token, or the text between two), each a list of
-        # units (cache keys). piece_base: source position of the piece's first character (one
-        # before the text when a "▁" prefix is added); piece_floor: where its text starts.
+        keys, pieces = self._pieces(chunks)
+        if not keys:
+            empty = np.zeros(0, np.int64)
+            return [(empty, empty, empty) for _ in chunks]
+        entries = self._entries(keys)
+        triples = np.fromiter(chain.from_iterable(map(itemgetter(0), entries)), np.int64).reshape(-1, 3)
+        ids, rel_s, rel_e = triples[:, 0], triples[:, 1], triples[:, 2]
+        n_tok = np.fromiter(map(itemgetter(1), entries), np.int64, len(entries))
+        n_chr = np.fromiter(map(itemgetter(2), entries), np.int64, len(entries))
+
+        units = np.asarray(pieces.units, np.int64)
+        first = np.cumsum(units) - units  # index of each piece's first unit
+        before = np.cumsum(n_chr) - n_chr  # characters before each unit, over all units
+        unit_base = np.repeat(np.asarray(pieces.base, np.int64) - before[first], units) + before
+        unit_floor = np.repeat(np.asarray(pieces.floor, np.int64), units)
+        starts = np.maximum(rel_s + np.repeat(unit_base, n_tok), np.repeat(unit_floor, n_tok))
+        ends = np.maximum(rel_e + np.repeat(unit_base, n_tok), np.repeat(unit_floor, n_tok))
+
+        piece_tokens = np.add.reduceat(n_tok, first)
+        per_chunk = np.bincount(np.asarray(pieces.chunk), weights=piece_tokens, minlength=len(chunks))
+        cuts = [0] + np.cumsum(per_chunk.astype(np.int64)).tolist()
+        return [(ids[i:j], starts[i:j], ends[i:j]) for i, j in zip(cuts[:-1], cuts[1:], strict=True)]
+
+    def _pieces(self, chunks: Sequence[str]) -> tuple[list[str], _Pieces]:
+        """Cut the chunks into pieces (a special token, or the text between two), each a list of units
+        (cache keys). Returns (the units of all pieces in order, the pieces)."""
         keys: list[str] = []
-        piece_units, piece_base, piece_floor, piece_chunk = [], [], [], []
+        pieces = _Pieces([], [], [], [])
         for c, chunk in enumerate(chunks):
             if not self.legacy:
                 chunk = chunk.replace(_SPIECE, " ")
@@ -212,15 +253,15 @@ class TextEncoder:
                 else:
                     continue
                 keys.extend(units)
-                piece_units.append(len(units))
-                piece_base.append(base)
-                piece_floor.append(pos)
-                piece_chunk.append(c)
+                pieces.units.append(len(units))
+                pieces.base.append(base)
+                pieces.floor.append(pos)
+                pieces.chunk.append(c)
                 pos += len(part)
-        if not keys:
-            empty = np.zeros(0, np.int64)
-            return [(empty, empty, empty) for _ in chunks]
+        return keys, pieces
 
+    def _entries(self, keys: list[str]) -> list[tuple]:
+        """The cache entry of each unit, encoding the units not yet cached in one batch."""
         # A full cache is replaced, never cleared, so a call running in another thread keeps
         # its own complete dict.
         cache = self._cache
@@ -228,28 +269,10 @@ class TextEncoder:
             cache = self._cache = dict(self._special_entries)
         new = list(set(keys).difference(cache))
         if new:
-            for word, enc in zip(new, self._core.encode_batch(new, add_special_tokens=False)):
-                flat = tuple(chain.from_iterable((i, s, e) for i, (s, e) in zip(enc.ids, enc.offsets)))
+            for word, enc in zip(new, self._core.encode_batch(new, add_special_tokens=False), strict=True):
+                flat = tuple(chain.from_iterable((i, s, e) for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)))
                 cache[word] = (flat, len(enc.ids), len(word))
-
-        entries = list(map(cache.__getitem__, keys))
-        triples = np.fromiter(chain.from_iterable(map(itemgetter(0), entries)), np.int64).reshape(-1, 3)
-        ids, rel_s, rel_e = triples[:, 0], triples[:, 1], triples[:, 2]
-        n_tok = np.fromiter(map(itemgetter(1), entries), np.int64, len(entries))
-        n_chr = np.fromiter(map(itemgetter(2), entries), np.int64, len(entries))
-
-        units = np.asarray(piece_units, np.int64)
-        first = np.cumsum(units) - units  # index of each piece's first unit
-        before = np.cumsum(n_chr) - n_chr  # characters before each unit, over all units
-        unit_base = np.repeat(np.asarray(piece_base, np.int64) - before[first], units) + before
-        unit_floor = np.repeat(np.asarray(piece_floor, np.int64), units)
-        starts = np.maximum(rel_s + np.repeat(unit_base, n_tok), np.repeat(unit_floor, n_tok))
-        ends = np.maximum(rel_e + np.repeat(unit_base, n_tok), np.repeat(unit_floor, n_tok))
-
-        piece_tokens = np.add.reduceat(n_tok, first)
-        per_chunk = np.bincount(np.asarray(piece_chunk), weights=piece_tokens, minlength=len(chunks))
-        cuts = [0] + np.cumsum(per_chunk.astype(np.int64)).tolist()
-        return [(ids[i:j], starts[i:j], ends[i:j]) for i, j in zip(cuts[:-1], cuts[1:])]
+        return list(map(cache.__getitem__, keys))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of one string, as the slow tokenizer's ``tokenizer(text).input_ids``."""
@@ -270,7 +293,7 @@ def _special_splitter(specials: dict[str, int]) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
 
 
-_ENCODERS: "weakref.WeakKeyDictionary[Any, TextEncoder]" = weakref.WeakKeyDictionary()
+_ENCODERS: weakref.WeakKeyDictionary[Any, TextEncoder] = weakref.WeakKeyDictionary()
 
 
 def text_encoder(tokenizer) -> TextEncoder:

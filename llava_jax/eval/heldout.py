@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llava_jax.data.image import load_image
-from llava_jax.data.tokenize import tokenize_prompt
+from llava_jax.data.conversation_tokens import tokenize_prompt
 from llava_jax.inference import generate
 from llava_jax.paths import Path, as_path
 

@@ -14,10 +14,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.data.conversation_tokens import tokenize_prompt
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, load_image
 from llava_jax.data.templates import IMAGE_PLACEHOLDER, Template, get_template
-from llava_jax.data.tokenize import tokenize_prompt
 from llava_jax.data.tokenizer import load_tokenizer
 from llava_jax.models.llava import Llava
 from llava_jax.paths import Path, absolute, as_path
@@ -53,8 +53,9 @@ class ChatModel:
     name: str = "llava"
 
     @classmethod
-    def from_checkpoint(cls, path, *, template: str | None = None, tokenizer_dir=None, dtype=jnp.float32,
-                        name: str | None = None) -> "ChatModel":
+    def from_checkpoint(
+        cls, path, *, template: str | None = None, tokenizer_dir=None, dtype=jnp.float32, name: str | None = None
+    ) -> ChatModel:
         """Load a training run / stage directory or a llava-hf directory (see `load_model`)."""
         from llava_jax.checkpoint.stage_dir import load_model
 
@@ -62,8 +63,13 @@ class ChatModel:
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         loaded = load_model(path, dtype=dtype, template=template)
-        return cls(loaded.model, _tokenizer_for(loaded.path, tokenizer_dir), get_template(loaded.template),
-                   loaded.image_aspect_ratio, name or absolute(path).name)
+        return cls(
+            loaded.model,
+            _tokenizer_for(loaded.path, tokenizer_dir),
+            get_template(loaded.template),
+            loaded.image_aspect_ratio,
+            name or absolute(path).name,
+        )
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -92,8 +98,9 @@ class ChatModel:
         """The template, with its system text replaced when `system` is given."""
         return self.template if system is None else dataclasses.replace(self.template, system=system)
 
-    def prompt_ids(self, messages: list[str], *, image: bool, template: Template | None = None,
-                   image_message: int = 0) -> np.ndarray:
+    def prompt_ids(
+        self, messages: list[str], *, image: bool, template: Template | None = None, image_message: int = 0
+    ) -> np.ndarray:
         """Prompt ids for human, assistant, ..., human messages; with `image`, human message
         `image_message` (the first, as in the original) starts with the ``<image>`` placeholder
         (expanded to the image tokens).
@@ -106,8 +113,11 @@ class ChatModel:
         texts = [("the system text", template.system), *((f"message {i}", m) for i, m in enumerate(messages))]
         for name, text in texts:
             if IMAGE_PLACEHOLDER in text:
-                raise BadSample(None, f"{name} contains the reserved text {IMAGE_PLACEHOLDER!r}; send images as "
-                                      "images, not as that marker")
+                raise BadSample(
+                    None,
+                    f"{name} contains the reserved text {IMAGE_PLACEHOLDER!r}; send images as "
+                    "images, not as that marker",
+                )
         if image and messages:
             if image_message % 2 or not 0 <= image_message < len(messages):
                 raise ValueError(f"image_message={image_message} is not a human message index")
@@ -117,15 +127,31 @@ class ChatModel:
         slots = int(np.count_nonzero(ids == self.model.cfg.image_token_id))
         want = self.num_image_tokens if image else 0
         if slots != want:
-            raise BadSample(None, f"the prompt holds {slots} image tokens where {want} are expected; the "
-                                  "conversation text must not contain the image token")
+            raise BadSample(
+                None,
+                f"the prompt holds {slots} image tokens where {want} are expected; the "
+                "conversation text must not contain the image token",
+            )
         return ids
 
-    def load_image(self, source, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float | None = None,
-                   max_work_pixels: int | None = None) -> np.ndarray:
+    def load_image(
+        self,
+        source,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_aspect_ratio: float | None = None,
+        max_work_pixels: int | None = None,
+    ) -> np.ndarray:
         """Encoded image bytes or a file path -> uint8 [S, S, 3] as the model was trained (raises `BadSample`).
 
         The limits (see `llava_jax.data.image.load_image`) are checked from the header, before decoding.
         """
-        return load_image(source, self.image_size, self.image_aspect_ratio, record_id="image", max_pixels=max_pixels,
-                          max_aspect_ratio=max_aspect_ratio, max_work_pixels=max_work_pixels)
+        return load_image(
+            source,
+            self.image_size,
+            self.image_aspect_ratio,
+            record_id="image",
+            max_pixels=max_pixels,
+            max_aspect_ratio=max_aspect_ratio,
+            max_work_pixels=max_work_pixels,
+        )

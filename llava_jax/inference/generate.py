@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Generator, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,6 @@ from llava_jax.models.llama import KVCache, Llama
 from llava_jax.models.llava import Llava
 
 NO_TOKEN = -1  # in chunk outputs: the row was already done, or the step did not run
-
-# How often each jitted function was traced (= compiled) in this process; tests read these.
-TRACE_COUNTS = {"prefill": 0, "decode": 0}
 
 
 @dataclasses.dataclass
@@ -83,11 +81,23 @@ def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_length"))
-def _prefill(graphdef, params, ids, images, positions, segment_ids, active, eos, values, key, *, mode: SamplingMode,
-             cache_length: int):
+def _prefill(
+    graphdef,
+    params,
+    ids,
+    images,
+    positions,
+    segment_ids,
+    active,
+    eos,
+    values,
+    key,
+    *,
+    mode: SamplingMode,
+    cache_length: int,
+):
     """ids/positions/segment_ids [B, P]; images [B, M, S, S, 3] or None; active [B] bool.
     Returns (first new tokens [B] int32 with NO_TOKEN for inactive rows, DecodeState)."""
-    TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, params)
     lm = _language_model(model)
     embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
@@ -104,7 +114,6 @@ def _prefill(graphdef, params, ids, images, positions, segment_ids, active, eos,
 def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int):
     """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first.
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, DecodeState)."""
-    TRACE_COUNTS["decode"] += 1
     lm = _language_model(nnx.merge(graphdef, params))
     b = state.token.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
@@ -115,8 +124,9 @@ def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, m
 
     def body(carry):
         i, s, out = carry
-        hidden, cache = lm.hidden(lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones,
-                                  cache=s.cache)
+        hidden, cache = lm.hidden(
+            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache
+        )
         logits = lm.logits(hidden)[:, 0]
         token = sample_tokens(logits, jax.random.fold_in(s.key, s.step), mode, values)
         out = out.at[:, i].set(jnp.where(s.done, NO_TOKEN, token))
@@ -156,8 +166,9 @@ def _as_lists(prompts, lengths) -> list[list[int]]:
     return [[int(t) for t in p] for p in prompts]
 
 
-def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int, min_prompt_length: int = 0,
-             rows: int | None = None) -> _Batch:
+def _prepare(
+    model, prompts: list[list[int]], images, max_new_tokens: int, min_prompt_length: int = 0, rows: int | None = None
+) -> _Batch:
     lm = _language_model(model)
     cfg = lm.cfg
     if not prompts:
@@ -192,9 +203,9 @@ def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int, min_p
     segment_ids = np.zeros((rows, width), np.int32)
     for b in range(rows):
         p = prompts[b] if b < n else prompts[0][:1]  # batch-padding rows: one token, inactive
-        ids[b, width - len(p):] = p
-        positions[b, width - len(p):] = np.arange(len(p))
-        segment_ids[b, width - len(p):] = 1
+        ids[b, width - len(p) :] = p
+        positions[b, width - len(p) :] = np.arange(len(p))
+        segment_ids[b, width - len(p) :] = 1
     active = np.arange(rows) < n
 
     if isinstance(model, Llava):
@@ -210,21 +221,26 @@ def _check_images(model: Llava, prompts: list[list[int]], images, rows: int) -> 
     counts = [sum(t == cfg.image_token_id for t in p) for p in prompts]
     if images is None:
         if any(counts):
-            raise ValueError(f"prompts contain image tokens (id {cfg.image_token_id}, counts {counts}) but images "
-                             "is None; pass images [B, M, S, S, 3] or remove the image tokens")
+            raise ValueError(
+                f"prompts contain image tokens (id {cfg.image_token_id}, counts {counts}) but images "
+                "is None; pass images [B, M, S, S, 3] or remove the image tokens"
+            )
         return None
     images = np.asarray(images)
     if images.ndim == 4:
         images = images[:, None]
     size = cfg.vision.image_size
     if images.ndim != 5 or images.shape[0] != len(prompts) or images.shape[2:] != (size, size, 3):
-        raise ValueError(f"images must be [B={len(prompts)}, M, {size}, {size}, 3] (or [B, {size}, {size}, 3]), "
-                         f"got {images.shape}")
+        raise ValueError(
+            f"images must be [B={len(prompts)}, M, {size}, {size}, 3] (or [B, {size}, {size}, 3]), got {images.shape}"
+        )
     slots = images.shape[1] * per_image
     for b, c in enumerate(counts):
         if c % per_image or c > slots:
-            raise ValueError(f"prompt {b} has {c} image tokens; it needs a multiple of {per_image} (one image) and "
-                             f"at most {slots} ({images.shape[1]} image slots per row)")
+            raise ValueError(
+                f"prompt {b} has {c} image tokens; it needs a multiple of {per_image} (one image) and "
+                f"at most {slots} ({images.shape[1]} image slots per row)"
+            )
     if rows > len(prompts):
         images = np.concatenate([images, np.zeros((rows - len(prompts), *images.shape[1:]), images.dtype)])
     return images
@@ -258,18 +274,10 @@ def stream_generate(
     batch = _prepare(model, prompt_lists, images, max_new_tokens, min_prompt_length, rows)
     put = place or jnp.asarray
     n = len(prompt_lists)
-    eos_set = {int(t) for t in eos_ids}
-    eos = np.full(bucket(len(eos_set), minimum=4), NO_TOKEN, np.int32)  # fixed size: no recompiles
-    eos[:len(eos_set)] = sorted(eos_set)
+    eos_set, eos = _eos_table(eos_ids)
     mode, values = sampling.mode, sampling.values
     graphdef, params = nnx.split(model)
-    cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1)
-
-    first, state = _prefill(
-        graphdef, params, put(batch.ids), None if batch.images is None else put(batch.images),
-        put(batch.positions), put(batch.segment_ids), put(batch.active), eos, values,
-        jax.random.key(seed), mode=mode, cache_length=cache_length,
-    )
+    first, state = _start(graphdef, params, batch, put, max_new_tokens, eos, values, seed, mode)
     remaining = max_new_tokens - 1
     stop = np.zeros(batch.ids.shape[0], bool)
     result: list[list[int]] = [[] for _ in range(n)]
@@ -281,32 +289,75 @@ def stream_generate(
         if remaining > 0 and not all(finish):  # keep the device busy while the host reads `in_flight`
             steps = min(chunk_size, remaining)
             remaining -= steps
-            following, state = _decode(graphdef, params, state, np.int32(steps), put(stop.copy()), eos, values,
-                                       mode=mode, chunk=chunk_size)
+            following, state = _decode(
+                graphdef, params, state, np.int32(steps), put(stop.copy()), eos, values, mode=mode, chunk=chunk_size
+            )
             stop[:] = False
-        tokens = np.asarray(in_flight)
-        new: list[list[int]] = [[] for _ in range(n)]
+        new = _read_chunk(np.asarray(in_flight), finish, eos_set)
         for b in range(n):
-            if finish[b] is not None:
-                continue
-            for t in tokens[b].tolist():
-                if t == NO_TOKEN:
-                    break
-                if t in eos_set:
-                    finish[b] = "eos"
-                    break
-                new[b].append(t)
             result[b].extend(new[b])
         if following is None:
             finish = [f or "length" for f in finish]
         request = yield Chunk(new, list(finish))
-        for r in request or ():
-            if not 0 <= r < n:
-                raise ValueError(f"cannot stop row {r}: the batch has rows 0..{n - 1}")
-            if finish[r] is None:
-                finish[r], stop[r] = "stop", True
+        _stop_rows(request, finish, stop)
         in_flight = None if all(finish) else following
     return result
+
+
+def _eos_table(eos_ids: Iterable[int]) -> tuple[set[int], np.ndarray]:
+    """The EOS ids as a set (host) and as a fixed-size int32 array padded with NO_TOKEN (device): a fixed
+    size means other EOS sets do not recompile."""
+    eos_set = {int(t) for t in eos_ids}
+    eos = np.full(bucket(len(eos_set), minimum=4), NO_TOKEN, np.int32)
+    eos[: len(eos_set)] = sorted(eos_set)
+    return eos_set, eos
+
+
+def _start(graphdef, params, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode):
+    """Prefill with a cache long enough for the prompt bucket and the new tokens; `put` places each
+    host array on devices. Returns (first tokens [Bp] int32, DecodeState)."""
+    cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1)
+    return _prefill(
+        graphdef,
+        params,
+        put(batch.ids),
+        None if batch.images is None else put(batch.images),
+        put(batch.positions),
+        put(batch.segment_ids),
+        put(batch.active),
+        eos,
+        values,
+        jax.random.key(seed),
+        mode=mode,
+        cache_length=cache_length,
+    )
+
+
+def _read_chunk(tokens: np.ndarray, finish: list[str | None], eos_set: set[int]) -> list[list[int]]:
+    """New tokens per running row from a device chunk `tokens` [Bp, C]: up to the first NO_TOKEN or EOS
+    (EOS excluded). Rows that hit an EOS are marked 'eos' in `finish` (edited in place)."""
+    new: list[list[int]] = [[] for _ in finish]
+    for b in range(len(finish)):
+        if finish[b] is not None:
+            continue
+        for t in tokens[b].tolist():
+            if t == NO_TOKEN:
+                break
+            if t in eos_set:
+                finish[b] = "eos"
+                break
+            new[b].append(t)
+    return new
+
+
+def _stop_rows(request: Iterable[int] | None, finish: list[str | None], stop: np.ndarray) -> None:
+    """Marks the rows the caller asked to stop as 'stop' in `finish` and in the device mask `stop` [Bp]."""
+    n = len(finish)
+    for r in request or ():
+        if not 0 <= r < n:
+            raise ValueError(f"cannot stop row {r}: the batch has rows 0..{n - 1}")
+        if finish[r] is None:
+            finish[r], stop[r] = "stop", True
 
 
 def generate(
@@ -347,9 +398,20 @@ def generate(
     Raises ValueError when the longest prompt + max_new_tokens exceeds the model's context
     (`LlamaConfig.context_length`: max_position_embeddings, times the RoPE scaling factor).
     """
-    gen = stream_generate(model, prompts, images, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-                          seed=seed, chunk_size=chunk_size, lengths=lengths, min_prompt_length=min_prompt_length,
-                          rows=rows, place=place)
+    gen = stream_generate(
+        model,
+        prompts,
+        images,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        seed=seed,
+        chunk_size=chunk_size,
+        lengths=lengths,
+        min_prompt_length=min_prompt_length,
+        rows=rows,
+        place=place,
+    )
     request = None
     try:
         while True:

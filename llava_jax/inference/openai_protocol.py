@@ -2,8 +2,9 @@
 
 `decode_json` reads a request body (refusing invalid UTF-8, lone surrogates and nesting deeper than
 `MAX_JSON_DEPTH`); `parse_chat_request` checks the decoded body against the server's `Limits` and
-turns it into a `ChatRequest` (prompt ids, image pixels, sampling, limits). Both raise `ApiError`
-with the HTTP status and a message that names the problem. Images come only inside the request, as base64
+turns it into a `ParsedChat` (message texts, image file bytes, sampling, limits). Both raise `ApiError`
+with the HTTP status and a message that names the problem. No model work happens here: decoding the
+image and building the prompt is `llava_jax.inference.prompting`. Images come only inside the request, as base64
 ``data:`` URIs in ``image_url`` parts; the server never fetches a URL or reads a file named by a
 request.
 
@@ -28,11 +29,7 @@ import time
 import uuid
 from typing import Any
 
-import numpy as np
-
-from llava_jax.data.errors import BadSample
 from llava_jax.data.templates import IMAGE_PLACEHOLDER
-from llava_jax.inference.chat_model import ChatModel
 from llava_jax.inference.sampling import Sampling
 
 MAX_STOPS = 4
@@ -59,8 +56,15 @@ class Limits:
 class ApiError(Exception):
     """An error answered to the client: HTTP `status` and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -72,14 +76,21 @@ def _bad(message: str, param: str | None = None, status: int = 400, code: str | 
     return ApiError(status, message, param=param, code=code)
 
 
-@dataclasses.dataclass
-class ChatRequest:
-    prompt: np.ndarray  # int32 prompt ids (image tokens included)
-    image: np.ndarray | None  # uint8 [S, S, 3]
-    max_tokens: int
+@dataclasses.dataclass(frozen=True)
+class ParsedChat:
+    """A checked chat-completions request, before any model work: the conversation as text, the image
+    as the encoded file bytes, the generation settings."""
+
+    system: str | None  # system / developer text, None for the template's own
+    turns: list[str]  # user, assistant, ..., user message texts
+    image: bytes | None  # the encoded image file (PNG, JPEG, ...) from the data: URI
+    image_param: str | None  # where the image was, e.g. messages[0].content[1].image_url
+    image_message: int | None  # index in `turns` of the message holding the image
+    max_tokens: int | None  # None: the server's default, clipped to the context left
+    max_tokens_param: str  # the field that set it: max_tokens or max_completion_tokens
     sampling: Sampling
     seed: int | None
-    stops: tuple[str, ...]
+    stops: tuple[str, ...]  # the client's stop strings
     stream: bool
     include_usage: bool
     return_token_ids: bool
@@ -87,6 +98,7 @@ class ChatRequest:
 
 # ------------------------------------------------------------------------------------------------
 # field checks
+
 
 def _number(payload: dict, name: str, lo: float, hi: float, *, default=None, lo_open: bool = False):
     value = payload.get(name)
@@ -118,21 +130,30 @@ def decode_data_uri(url: str, limits: Limits, param: str) -> bytes:
         raise _bad("image_url.url must be a non-empty string", param)
     if not url.startswith("data:"):
         if url.startswith(("http://", "https://")):
-            raise _bad("image_url must be a base64 data: URI (data:image/png;base64,...); this server does not "
-                       "fetch images from URLs", param)
-        raise _bad("image_url must be a base64 data: URI (data:image/png;base64,...); this server does not read "
-                   "files or URLs", param)
+            raise _bad(
+                "image_url must be a base64 data: URI (data:image/png;base64,...); this server does not "
+                "fetch images from URLs",
+                param,
+            )
+        raise _bad(
+            "image_url must be a base64 data: URI (data:image/png;base64,...); this server does not read files or URLs",
+            param,
+        )
     header, sep, data = url[5:].partition(",")
     if not sep or not header.endswith(";base64"):
         raise _bad("image data: URI must be base64 encoded (data:image/<type>;base64,<data>)", param)
-    mime = header[:-len(";base64")].split(";")[0].strip().lower()
+    mime = header[: -len(";base64")].split(";")[0].strip().lower()
     if mime and not mime.startswith("image/"):
         raise _bad(f"image data: URI has media type {mime!r}; expected image/*", param)
     data = "".join(data.split())  # tolerate line breaks
     approx = len(data) * 3 // 4
     if approx > limits.max_image_bytes:
-        raise _bad(f"image is about {approx} bytes; the limit is {limits.max_image_bytes} bytes", param, status=413,
-                   code="image_too_large")
+        raise _bad(
+            f"image is about {approx} bytes; the limit is {limits.max_image_bytes} bytes",
+            param,
+            status=413,
+            code="image_too_large",
+        )
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -181,9 +202,12 @@ def _check_text(text: str, path: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         where = ascii(path[:200]) if path else "the request body"
-        raise _bad(f"the string at {where} holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x} at character "
-                   f"{e.start}), which is not valid Unicode text; send surrogates only as pairs, or the character "
-                   "itself in UTF-8", ascii(path[:200])[1:-1] if path else None) from None
+        raise _bad(
+            f"the string at {where} holds a lone UTF-16 surrogate (\\u{ord(text[e.start]):04x} at character "
+            f"{e.start}), which is not valid Unicode text; send surrogates only as pairs, or the character "
+            "itself in UTF-8",
+            ascii(path[:200])[1:-1] if path else None,
+        ) from None
 
 
 def _message_text(content: Any, i: int, role: str, images: list) -> str:
@@ -224,14 +248,16 @@ def _conversation(messages: Any) -> tuple[str | None, list[str], list[tuple[int,
             raise _bad(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
         role = m.get("role")
         if role not in ("system", "developer", "user", "assistant"):
-            raise _bad(f"messages[{i}].role={role!r} is not supported (system, user, assistant)",
-                       f"messages[{i}].role")
+            raise _bad(f"messages[{i}].role={role!r} is not supported (system, user, assistant)", f"messages[{i}].role")
         if m.get("content") is None:
             raise _bad(f"messages[{i}] has no content", f"messages[{i}].content")
         text = _message_text(m["content"], i, role, images)
         if IMAGE_PLACEHOLDER in text:
-            raise _bad(f"messages[{i}].content contains the reserved text {IMAGE_PLACEHOLDER!r}; send the image as "
-                       "an image_url part (the server places it), not as that marker", f"messages[{i}].content")
+            raise _bad(
+                f"messages[{i}].content contains the reserved text {IMAGE_PLACEHOLDER!r}; send the image as "
+                "an image_url part (the server places it), not as that marker",
+                f"messages[{i}].content",
+            )
         if role in ("system", "developer"):
             if turns:
                 raise _bad(f"messages[{i}]: a system message must come before the conversation", f"messages[{i}]")
@@ -240,8 +266,10 @@ def _conversation(messages: Any) -> tuple[str | None, list[str], list[tuple[int,
         want = "user" if len(turns) % 2 == 0 else "assistant"
         if role != want:
             roles = [x.get("role") if isinstance(x, dict) else None for x in messages]
-            raise _bad(f"messages must alternate user and assistant, starting and ending with user; got roles "
-                       f"{roles}", "messages")
+            raise _bad(
+                f"messages must alternate user and assistant, starting and ending with user; got roles {roles}",
+                "messages",
+            )
         turns.append(text)
         where.append(i)
     if not turns or len(turns) % 2 == 0:
@@ -249,16 +277,60 @@ def _conversation(messages: Any) -> tuple[str | None, list[str], list[tuple[int,
     return ("\n".join(system) if system else None), turns, images, where
 
 
-def parse_chat_request(payload: Any, chat: ChatModel, limits: Limits, model_name: str) -> ChatRequest:
-    """Validate a chat-completions body; decode its image; build the prompt. Raises `ApiError`."""
+def parse_chat_request(payload: Any, limits: Limits, model_name: str) -> ParsedChat:
+    """Validate a chat-completions body against `limits` and the served model's name; decode the image's
+    data URI to bytes. Raises `ApiError`. The model side (`inference.prompting.prepare_prompt`) then
+    decodes the image and builds the prompt."""
     if not isinstance(payload, dict):
         raise _bad("the request body must be a JSON object")
+    _check_model(payload, model_name)
+    _refuse_unsupported(payload)
+    sampling, seed = _sampling(payload, limits)
+    stream, include_usage = _streaming(payload)
+    stops = _stops(payload)
+    max_name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(payload, max_name, lo=1, hi=limits.max_output_tokens)
+
+    system, turns, images, where = _conversation(payload.get("messages"))
+    if len(images) > 1:
+        raise _bad(f"{len(images)} images in the conversation; this model takes one image per conversation", "messages")
+    image = image_param = image_message = None
+    if images:
+        index, url, image_param = images[0]
+        image = decode_data_uri(url, limits, image_param)
+        image_message = where.index(index)
+    return ParsedChat(
+        system=system,
+        turns=turns,
+        image=image,
+        image_param=image_param,
+        image_message=image_message,
+        max_tokens=max_tokens,
+        max_tokens_param=max_name,
+        sampling=sampling,
+        seed=seed,
+        stops=stops,
+        stream=stream,
+        include_usage=include_usage,
+        return_token_ids=bool(payload.get("return_token_ids")),
+    )
+
+
+def _check_model(payload: dict, model_name: str) -> None:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("'model' is required (a string); see GET /v1/models", "model")
     if model != model_name:
-        raise _bad(f"model {model!r} is not served here; available: {model_name!r}", "model", status=404,
-                   code="model_not_found")
+        raise _bad(
+            f"model {model!r} is not served here; available: {model_name!r}",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
+
+
+def _refuse_unsupported(payload: dict) -> None:
+    """Refuse the OpenAI features this server lacks: n > 1, tools, logprobs, JSON mode."""
     n = payload.get("n")
     if n not in (None, 1):
         raise _bad("only n=1 is supported", "n")
@@ -271,90 +343,85 @@ def parse_chat_request(payload: Any, chat: ChatModel, limits: Limits, model_name
     if fmt not in (None, {"type": "text"}):
         raise _bad("only response_format {'type': 'text'} is supported", "response_format")
 
+
+def _sampling(payload: dict, limits: Limits) -> tuple[Sampling, int | None]:
+    """(Sampling from temperature / top_p / top_k with the server's defaults, seed or None)."""
     temperature = _number(payload, "temperature", 0.0, 2.0, default=limits.default_temperature)
-    top_p = _number(payload, "top_p", 0.0, 1.0, default=limits.default_top_p if "top_p" not in payload else None,
-                    lo_open=True)
+    top_p = _number(
+        payload, "top_p", 0.0, 1.0, default=limits.default_top_p if "top_p" not in payload else None, lo_open=True
+    )
     top_k = _integer(payload, "top_k")
     top_k = None if top_k is None or top_k <= 0 else top_k  # 0 / -1 = off, as vLLM reads them
-    sampling = Sampling(temperature, None if top_p == 1.0 else top_p, top_k)
     seed = _integer(payload, "seed")
     seed = None if seed is None else seed % 2**31
+    return Sampling(temperature, None if top_p == 1.0 else top_p, top_k), seed
+
+
+def _streaming(payload: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
     stream = payload.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be true or false", "stream")
     options = payload.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
+    return stream, bool(options.get("include_usage"))
+
+
+def _stops(payload: dict) -> tuple[str, ...]:
     stops = payload.get("stop")
     stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
-    if (not isinstance(stops, list) or len(stops) > MAX_STOPS
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise _bad(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings of at most "
-                   f"{MAX_STOP_CHARS} characters", "stop")
-    max_name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(payload, max_name, lo=1, hi=limits.max_output_tokens)
-
-    system, turns, images, where = _conversation(payload.get("messages"))
-    if len(images) > 1:
-        raise _bad(f"{len(images)} images in the conversation; this model takes one image per conversation",
-                   "messages")
-    image = None
-    if images:
-        index, url, param = images[0]
-        raw = decode_data_uri(url, limits, param)
-        try:
-            image = chat.load_image(raw, max_pixels=limits.max_image_pixels,
-                                    max_aspect_ratio=limits.max_image_aspect_ratio,
-                                    max_work_pixels=limits.max_image_work_pixels)
-        except BadSample as e:
-            raise _bad(f"the image cannot be used: {e.reason}", param) from None
-    template = chat.with_system(system)
-    try:
-        prompt = chat.prompt_ids(turns, image=image is not None, template=template,
-                                 image_message=where.index(images[0][0]) if images else 0)
-    except BadSample as e:
-        raise _bad(f"the conversation cannot be used: {e.reason}", "messages") from None
-
-    context = chat.context_length
-    longest = min(limits.max_prompt_tokens or context - 1, context - 1)
-    if len(prompt) > longest:
-        raise _bad(f"the prompt is {len(prompt)} tokens"
-                   f"{f' ({chat.num_image_tokens} of them for the image)' if image is not None else ''}; "
-                   f"the limit is {longest}; shorten the conversation", "messages", code="context_length_exceeded")
-    room = context - len(prompt)
-    if max_tokens is None:
-        max_tokens = min(limits.default_max_tokens, room)
-    elif max_tokens > room:
-        raise _bad(f"the prompt is {len(prompt)} tokens and {max_name}={max_tokens}; together they exceed the "
-                   f"model's context of {context} tokens: set {max_name} <= {room} or shorten the conversation",
-                   max_name, code="context_length_exceeded")
-    return ChatRequest(
-        prompt=prompt, image=image, max_tokens=max_tokens, sampling=sampling, seed=seed,
-        stops=tuple(dict.fromkeys([*chat.stop_strings(template), *stops])), stream=stream,
-        include_usage=bool(options.get("include_usage")), return_token_ids=bool(payload.get("return_token_ids")),
-    )
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise _bad(
+            f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings of at most "
+            f"{MAX_STOP_CHARS} characters",
+            "stop",
+        )
+    return tuple(stops)
 
 
 # ------------------------------------------------------------------------------------------------
 # responses
+
 
 def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion(rid: str, model: str, text: str, finish: str, prompt_tokens: int, token_ids: list[int], *,
-               return_token_ids: bool = False, created: int | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-              "logprobs": None}
+def completion(
+    rid: str,
+    model: str,
+    text: str,
+    finish: str,
+    prompt_tokens: int,
+    token_ids: list[int],
+    *,
+    return_token_ids: bool = False,
+    created: int | None = None,
+) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
     if return_token_ids:
         choice["token_ids"] = token_ids
-    return {"id": rid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "choices": [choice], "usage": usage(prompt_tokens, len(token_ids))}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, len(token_ids)),
+    }
 
 
 def chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None, **extra) -> dict:

@@ -31,7 +31,8 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -107,12 +108,10 @@ class _Row:
         """Take this row's tokens of one chunk; emit text; returns True when the row has ended (then
         `done(job)` is called just before the `Done` event)."""
         job = self.job
-        tokens = tokens[:job.max_tokens - len(self.tokens)]
+        tokens = tokens[: job.max_tokens - len(self.tokens)]
         self.tokens += tokens
         piece = self.stops.feed(self.decoder.push(tokens))
-        if self.stops.stopped:
-            reason = "stop"
-        elif finish == "eos":
+        if self.stops.stopped or finish == "eos":
             reason = "stop"
         elif finish is not None or len(self.tokens) >= job.max_tokens:
             reason = "length"
@@ -143,8 +142,16 @@ class Scheduler:
       chunk_size: decode steps per device call (the streaming granularity).
     """
 
-    def __init__(self, chat: ChatModel, *, max_batch: int = 8, max_queue: int = 64, batch_wait_s: float = 0.01,
-                 chunk_size: int = 8, seed: int = 0):
+    def __init__(
+        self,
+        chat: ChatModel,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_wait_s: float = 0.01,
+        chunk_size: int = 8,
+        seed: int = 0,
+    ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be >= 1")
         self.chat = chat
@@ -163,7 +170,7 @@ class Scheduler:
         self._answered: set[int] = set()  # ids of the running batch's jobs that have been answered
 
     # ----------------------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="llava-scheduler", daemon=True)
@@ -198,14 +205,17 @@ class Scheduler:
             raise ValueError(f"the job's prompt has {slots} image tokens; its image needs exactly {want}")
         size = self.chat.image_size
         if job.image is not None and (job.image.shape != (size, size, 3) or job.image.dtype != np.uint8):
-            raise ValueError(f"the job's image is {job.image.dtype} {job.image.shape}; expected uint8 "
-                             f"({size}, {size}, 3)")
+            raise ValueError(
+                f"the job's image is {job.image.dtype} {job.image.shape}; expected uint8 ({size}, {size}, 3)"
+            )
         if not isinstance(job.max_tokens, int) or job.max_tokens < 1:
             raise ValueError(f"the job's max_tokens={job.max_tokens!r} must be an integer >= 1")
         context = self.chat.context_length
         if len(job.prompt) + job.max_tokens > context:
-            raise ValueError(f"the job's prompt of {len(job.prompt)} tokens + max_tokens={job.max_tokens} exceeds the "
-                             f"context of {context} tokens")
+            raise ValueError(
+                f"the job's prompt of {len(job.prompt)} tokens + max_tokens={job.max_tokens} exceeds the "
+                f"context of {context} tokens"
+            )
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises `ValueError` for a job that cannot run (`check`), `QueueFull` when
@@ -215,8 +225,9 @@ class Scheduler:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_queue}); "
-                                "retry shortly")
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting (limit {self.max_queue}); retry shortly"
+                )
             self._waiting.append(job)
             self._cond.notify_all()
 
@@ -227,10 +238,17 @@ class Scheduler:
         size = 1
         while True:
             images = None if image is None else np.broadcast_to(image, (size, 1, *image.shape))
-            gen = stream_generate(self.chat.model, [prompt] * size, images, max_new_tokens=max_new_tokens,
-                                  sampling=sampling, eos_ids=self.chat.eos_ids, chunk_size=self.chunk_size)
+            gen = stream_generate(
+                self.chat.model,
+                [prompt] * size,
+                images,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                eos_ids=self.chat.eos_ids,
+                chunk_size=self.chunk_size,
+            )
             try:
-                for _, _ in zip(range(2), gen):
+                for _, _ in zip(range(2), gen, strict=False):  # two chunks: prefill and one decode
                     pass
             finally:
                 gen.close()
@@ -311,9 +329,16 @@ class Scheduler:
         first = batch[0]
         seed = first.seed if first.seed is not None else int(self._rng.integers(2**31))
         rows = [_Row(job, chat.tokenizer) for job in batch]
-        gen = stream_generate(chat.model, [job.prompt for job in batch], images,
-                              max_new_tokens=max(job.max_tokens for job in batch), sampling=first.sampling,
-                              eos_ids=chat.eos_ids, seed=seed, chunk_size=self.chunk_size)
+        gen = stream_generate(
+            chat.model,
+            [job.prompt for job in batch],
+            images,
+            max_new_tokens=max(job.max_tokens for job in batch),
+            sampling=first.sampling,
+            eos_ids=chat.eos_ids,
+            seed=seed,
+            chunk_size=self.chunk_size,
+        )
         try:
             request: list[int] = []
             while True:
@@ -323,8 +348,11 @@ class Scheduler:
                     break
                 request = []
                 for b, row in enumerate(rows):
-                    if (not row.finished and row.step(chunk.tokens[b], chunk.finish[b], self._done)
-                            and chunk.finish[b] is None):
+                    if (
+                        not row.finished
+                        and row.step(chunk.tokens[b], chunk.finish[b], self._done)
+                        and chunk.finish[b] is None
+                    ):
                         request.append(b)
                 if all(row.finished for row in rows):
                     break

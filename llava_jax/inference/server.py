@@ -7,8 +7,9 @@ Routes:
   GET  /                      the web chat page (`llava_jax.inference.webpage`)
 
 Requests are checked (`openai_protocol.decode_json`: JSON, Unicode, nesting; then, on a worker
-thread, `openai_protocol.parse_chat_request`: fields, image bytes, pixels and shape, prompt and output
-tokens), then handed to the `Scheduler`, which batches concurrent requests into shared generation
+thread, `openai_protocol.parse_chat_request`: fields, messages, image bytes), prepared by the model
+side (`prompting.prepare_prompt`: image pixels and shape, prompt and output tokens), then handed to
+the `Scheduler`, which batches concurrent requests into shared generation
 calls, each request within its own token budget. Every refusal is a 4xx with an OpenAI-style JSON
 error body (``{"error": {"message", "type", "param", "code"}}``); a full queue answers 503. Images
 travel inside the request as base64 ``data:`` URIs: the server reads no file and fetches no URL
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava_jax.inference import openai_protocol as protocol
 from llava_jax.inference.chat_model import ChatModel
 from llava_jax.inference.openai_protocol import ApiError, Limits
+from llava_jax.inference.prompting import Prompt, PromptRefused, prepare_prompt
 from llava_jax.inference.sampling import Sampling
 from llava_jax.inference.scheduler import Delta, Done, Failed, Job, QueueFull, Scheduler
 from llava_jax.inference.webpage import render_page
@@ -85,16 +87,31 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
     """The FastAPI app serving `chat`. The scheduler (``app.state.scheduler``) starts with the app
     (its lifespan) unless `start_scheduler` is False, and stops with it."""
     name = config.model_name or chat.name
-    limits = config.limits
-    scheduler = Scheduler(chat, max_batch=config.max_batch, max_queue=config.max_queue,
-                          batch_wait_s=config.batch_wait_ms / 1000, chunk_size=config.chunk_size)
-    created = int(time.time())
-    page = render_page(name, max_tokens=limits.max_output_tokens, default_tokens=limits.default_max_tokens)
+    scheduler = Scheduler(
+        chat,
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        batch_wait_s=config.batch_wait_ms / 1000,
+        chunk_size=config.chunk_size,
+    )
+    lifespan = _lifespan(chat, scheduler, config, start_scheduler)
+    app = FastAPI(title="llava_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+    app.state.chat = chat
+    app.state.model_name = name
+    _add_error_handlers(app)
+    _add_info_routes(app, name, scheduler, config.limits)
+    _add_chat_route(app, chat, scheduler, config.limits, name)
+    return app
+
+
+def _lifespan(chat: ChatModel, scheduler: Scheduler, config: ServerConfig, start_scheduler: bool):
+    """Warm up (if asked) and start the scheduler before serving; stop it after."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         if config.warmup:
-            await run_in_threadpool(_warm_up, chat, scheduler, limits)
+            await run_in_threadpool(_warm_up, chat, scheduler, config.limits)
         if start_scheduler:
             scheduler.start()
         try:
@@ -102,10 +119,12 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
         finally:
             await run_in_threadpool(scheduler.stop)
 
-    app = FastAPI(title="llava_jax", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler = scheduler
-    app.state.chat = chat
-    app.state.model_name = name
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-style JSON body: `ApiError`s with their status, unknown routes and
+    methods as FastAPI answers them, anything else as a logged 500."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
@@ -114,14 +133,30 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}},
-                            status_code=e.status_code)
+        return JSONResponse(
+            {"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}}, status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _internal(_request, e: Exception):
         log.exception("request failed")
-        return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}", "type": "server_error",
-                                       "param": None, "code": None}}, status_code=500)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": f"internal error: {type(e).__name__}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=500,
+        )
+
+
+def _add_info_routes(app: FastAPI, name: str, scheduler: Scheduler, limits: Limits) -> None:
+    """The web chat page, /health and the model list."""
+    created = int(time.time())
+    page = render_page(name, max_tokens=limits.max_output_tokens, default_tokens=limits.default_max_tokens)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -129,8 +164,14 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "queued": scheduler.queued, "running": scheduler.running,
-                "completed": scheduler.completed, "batch_sizes": dict(sorted(scheduler.batch_sizes.items()))}
+        return {
+            "status": "ok",
+            "model": name,
+            "queued": scheduler.queued,
+            "running": scheduler.running,
+            "completed": scheduler.completed,
+            "batch_sizes": dict(sorted(scheduler.batch_sizes.items())),
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -139,72 +180,130 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         if model_id != name:
-            raise ApiError(404, f"model {model_id!r} is not served here; available: {name!r}", param="model",
-                           code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {model_id!r} is not served here; available: {name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return protocol.models_list(name, created)["data"][0]
 
+
+def _add_chat_route(app: FastAPI, chat: ChatModel, scheduler: Scheduler, limits: Limits, name: str) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await _read_body(request, limits.max_request_bytes)
         payload = protocol.decode_json(raw)
-        req = await run_in_threadpool(protocol.parse_chat_request, payload, chat, limits, name)
+        parsed, prompt = await run_in_threadpool(_parse_and_prepare, payload, chat, limits, name)
+        events, job = _submit(scheduler, parsed, prompt)
+        reply = _Reply(protocol.new_id(), name, int(time.time()), len(prompt.ids), parsed)
+        if not parsed.stream:
+            return await _complete(events, job, reply)
+        return StreamingResponse(
+            _stream(events, job, reply),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
 
-        def emit(event):
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
-                loop.call_soon_threadsafe(events.put_nowait, event)
+def _parse_and_prepare(payload, chat: ChatModel, limits: Limits, name: str) -> tuple[protocol.ParsedChat, Prompt]:
+    """The HTTP checks (`parse_chat_request`), then the model's preparation (`prepare_prompt`), whose
+    refusals are answered as 400s naming the request field. Runs on a worker thread (image decoding)."""
+    parsed = protocol.parse_chat_request(payload, limits, name)
+    try:
+        return parsed, prepare_prompt(chat, parsed, limits)
+    except PromptRefused as e:
+        raise ApiError(400, e.message, param=e.param, code=e.code) from None
 
-        job = Job(prompt=req.prompt.tolist(), image=req.image, max_tokens=req.max_tokens, sampling=req.sampling,
-                  emit=emit, stops=req.stops, seed=req.seed)
-        try:
-            scheduler.submit(job)
-        except QueueFull as e:
-            raise ApiError(503, f"server busy: {e}", kind="server_error", code="queue_full") from None
-        rid, stamp, prompt_tokens = protocol.new_id(), int(time.time()), len(req.prompt)
 
-        if not req.stream:
-            try:
-                text = []
-                while True:
-                    event = await events.get()
-                    if isinstance(event, Delta):
-                        text.append(event.text)
-                    elif isinstance(event, Done):
-                        return protocol.completion(rid, name, "".join(text), event.finish_reason, prompt_tokens,
-                                                   event.token_ids, return_token_ids=req.return_token_ids,
-                                                   created=stamp)
-                    elif isinstance(event, Failed):
-                        raise ApiError(503 if "shutting down" in event.message else 500, event.message,
-                                       kind="server_error")
-            finally:
-                job.cancel()
+def _submit(scheduler: Scheduler, parsed: protocol.ParsedChat, prompt: Prompt) -> tuple[asyncio.Queue, Job]:
+    """Queue the generation; its events (`Delta`, `Done`, `Failed`) arrive on the returned queue."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
 
-        async def stream():
-            try:
-                yield _sse(protocol.chunk(rid, name, stamp, {"role": "assistant", "content": ""}))
-                while True:
-                    event = await events.get()
-                    if isinstance(event, Delta):
-                        yield _sse(protocol.chunk(rid, name, stamp, {"content": event.text}))
-                    elif isinstance(event, Done):
-                        extra = {"token_ids": event.token_ids} if req.return_token_ids else {}
-                        yield _sse(protocol.chunk(rid, name, stamp, {}, event.finish_reason, **extra))
-                        if req.include_usage:
-                            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": stamp,
-                                        "model": name, "choices": [],
-                                        "usage": protocol.usage(prompt_tokens, len(event.token_ids))})
-                        break
-                    elif isinstance(event, Failed):
-                        yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
-                                              "code": None}})
-                        break
-                yield _sse("[DONE]")
-            finally:
-                job.cancel()
+    def emit(event):
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    job = Job(
+        prompt=prompt.ids.tolist(),
+        image=prompt.image,
+        max_tokens=prompt.max_tokens,
+        sampling=parsed.sampling,
+        emit=emit,
+        stops=prompt.stops,
+        seed=parsed.seed,
+    )
+    try:
+        scheduler.submit(job)
+    except QueueFull as e:
+        raise ApiError(503, f"server busy: {e}", kind="server_error", code="queue_full") from None
+    return events, job
 
-    return app
+
+@dataclasses.dataclass(frozen=True)
+class _Reply:
+    """What every response of one completion repeats."""
+
+    rid: str
+    model: str
+    created: int
+    prompt_tokens: int
+    request: protocol.ParsedChat
+
+
+async def _complete(events: asyncio.Queue, job: Job, reply: _Reply) -> dict:
+    """The whole reply as one chat.completion body."""
+    try:
+        text = []
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                text.append(event.text)
+            elif isinstance(event, Done):
+                return protocol.completion(
+                    reply.rid,
+                    reply.model,
+                    "".join(text),
+                    event.finish_reason,
+                    reply.prompt_tokens,
+                    event.token_ids,
+                    return_token_ids=reply.request.return_token_ids,
+                    created=reply.created,
+                )
+            elif isinstance(event, Failed):
+                raise ApiError(503 if "shutting down" in event.message else 500, event.message, kind="server_error")
+    finally:
+        job.cancel()
+
+
+async def _stream(events: asyncio.Queue, job: Job, reply: _Reply):
+    """The reply as server-sent chat.completion.chunk events, then ``[DONE]``."""
+    rid, name, stamp = reply.rid, reply.model, reply.created
+    try:
+        yield _sse(protocol.chunk(rid, name, stamp, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield _sse(protocol.chunk(rid, name, stamp, {"content": event.text}))
+            elif isinstance(event, Done):
+                extra = {"token_ids": event.token_ids} if reply.request.return_token_ids else {}
+                yield _sse(protocol.chunk(rid, name, stamp, {}, event.finish_reason, **extra))
+                if reply.request.include_usage:
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": stamp,
+                            "model": name,
+                            "choices": [],
+                            "usage": protocol.usage(reply.prompt_tokens, len(event.token_ids)),
+                        }
+                    )
+                break
+            elif isinstance(event, Failed):
+                yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
+                break
+        yield _sse("[DONE]")
+    finally:
+        job.cancel()

@@ -12,7 +12,7 @@ from PIL import Image
 from llava_jax.data import pack, pipeline, sources, synthetic
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import load_image
-from llava_jax.data.tokenize import tokenize_record
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
 
 S = 32  # image size

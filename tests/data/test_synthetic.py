@@ -49,7 +49,7 @@ def test_files_and_format(out):
     for r in pre:
         h, g = r["conversations"]
         assert h["from"] == "human" and h["value"].startswith("<image>\n") and g["from"] == "gpt"
-        assert h["value"][len("<image>\n"):] in synthetic.CAPTION_INSTRUCTIONS
+        assert h["value"][len("<image>\n") :] in synthetic.CAPTION_INSTRUCTIONS
     for r in ins:
         turns = r["conversations"]
         assert 4 <= len(turns) <= 8 and turns[0]["value"].startswith("<image>\n")
@@ -78,7 +78,7 @@ def test_answers_match_the_pixels(out):
     for r in _load(out, "instruct"):
         seen = analyze(out / r["image"])
         turns = r["conversations"]
-        for q, a in zip(turns[::2], turns[1::2]):
+        for q, a in zip(turns[::2], turns[1::2], strict=True):
             assert seen[keys[q["value"].replace("<image>\n", "")]] == a["value"], r
     for r in _load(out, "pretrain"):
         seen = analyze(out / r["image"])
@@ -106,17 +106,52 @@ def test_feeds_the_pipeline(out):
     tok = load_tokenizer()
     for split, template in (("pretrain", "plain"), ("instruct", "v1"), ("eval", "v1")):
         src = sources.LlavaJsonSource(out / f"{split}.json")
-        batches = list(pipeline.make_batches(
-            src, tokenizer=tok, template=template, image_size=32, image_aspect_ratio="pad", num_image_tokens=4,
-            max_length=192, global_batch_size=8, seed=0, num_epochs=1, packing=True, worker_count=0,
-            on_bad_sample="raise", shard_index=0, shard_count=1))
+        batches = list(
+            pipeline.make_batches(
+                src,
+                tokenizer=tok,
+                template=template,
+                image_size=32,
+                image_aspect_ratio="pad",
+                num_image_tokens=4,
+                max_length=192,
+                global_batch_size=8,
+                seed=0,
+                num_epochs=1,
+                packing=True,
+                worker_count=0,
+                on_bad_sample="raise",
+                shard_index=0,
+                shard_count=1,
+            )
+        )
         assert sum(int(b["segment_ids"].max(axis=1).sum()) for b in batches) == len(src)
 
 
 def test_cli(tmp_path, repo_root):
-    res = subprocess.run([sys.executable, "-m", "llava_jax.data.synthetic", "--out", str(tmp_path), "--image-size", "32",
-                          "--num-pretrain", "5", "--num-instruct", "6", "--num-eval", "7", "--format", "jpg"],
-                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.data.synthetic",
+            "--out",
+            str(tmp_path),
+            "--image-size",
+            "32",
+            "--num-pretrain",
+            "5",
+            "--num-instruct",
+            "6",
+            "--num-eval",
+            "7",
+            "--format",
+            "jpg",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "wrote 5 pretrain, 6 instruct, 7 eval records" in res.stdout
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 18

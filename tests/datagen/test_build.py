@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llava_jax.data.sources import LlavaJsonSource
-from llava_jax.data.tokenize import tokenize_record
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import load_tokenizer
 from llava_jax.datagen import build, captions
 from llava_jax.datagen.instructions import BRIEF, DETAILED

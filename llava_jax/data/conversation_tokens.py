@@ -15,7 +15,8 @@ differs from the original's masks: ``llava_jax/data/LABELS.md``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def _encode(chunks: list[str], encoder, num_image_tokens: int, bos: bool):
         starts.append(np.array([-1]))
         ends.append(np.array([-1]))
     base, image_end, length = 0, 0, int(bos)
-    for k, (chunk, (c_ids, c_starts, c_ends)) in enumerate(zip(chunks, pieces)):
+    for k, (chunk, (c_ids, c_starts, c_ends)) in enumerate(zip(chunks, pieces, strict=True)):
         if k:
             ids.append(np.full(num_image_tokens, IMAGE_TOKEN_ID))
             starts.append(np.full(num_image_tokens, -1))
@@ -142,37 +143,19 @@ def tokenize_conversation(
         max_length, or no target token left.
     """
     if missing_placeholder not in MISSING_PLACEHOLDER_POLICIES:
-        raise ValueError(f"missing_placeholder must be one of {MISSING_PLACEHOLDER_POLICIES}, got {missing_placeholder!r}")
+        raise ValueError(
+            f"missing_placeholder must be one of {MISSING_PLACEHOLDER_POLICIES}, got {missing_placeholder!r}"
+        )
     template = get_template(template)
     encoder = text_encoder(tokenizer)
     messages = _check_turns(conversations, record_id)
     messages, has_image = _place_image(messages, has_image, record_id, missing_placeholder)
-    if has_image and num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be >= 1 for a record with an image, got {num_image_tokens}")
-    if template.style == PLAIN:
-        if not has_image:
-            raise BadSample(record_id, "the plain (captioning) template needs a record with an image")
-        if len(messages) != 2:
-            raise BadSample(record_id, f"the plain template takes one human + one gpt turn, got {len(messages)} turns")
+    _check_template_fit(template, messages, has_image, num_image_tokens, record_id)
 
     segments = template.segments(messages)
     text = "".join(s.text for s in segments)
-    target = np.zeros(len(text) + 1, np.int32)  # +1: empty spans at the very end look up a 0
-    pos = 0
-    for s in segments:
-        if s.target:
-            target[pos : pos + len(s.text)] = 1
-        pos += len(s.text)
-
     ids, starts, ends, image_end = _encode(text.split(IMAGE_PLACEHOLDER), encoder, num_image_tokens, bos=True)
-    # A token is a target when it overlaps a target character; a token made only of the "▁"
-    # prefix (empty span) follows the character it precedes.
-    text_tok = starts >= 0
-    covered = np.concatenate([[0], np.cumsum(target[:-1])])
-    s_idx = np.where(text_tok, starts, 0)
-    e_idx = np.where(text_tok, ends, 0)
-    is_target = np.where(e_idx > s_idx, covered[e_idx] - covered[s_idx] > 0, target[s_idx] > 0) & text_tok
-    labels = np.where(is_target, ids, IGNORE_INDEX)
+    labels = np.where(_target_tokens(_target_chars(segments, len(text)), starts, ends), ids, IGNORE_INDEX)
 
     if len(ids) > max_length:
         if image_end > max_length:
@@ -185,6 +168,43 @@ def tokenize_conversation(
     if not (labels != IGNORE_INDEX).any():
         raise BadSample(record_id, f"no target tokens left within max_length={max_length}")
     return {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32)}
+
+
+def _check_template_fit(
+    template: Template, messages: list[str], has_image: bool, num_image_tokens: int, record_id: Any
+) -> None:
+    """Refuse what the template or the image settings cannot take (the plain template: one image,
+    one human + one gpt turn)."""
+    if has_image and num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be >= 1 for a record with an image, got {num_image_tokens}")
+    if template.style == PLAIN:
+        if not has_image:
+            raise BadSample(record_id, "the plain (captioning) template needs a record with an image")
+        if len(messages) != 2:
+            raise BadSample(record_id, f"the plain template takes one human + one gpt turn, got {len(messages)} turns")
+
+
+def _target_chars(segments, length: int) -> np.ndarray:
+    """int32 [length + 1]: 1 at the characters of the rendered text that are training targets. The
+    extra last 0 is what empty spans at the very end look up."""
+    target = np.zeros(length + 1, np.int32)
+    pos = 0
+    for s in segments:
+        if s.target:
+            target[pos : pos + len(s.text)] = 1
+        pos += len(s.text)
+    return target
+
+
+def _target_tokens(target: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """bool [L]: tokens whose characters [starts, ends) overlap a target character. A token made only of
+    the "▁" prefix (empty span) follows the character it precedes; BOS and image tokens (start -1)
+    are never targets."""
+    text_tok = starts >= 0
+    covered = np.concatenate([[0], np.cumsum(target[:-1])])
+    s_idx = np.where(text_tok, starts, 0)
+    e_idx = np.where(text_tok, ends, 0)
+    return np.where(e_idx > s_idx, covered[e_idx] - covered[s_idx] > 0, target[s_idx] > 0) & text_tok
 
 
 def tokenize_record(
@@ -212,8 +232,14 @@ def tokenize_record(
     if "conversations" not in record:
         raise BadSample(record_id, "no 'conversations' key")
     return tokenize_conversation(
-        record["conversations"], template, tokenizer, num_image_tokens, max_length,
-        has_image=image is not None, record_id=record_id, missing_placeholder=missing_placeholder,
+        record["conversations"],
+        template,
+        tokenizer,
+        num_image_tokens,
+        max_length,
+        has_image=image is not None,
+        record_id=record_id,
+        missing_placeholder=missing_placeholder,
     )
 
 

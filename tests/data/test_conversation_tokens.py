@@ -16,8 +16,8 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from llava_jax.data.conversation_tokens import tokenize_conversation, tokenize_prompt, tokenize_record
 from llava_jax.data.errors import BadSample
-from llava_jax.data.tokenize import tokenize_conversation, tokenize_prompt, tokenize_record
 from llava_jax.data.tokenizer import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -187,7 +187,7 @@ def tokenizer(tokenizer_dir):
 def spans(ids, labels):
     """Contiguous runs of trained tokens."""
     out, cur = [], []
-    for i, lab in zip(ids.tolist(), labels.tolist()):
+    for i, lab in zip(ids.tolist(), labels.tolist(), strict=True):
         if lab != IGNORE_INDEX:
             assert lab == i
             cur.append(i)
@@ -244,9 +244,22 @@ def test_encoder_matches_sentencepiece(pair):
     tokenizer, slow = pair
     encoder = text_encoder(tokenizer)
     samples = [
-        "Hello, my dog is cute", " ASSISTANT: hi", "\nHow", "USER: ", "A ", " ", "  two  spaces  ",
-        "x</s>USER: y</s>", "</s><s>[INST] q [/INST]", "<s>", "<unk> odd", "héllo 🙂 日本語 ▁word",
-        "\n\n### Human:", "<pad><image>", "tab\there", "Träumerei … “quoted”",
+        "Hello, my dog is cute",
+        " ASSISTANT: hi",
+        "\nHow",
+        "USER: ",
+        "A ",
+        " ",
+        "  two  spaces  ",
+        "x</s>USER: y</s>",
+        "</s><s>[INST] q [/INST]",
+        "<s>",
+        "<unk> odd",
+        "héllo 🙂 日本語 ▁word",
+        "\n\n### Human:",
+        "<pad><image>",
+        "tab\there",
+        "Träumerei … “quoted”",
     ]
     rng = random.Random(0)
     words = ["a", "b", " ", "  ", "\n", "</s>", "<s>", "#", ".", "é", "🙂", "the", " cat", "ASSISTANT:", "\u2581"]
@@ -264,7 +277,7 @@ def test_encoder_offsets_and_pickle(tokenizer):
     encoder = text_encoder(tokenizer)
     text = "héllo 🙂 x</s>USER"
     ids, starts, ends = encoder.encode_chunks([text])[0]
-    pieces = [text[s:e] for s, e in zip(starts, ends)]
+    pieces = [text[s:e] for s, e in zip(starts, ends, strict=True)]
     assert ids.tolist() == [298, 3610, 417, 29871, 243, 162, 156, 133, 921, 2, 3148, 1001]
     assert pieces == ["h", "él", "lo", " ", "🙂", "🙂", "🙂", "🙂", " x", "</s>", "US", "ER"]
     clone = pickle.loads(pickle.dumps(encoder))
@@ -343,7 +356,7 @@ def test_v0_against_the_original(pair):
     cur = lens[0]
     labels[:cur] = IGN
     starts = []
-    for n, i in zip(lens[1:], range(len(messages))):
+    for n, i in zip(lens[1:], range(len(messages)), strict=True):
         starts.append(cur)
         if i % 2 == 0:
             labels[cur + 2 : cur + n] = IGN
@@ -356,10 +369,10 @@ def test_v0_against_the_original(pair):
     out = tokenize_conversation(conv(*messages), "v0", tokenizer, N_IMG, 4096)
     assert out["input_ids"].tolist() == ids
     mine = out["labels"].tolist()
-    assert all(m == IGN or m == o for m, o in zip(mine, labels))  # a subset of the original's
+    assert all(m in (IGN, o) for m, o in zip(mine, labels, strict=True))  # a subset of the original's
     trained = [pieces_text(slow.sp, s) for s in spans(out["input_ids"], out["labels"])]
     assert trained == [" " + m + "\n###" for m in messages[1::2]]
-    only_original = [o if m == IGN else IGN for m, o in zip(mine, labels)]
+    only_original = [o if m == IGN else IGN for m, o in zip(mine, labels, strict=True)]
     extra = [pieces_text(slow.sp, s) for s in spans(np.array(ids), np.array(only_original))]
     # the original also trains the first "###", each "### Assistant:" opener and the closing space
     assert extra == ["###", "### Assistant:", "### Assistant:", " "]
@@ -417,7 +430,10 @@ BAD = {
     "conversations not a list": (record("hello"), "no conversations"),
     "turn not a mapping": (record(["<image>\nhi", "there"]), "turn 0"),
     "first turn from gpt": (record(conv("x", "<image>\ny")[::-1]), "alternate"),
-    "two human turns": (record([{"from": "human", "value": "<image>\na"}, {"from": "human", "value": "b"}]), "alternate"),
+    "two human turns": (
+        record([{"from": "human", "value": "<image>\na"}, {"from": "human", "value": "b"}]),
+        "alternate",
+    ),
     "unknown role": (record([{"from": "user", "value": "<image>\na"}, {"from": "gpt", "value": "b"}]), "alternate"),
     "empty value": (record(conv("<image>\nWhat?", "")), "empty"),
     "blank value": (record(conv("<image>\nWhat?", "  \n ")), "empty"),
@@ -455,7 +471,9 @@ def test_bad_records_for_plain(tokenizer):
 
 
 def test_missing_placeholder_prepend(tokenizer):
-    prepended = tokenize_record(record(conv("What?", "A.")), "v1", tokenizer, N_IMG, 2048, missing_placeholder="prepend")
+    prepended = tokenize_record(
+        record(conv("What?", "A.")), "v1", tokenizer, N_IMG, 2048, missing_placeholder="prepend"
+    )
     explicit = tokenize_record(record(conv("<image>\nWhat?", "A.")), "v1", tokenizer, N_IMG, 2048)
     assert prepended["input_ids"].tolist() == explicit["input_ids"].tolist()
     assert prepended["labels"].tolist() == explicit["labels"].tolist()
