@@ -23,8 +23,8 @@ import numpy as np
 
 from llava_jax.models import get_preset
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.training import optimizer, partition
-from llava_jax.training.defaults import optim_config
+from llava_jax.training import optimizer, trainable
+from llava_jax.training.config_schema import optim_config
 from llava_jax.training.metrics import peak_flops, step_flops
 from llava_jax.training.state import ModelSpec, abstract_state, init_params, new_state, param_shardings, state_shardings
 from llava_jax.training.step import make_train_step
@@ -59,7 +59,7 @@ def _timeit(fn, steps: int, warmup: int) -> float:
 def bench_jax(cfg, batch, args) -> dict:
     mesh = make_mesh((1, -1, 1))
     spec = ModelSpec.create(cfg)
-    mask = partition.trainable_mask(spec.abstract, "projector,llm")
+    mask = trainable.trainable_mask(spec.abstract, "projector,llm")
     tx, lr = optimizer.make(optim_config(2e-5), spec.abstract, mask, 1000)
     frozen = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     ssh = state_shardings(abstract_state(spec, mask, tx, frozen), param_shardings(spec, mesh), mesh)

@@ -27,6 +27,7 @@ from llava_jax.convert.mapping import FORMATS, Kind, to_theirs
 from llava_jax.convert.shards import TensorPlan, parse_size, write_shards
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
+from llava_jax.parallel.tree_paths import path_str
 from llava_jax.paths import Path, as_path, staged_dir
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None) -> list[Tensor
     projector, tied = _config_of(module)
     rules = f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision[0] if f.vision else None,
                     projector=projector, tied=tied)
-    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     plans: list[TensorPlan] = []
     covered = set()
     for rule in rules:

@@ -78,6 +78,22 @@ def named(axes, shape, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedShardin
     return NamedSharding(mesh, spec(axes, shape, mesh, rules))
 
 
+def batch_axes(rules: Rules = LOGICAL_RULES) -> tuple[str, ...]:
+    """The mesh axes that split the rows of a batch: the `batch` rule."""
+    return _mesh_axes("batch", rules)
+
+
+def batch_shards(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
+    """Into how many parts the `batch` rule splits the rows on this mesh."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+    """Sharding of an input batch (rows split by the `batch` rule, other dimensions whole); the
+    global batch size must be a multiple of `batch_shards(mesh)`."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> jax.Array:
     """with_sharding_constraint by logical names under the mesh set with `jax.set_mesh`; a no-op
     without one (single-device use, tests of the bare model)."""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.parallel.mesh import describe, make_mesh
-from llava_jax.training import loop, optimizer, partition
+from llava_jax.training import loop, optimizer, trainable
 from llava_jax.training.checkpoint import abstract_with_shardings
 from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
 from llava_jax.training.step import make_train_step
@@ -31,7 +31,7 @@ def _bytes(tree) -> int:
 def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     stage = config[name]
     loop.check_batch_divides(stage, mesh)
-    mask = partition.trainable_mask(spec.abstract, stage.trainable)
+    mask = trainable.trainable_mask(spec.abstract, stage.trainable)
     tx, lr = optimizer.make(stage.optim, spec.abstract, mask, max(stage.num_steps, 1000))
     abstract = abstract_state(spec, mask, tx, loop._dtype(config.frozen_dtype, "frozen_dtype"))
     ssh = state_shardings(abstract, param_shardings(spec, mesh), mesh)

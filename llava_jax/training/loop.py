@@ -1,7 +1,7 @@
 """The training loop: run the configured stages in order, each resumable.
 
     for each stage (stage1: projector; stage2: projector + LLM):
-        mask      = which parameters train                      (partition.py)
+        mask      = which parameters train                      (trainable.py)
         tx        = clip + AdamW on trainable, set_to_zero else  (optimizer.py)
         state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
         loop:       global batch -> jitted step -> metrics, checkpoints
@@ -26,9 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.models import Llava, LlavaConfig, get_preset
+from llava_jax.parallel.tree_paths import path_str
 from llava_jax.paths import Path, PathLike, absolute, as_path
 from llava_jax.parallel.mesh import describe, make_mesh
-from llava_jax.training import optimizer, partition
+from llava_jax.training import optimizer, trainable
 from llava_jax.training.loss import REDUCTIONS, max_targets_per_row
 from llava_jax.training.checkpoint import Checkpointer, abstract_with_shardings, restore_params, save_params
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
@@ -119,7 +120,7 @@ def loss_groups(stage, mesh: Mesh) -> int:
 def _place(arrays: dict[str, np.ndarray], target: Any, shardings: Any) -> Any:
     """Put host arrays (by '/'-path) into a params tree, each directly into its shards."""
     def put(path, a, sh):
-        key = partition.path_str(path)
+        key = path_str(path)
         if key not in arrays:
             return a
         host = np.asarray(arrays[key]).astype(a.dtype)
@@ -244,7 +245,7 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
     check_batch_divides(stage, mesh)
     t_start = time.time()
 
-    mask = partition.trainable_mask(spec.abstract, stage.trainable)
+    mask = trainable.trainable_mask(spec.abstract, stage.trainable)
     data_iter, num_records = data_iterator(config, stage, spec.cfg)
     steps = total_steps(stage, num_records)
     tx, lr = optimizer.make(stage.optim, spec.abstract, mask, steps)
@@ -281,7 +282,7 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
             log.info("%s: compiled the %s in %.1fs%s", name, what, time.time() - t, _memory_note(compiled[key]))
         return compiled[key]
 
-    llm_trains = "llm" in partition.parse_trainable(stage.trainable)
+    llm_trains = "llm" in trainable.parse_trainable(stage.trainable)
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
     skipped_total = 0
     last = None

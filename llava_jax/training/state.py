@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.models import Llava, LlavaConfig
 from llava_jax.parallel import rules
-from llava_jax.training.partition import path_str
+from llava_jax.parallel.tree_paths import path_str
 
 
 @flax.struct.dataclass
