@@ -156,7 +156,8 @@ def _as_lists(prompts, lengths) -> list[list[int]]:
     return [[int(t) for t in p] for p in prompts]
 
 
-def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _Batch:
+def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int, min_prompt_length: int = 0,
+             rows: int | None = None) -> _Batch:
     lm = _language_model(model)
     cfg = lm.cfg
     if not prompts:
@@ -171,6 +172,8 @@ def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _B
             raise ValueError(f"prompt {b} has token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
     context = cfg.context_length
+    if min_prompt_length > context:
+        raise ValueError(f"min_prompt_length={min_prompt_length} exceeds the model context of {context} tokens")
     if longest + max_new_tokens > context:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} exceeds the "
@@ -179,7 +182,11 @@ def _prepare(model, prompts: list[list[int]], images, max_new_tokens: int) -> _B
         )
 
     n = len(prompts)
-    rows, width = 1 << (n - 1).bit_length(), bucket(longest)
+    if rows is None:
+        rows = 1 << (n - 1).bit_length()
+    elif rows < n:
+        raise ValueError(f"rows={rows} is fewer than the {n} prompts; pass rows >= the number of prompts")
+    width = bucket(max(longest, min_prompt_length))
     ids = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
     segment_ids = np.zeros((rows, width), np.int32)
@@ -234,6 +241,9 @@ def stream_generate(
     seed: int = 0,
     chunk_size: int = 16,
     lengths: Sequence[int] | None = None,
+    min_prompt_length: int = 0,
+    rows: int | None = None,
+    place: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> Generator[Chunk, Iterable[int] | None, list[list[int]]]:
     """Generate for a batch, yielding a `Chunk` (new tokens per row) as decoding proceeds.
 
@@ -245,7 +255,8 @@ def stream_generate(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     prompt_lists = _as_lists(prompts, lengths)
-    batch = _prepare(model, prompt_lists, images, max_new_tokens)
+    batch = _prepare(model, prompt_lists, images, max_new_tokens, min_prompt_length, rows)
+    put = place or jnp.asarray
     n = len(prompt_lists)
     eos_set = {int(t) for t in eos_ids}
     eos = np.full(bucket(len(eos_set), minimum=4), NO_TOKEN, np.int32)  # fixed size: no recompiles
@@ -255,8 +266,8 @@ def stream_generate(
     cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1)
 
     first, state = _prefill(
-        graphdef, params, jnp.asarray(batch.ids), None if batch.images is None else jnp.asarray(batch.images),
-        jnp.asarray(batch.positions), jnp.asarray(batch.segment_ids), jnp.asarray(batch.active), eos, values,
+        graphdef, params, put(batch.ids), None if batch.images is None else put(batch.images),
+        put(batch.positions), put(batch.segment_ids), put(batch.active), eos, values,
         jax.random.key(seed), mode=mode, cache_length=cache_length,
     )
     remaining = max_new_tokens - 1
@@ -270,7 +281,7 @@ def stream_generate(
         if remaining > 0 and not all(finish):  # keep the device busy while the host reads `in_flight`
             steps = min(chunk_size, remaining)
             remaining -= steps
-            following, state = _decode(graphdef, params, state, np.int32(steps), stop.copy(), eos, values,
+            following, state = _decode(graphdef, params, state, np.int32(steps), put(stop.copy()), eos, values,
                                        mode=mode, chunk=chunk_size)
             stop[:] = False
         tokens = np.asarray(in_flight)
@@ -310,6 +321,9 @@ def generate(
     stream: Callable[[Chunk], Iterable[int] | None] | None = None,
     chunk_size: int = 16,
     lengths: Sequence[int] | None = None,
+    min_prompt_length: int = 0,
+    rows: int | None = None,
+    place: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` new tokens for each prompt; returns them per row (EOS excluded).
 
@@ -324,12 +338,18 @@ def generate(
     seed: seeds `jax.random`; the same seed, batch and settings give the same tokens.
     stream: called with each `Chunk` as it arrives; returning row indices stops those rows.
     chunk_size: decode steps per device call (the streaming granularity).
+    min_prompt_length: pad prompts to at least this many slots (its bucket), so that batches with
+        shorter prompts run the same compiled shapes (and the same reduction order).
+    rows: the exact batch row count to compile for (>= len(prompts); default: the next power of two).
+    place: puts each host array [B, ...] on devices (e.g. rows split over a mesh); default
+        `jnp.asarray` (the default device).
 
     Raises ValueError when the longest prompt + max_new_tokens exceeds the model's context
     (`LlamaConfig.context_length`: max_position_embeddings, times the RoPE scaling factor).
     """
     gen = stream_generate(model, prompts, images, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-                          seed=seed, chunk_size=chunk_size, lengths=lengths)
+                          seed=seed, chunk_size=chunk_size, lengths=lengths, min_prompt_length=min_prompt_length,
+                          rows=rows, place=place)
     request = None
     try:
         while True:

@@ -66,7 +66,7 @@ def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loade
     from llava_jax.training.checkpoint import restore_params
 
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
-                                                         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                                         sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])),
                           state.to_pure_dict())
     params = restore_params(stage / info.get("params", "final_params"), target)
     return Loaded(nnx.merge(graphdef, params), template or info["template"], info["image_aspect_ratio"], stage)
