@@ -12,14 +12,11 @@ the backward pass) are the CPU compiler's schedule, a close but not exact stand-
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.parallel.mesh import describe, make_mesh
-from llava_jax.training import loop, optimizer, trainable
 from llava_jax.training.checkpoint import abstract_with_shardings
-from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
-from llava_jax.training.step import make_train_step
+from llava_jax.training.stage_setup import build_stage, dtype_of, model_config
+from llava_jax.training.state import ModelSpec
 
 GiB = 1024 ** 3
 
@@ -30,47 +27,41 @@ def _bytes(tree) -> int:
 
 def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     stage = config[name]
-    loop.check_batch_divides(stage, mesh)
-    mask = trainable.trainable_mask(spec.abstract, stage.trainable)
-    tx, lr = optimizer.make(stage.optim, spec.abstract, mask, max(stage.num_steps, 1000))
-    abstract = abstract_state(spec, mask, tx, loop._dtype(config.frozen_dtype, "frozen_dtype"))
-    ssh = state_shardings(abstract, param_shardings(spec, mesh), mesh)
+    setup = build_stage(stage, spec, mesh, total_steps=max(stage.num_steps, 1000),
+                        frozen_dtype=dtype_of(config.frozen_dtype, "frozen_dtype"))
     cfg = spec.cfg
     b, length = stage.batch_size, stage.data.max_length
-    m = stage.data.max_images_per_row or 1
-    s = cfg.vision.image_size
-    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    shapes = dict(input_ids=((b, length), jnp.int32), labels=((b, length), jnp.int32),
-                  positions=((b, length), jnp.int32), segment_ids=((b, length), jnp.int32),
-                  images=((b, m, s, s, 3), jnp.uint8))
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, (shape, dt) in shapes.items()}
+    batch = setup.abstract_batch(length, stage.data.max_images_per_row or 1)
+    state = abstract_with_shardings(setup.abstract, setup.state_shardings)
     n = mesh.size
     out = {
         "stage": name, "mesh": describe(mesh), "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
-        "remat": cfg.llm.remat, "params_GiB": _bytes(abstract.params) / n / GiB,
-        "opt_state_GiB": _bytes(abstract.opt_state) / n / GiB,
+        "remat": cfg.llm.remat, "params_GiB": _bytes(setup.abstract.params) / n / GiB,
+        "opt_state_GiB": _bytes(setup.abstract.opt_state) / n / GiB,
     }
     # With targets_per_row the run also compiles the full-logits step, for batches with a longer row.
-    variants = {"": stage.targets_per_row, "full_logits_": 0} if stage.targets_per_row else {"": 0}
-    for prefix, targets_per_row in variants.items():
-        step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row,
-                               stage.loss_reduction, loop.loss_groups(stage, mesh))
+    prefixes = {"capped": "", "full": "full_logits_" if stage.targets_per_row else ""}
+    for variant, step in setup.jitted_steps().items():
         with jax.set_mesh(mesh):
-            compiled = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
-                               donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch).compile()
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-            temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-            out.update({f"{prefix}arguments_GiB": args / GiB, f"{prefix}outputs_GiB": outs / GiB,
-                        f"{prefix}temps_GiB": temp / GiB, f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB})
+            compiled = step.lower(state, batch).compile()
+        out.update(_memory_row(compiled, prefixes[variant]))
     return out
+
+
+def _memory_row(compiled, prefix: str) -> dict:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    return {f"{prefix}arguments_GiB": args / GiB, f"{prefix}outputs_GiB": outs / GiB,
+            f"{prefix}temps_GiB": temp / GiB, f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB}
 
 
 def report(config) -> list[dict]:
     """Compile every configured stage and print a memory table; returns the rows."""
     mesh = make_mesh(config.mesh.ici, config.mesh.dcn)
-    spec = ModelSpec.create(loop.model_config(config))
+    spec = ModelSpec.create(model_config(config))
     print(f"model {config.model}: {spec.num_params():,} parameters; mesh {describe(mesh)}; "
           f"compute {config.dtype}, frozen weights {config.frozen_dtype}")
     rows = []
