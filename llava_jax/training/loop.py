@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from llava_jax.data.settings import DataSettings
 from llava_jax.models import Llava, LlavaConfig
 from llava_jax.parallel.mesh import describe, make_mesh
 from llava_jax.parallel.tree_paths import path_str
@@ -48,14 +49,11 @@ def data_iterator(config, stage, cfg: LlavaConfig):
     """This process's batches for a stage (repeating forever; the loop stops by step count)."""
     from llava_jax.data import pipeline
 
-    d = stage.data
-    source = pipeline.source_from_config({k: v for k, v in d.items() if v != ""})
-    overrides = dict(image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
-                     global_batch_size=stage.batch_size, seed=config.seed, num_epochs=None)
-    if d.max_images_per_row:
-        overrides["max_images_per_row"] = d.max_images_per_row
-    fields = {k: v for k, v in d.items() if k not in ("max_images_per_row",) and v != ""}
-    it = pipeline.from_config(fields, source=source, **overrides)
+    settings = DataSettings.from_mapping(stage.data)
+    source = pipeline.source_from_config(settings)
+    it = pipeline.from_config(settings, source=source, image_size=cfg.vision.image_size,
+                              num_image_tokens=cfg.num_image_tokens, global_batch_size=stage.batch_size,
+                              seed=config.seed, num_epochs=None)
     return it, len(source)
 
 

@@ -54,7 +54,7 @@ class ModelSpec:
 
     def num_params(self, mask: Any = None) -> int:
         leaves = jax.tree.leaves(self.abstract) if mask is None else [
-            a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask)) if t]
+            a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask), strict=True) if t]
         return int(sum(np.prod(a.shape) for a in leaves))
 
 
