@@ -14,12 +14,8 @@ import pytest
 from flax import nnx
 from train_fixtures import build, random_batch
 
-from llava_jax.training.loss import (
-    IGNORE_INDEX,
-    group_mean_sums,
-    reduce_sums,
-    shifted_targets,
-)
+from llava_jax.data.tokenizer import IGNORE_INDEX
+from llava_jax.training.loss import group_mean_sums, reduce_sums, shifted_targets
 from llava_jax.training.step import _micro_batches
 
 torch = pytest.importorskip("torch")
