@@ -66,7 +66,7 @@ def test_checkpoint_metrics_and_model_json_go_to_the_bucket(gcs, tmp_path, monke
     np.testing.assert_array_equal(back["b"], np.ones(5, np.int32))
 
     ckpt = Checkpointer(stage + "/checkpoints", every=1, keep=2)
-    ckpt.save(1, tree, None, force=True)
+    ckpt.save(1, tree, None, final=True)
     ckpt.close()
     assert Checkpointer(stage + "/checkpoints", every=1, keep=2).latest_step() == 1
 

@@ -13,7 +13,7 @@ def test_restore_on_a_different_mesh(tmp_path):
     eight = build((2, 2, 2), jax.devices()[:8])
     _, state8 = run_steps(eight, batches[:2])
     ckpt = Checkpointer(tmp_path / "ckpt", every=1, keep=2)
-    ckpt.save(2, state8, None, force=True)
+    ckpt.save(2, state8, None, final=True)
     ckpt.close()
 
     two = build((1, 2, 1), jax.devices()[6:8])
