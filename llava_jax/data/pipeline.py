@@ -56,12 +56,14 @@ buffered batch of 336 px images is ~0.34 MB per row in /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -240,7 +242,7 @@ class BatchRows(grain.IterDataset):
         super().__init__(parent)
         self._spec = spec
 
-    def __iter__(self) -> "_BatchRowsIterator":
+    def __iter__(self) -> _BatchRowsIterator:
         return _BatchRowsIterator(self._parent.__iter__(), self._spec)
 
     def __str__(self) -> str:
@@ -301,10 +303,8 @@ def _pin_worker_to_cpu(*_args) -> None:
     """Data workers never touch accelerators: JAX in a worker (if imported at all) uses the CPU."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:
-        try:
+        with contextlib.suppress(Exception):  # backend already initialised in this process: nothing more to do
             sys.modules["jax"].config.update("jax_platforms", "cpu")
-        except Exception:  # backend already initialised in this process; nothing more to do
-            pass
 
 
 def _ensure_absl_flags_parsed() -> None:

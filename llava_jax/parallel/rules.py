@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -60,7 +61,7 @@ def spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, ru
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     used: set[str] = set()
     out = []
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         mesh_axes = tuple(a for a in _mesh_axes(name, rules) if a not in used and mesh.shape.get(a, 1) > 1)
         n = math.prod(mesh.shape[a] for a in mesh_axes)
         if mesh_axes and size % n:

@@ -41,7 +41,7 @@ class ModelSpec:
     axes: Any  # nested dict of logical-axis tuples
 
     @classmethod
-    def create(cls, cfg: LlavaConfig) -> "ModelSpec":
+    def create(cls, cfg: LlavaConfig) -> ModelSpec:
         model = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         axes: dict = {}

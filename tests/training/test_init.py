@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 from llava_jax.models import get_preset
 from llava_jax.parallel.mesh import make_mesh
 from llava_jax.training import loop
-from llava_jax.training.trainable import trainable_mask
 from llava_jax.training.config_schema import base_config
 from llava_jax.training.state import ModelSpec, param_shardings
+from llava_jax.training.trainable import trainable_mask
 
 
 def _setup():

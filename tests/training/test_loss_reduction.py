@@ -124,7 +124,7 @@ def test_train_step_uses_the_original_reduction():
     ref_loss, dlogits = torch_original(np.asarray(logits, np.float64), batch["labels"].astype(np.int64), n, devices)
     (dparams,) = vjp(jnp.asarray(dlogits, jnp.float32))
     ref_norm = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g, t in
-                           zip(jax.tree.leaves(dparams), jax.tree.leaves(ref.mask)) if t))
+                           zip(jax.tree.leaves(dparams), jax.tree.leaves(ref.mask), strict=True) if t))
     for s in setups:
         with jax.set_mesh(s.mesh):
             _, m = s.step(s.state, s.put(batch))
