@@ -51,6 +51,9 @@ EXTRAS = {
     "cuda": ["jax[cuda12]>=0.10,<0.12"],
     "tpu": ["jax[tpu]>=0.10,<0.12", *GCS],
     "gcs": GCS,
+    # libtpu's compiler for `--aot --topology` on a machine without TPUs (CI installs it in a venv of its
+    # own so the CPU tests never load it).
+    "tpu-compile": ["jax[tpu]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
     # TFDS: build LLaVA JSON + images with llava_jax/data/tfds_builders/llava_json and read the
     # ArrayRecord build through tfds.data_source; neither imports TensorFlow. importlib_resources:

@@ -2,7 +2,9 @@
 
 Without --config it runs the bundled demo (configs/demo.py): synthetic data, stage 1, stage 2, and the
 held-out accuracy. `--aot --fake_devices 8` compiles the real-size train step of every configured stage
-for a mesh of fake CPU devices without allocating weights and prints per-device memory.
+for a mesh of fake CPU devices without allocating weights and prints per-device memory;
+`--aot --topology v5p:2x2x2 [--slices 2]` compiles it with the TPU compiler for that topology (no TPU
+needed, libtpu from the `tpu-compile` extra) and says whether it fits the chips' HBM.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs
 _AOT = flags.DEFINE_bool("aot", False, "compile the train step ahead of time and report memory; no training")
 _FAKE = flags.DEFINE_integer("fake_devices", 0, "with --aot: pretend to have this many CPU devices")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "also print the libraries' INFO lines (always in <workdir>/train.log)")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "with --aot: compile for this TPU topology, e.g. v5p:2x2x2, v5e:4x4")
+_SLICES = flags.DEFINE_integer("slices", 1, "with --aot --topology: number of slices (multi-slice over DCN)")
+_FIT_TRIES = flags.DEFINE_integer("fit_tries", 8, "with --aot --topology: settings tried when a stage does not fit")
 
 
 def _default_workdir(config_file: str) -> str:
@@ -34,6 +39,13 @@ def main(argv):
     from llava_jax.training import console
 
     console.setup(verbose=_VERBOSE.value)
+    if _TOPOLOGY.value or _SLICES.value != 1:
+        if not _AOT.value or _FAKE.value or not _TOPOLOGY.value:
+            raise app.UsageError("--topology/--slices go with --aot and without --fake_devices")
+        from llava_jax.parallel import topology
+
+        topology.parse(_TOPOLOGY.value)
+        topology.prepare_environment()
     if _FAKE.value:
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax
@@ -48,7 +60,7 @@ def main(argv):
     if _AOT.value:
         from llava_jax.training.aot import report
 
-        report(config)
+        report(config, topology=_TOPOLOGY.value, slices=_SLICES.value, fit_tries=_FIT_TRIES.value)
         return 0
     workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     console.add_log_file(workdir, jax.process_index())  # other processes: warnings and errors on the console

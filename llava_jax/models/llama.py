@@ -138,14 +138,16 @@ class Llama(nnx.Module):
         """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache)."""
         cfg = self.cfg
         b, t, _ = embeddings.shape
-        if segment_ids is None:
+        if segment_ids is None and cache is not None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = constrain(embeddings.astype(cfg.dtype), _ACT)
         rope = rotation(positions, self.inverse_frequencies(positions))
         if cache is None:
-            mask = attention.make_mask(segment_ids, segment_ids, causal=True)
+            # No segment ids: one sequence per row, every token real, so causality is the whole mask
+            # (fused kernels build it themselves). With segment ids: packing and padding, explicitly.
+            mask = None if segment_ids is None else attention.make_mask(segment_ids, segment_ids, causal=True)
 
             def body(blk, c, _):
                 return constrain(blk(c, rope, mask)[0], _ACT), None

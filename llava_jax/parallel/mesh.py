@@ -50,7 +50,15 @@ def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1), d
         ici = resolve_shape(ici, len(devices), "mesh.ici")
         if devices == list(jax.devices()):
             return jax.make_mesh(ici, AXES, axis_types=(AxisType.Auto,) * len(AXES))
-        return Mesh(np.asarray(devices).reshape(ici), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+        grid = np.asarray(devices).reshape(ici)
+        if devices[0].platform == "tpu":  # e.g. compile-only TPU devices: follow the physical torus
+            from jax.experimental import mesh_utils
+
+            try:
+                grid = mesh_utils.create_device_mesh(ici, devices)
+            except (ValueError, NotImplementedError, AssertionError):
+                pass  # a shape the helper cannot lay out on this torus: plain device order
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     from jax.experimental import mesh_utils
 
     if len(devices) % num_granules:

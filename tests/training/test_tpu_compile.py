@@ -1,0 +1,119 @@
+"""Compiling for TPU topologies without a TPU (libtpu's compiler), and the will-it-fit search.
+
+The TPU compiles run `python -m llava_jax.train --aot --topology ...` in a subprocess with the
+interpreter named by LLAVA_JAX_TPU_PYTHON (set by .ci/run to a virtual environment with the
+`tpu-compile` extra), so the CPU tests never load libtpu. Without it they are skipped, except under CI.
+"""
+
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from llava_jax.parallel import topology
+from llava_jax.parallel.mesh import make_mesh
+from llava_jax.training import aot
+from llava_jax.training.stage_setup import model_config
+from llava_jax.training.state import ModelSpec
+
+
+def test_topology_names():
+    chip, shape = topology.parse("v5p:2x2x2")
+    assert chip.hbm_gib == 95 and shape == (2, 2, 2)
+    assert topology.num_chips("v5e:4x4", slices=2) == 32
+    assert topology.parse("v6e:2x4")[0].hbm_gib == 32
+    for bad in ["v5p", "v5p:2x2", "v5e:2x2x2", "v9:2x2", "v5p-8"]:
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            topology.parse(bad)
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _demo_config(**stage2):
+    spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config().copy_and_resolve_references()
+    c.stages = "stage2"
+    c.stage2.update(**stage2)
+    return c
+
+
+def test_candidates_cheapest_first():
+    c = _demo_config(batch_size=32, micro_batches=1)
+    c.remat, c.frozen_dtype, c.mesh.ici = "dots", "float32", (2, 4, 1)
+    got = [(s.frozen_dtype, s.ici, s.micro_batches, s.remat) for s in aot.candidates(c, "stage2", 8)]
+    free = ("bfloat16", (1, 8, 1))
+    want = [(*free, mb, r) for r in ("dots", "qkv_mlp", "qkv_proj", "full") for mb in (1, 2, 4)]
+    assert got == want
+    # The setting already in force (-1 resolved) is not tried again.
+    c.frozen_dtype, c.mesh.ici = "bfloat16", (1, -1, 1)
+    assert ("bfloat16", (1, 8, 1), 1, "dots") not in [
+        (s.frozen_dtype, s.ici, s.micro_batches, s.remat) for s in aot.candidates(c, "stage2", 8)
+    ]
+
+
+@pytest.mark.slow
+def test_fit_search_finds_a_setting_under_the_budget(capsys):
+    """On 8 CPU devices with a made-up HBM budget below the default's peak: the search returns a
+    setting whose own compiled peak is within the budget, and every setting tried before it is not."""
+    c = _demo_config(batch_size=32, micro_batches=1)
+    c.remat = "none"
+    devices = jax.devices()[:8]
+    mesh = make_mesh(c.mesh.ici, c.mesh.dcn, devices=devices)
+    start = aot.compile_stage(c, "stage2", ModelSpec.create(model_config(c)), mesh)
+    fixed = start["params_GiB"] + start["opt_state_GiB"]
+    budget = fixed + 0.75 * (start["peak_GiB"] - fixed)
+    chip = topology.Chip("test chip", budget, 1.0, 2, "default")
+    row = aot.fit(c, "stage2", chip, devices, slices=1, tries=12)
+    out = capsys.readouterr().out
+    assert row is not None, out
+    assert row["peak_GiB"] <= budget
+    tried = [float(p) for p in re.findall(r"peak ([\d.]+) GiB", out)]
+    assert tried and all(p > budget for p in tried[:-1])
+    assert "cheapest setting that fits" in out
+
+
+def _tpu_python() -> str:
+    exe = os.environ.get("LLAVA_JAX_TPU_PYTHON")
+    if exe:
+        return exe
+    if importlib.util.find_spec("libtpu") is not None:
+        return sys.executable
+    if os.environ.get("CI"):
+        pytest.fail("LLAVA_JAX_TPU_PYTHON is not set: .ci/run installs the tpu-compile extra and sets it")
+    pytest.skip("no libtpu: pip install -e '.[tpu-compile]' in a venv and set LLAVA_JAX_TPU_PYTHON")
+
+
+def _aot(repo_root, *args, timeout=3000) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    cmd = [_tpu_python(), "-m", "llava_jax.train", "--config", "configs/demo.py", "--aot", *args]
+    res = subprocess.run(
+        cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_tiny_compiles_for_tpu(repo_root):
+    """Both demo stages (tiny preset) compile with the TPU compiler for a v5e:2x2 slice and fit."""
+    out = _aot(repo_root, "--topology", "v5e:2x2")
+    assert "TPU v5e, 16 GiB HBM per chip" in out and "(4 devices)" in out
+    assert len(re.findall(r"peak [\d.]+ GiB: fits", out)) == 2, out
+    flops = [float(f) for f in re.findall(r"compiled cost analysis ([\d.e+]+)", out)]
+    assert len(flops) == 2 and all(f > 0 for f in flops), out
+
+
+@pytest.mark.slow
+def test_tiny_compiles_for_two_slices(repo_root):
+    """Multi-slice: two v5e:2x2 slices, data parallel over DCN."""
+    out = _aot(repo_root, "--topology", "v5e:2x2", "--slices", "2", "--config.stages=stage1")
+    assert "data=2 x fsdp=4 x tensor=1 (8 devices)" in out, out
+    assert re.search(r"peak [\d.]+ GiB: fits", out), out
