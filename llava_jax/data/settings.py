@@ -84,11 +84,11 @@ class DataSettings:
     def from_mapping(cls, values: Mapping | DataSettings, **overrides) -> DataSettings:
         """Settings from a config section or dict (keys that are not fields are ignored; see
         `pipeline.from_config` for the others), with `overrides` on top."""
+        names = cls.field_names()
+        overrides = {k: v for k, v in overrides.items() if k in names}
         if isinstance(values, DataSettings):
             return dataclasses.replace(values, **overrides)
-        names = cls.field_names()
-        given = {k: values[k] for k in names if k in values}
-        return cls(**{**given, **{k: v for k, v in overrides.items() if k in names}})
+        return cls(**{**{k: values[k] for k in names if k in values}, **overrides})
 
     def images_per_row(self, num_image_tokens: int) -> int:
         """M: images a packed row may hold (1 without packing)."""
