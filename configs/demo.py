@@ -9,7 +9,7 @@ start from random weights (no downloads), so stage 2 uses a higher learning rate
 fine-tuning; the structure (what trains when, templates, losses) is the paper's.
 """
 
-from llava_jax.training.defaults import base_config
+from llava_jax.training.config_schema import base_config
 
 
 def get_config(arg: str = ""):

@@ -10,7 +10,7 @@
 Defaults from the original's finetune_sqa.sh: lr 2e-5, batch 128, 12 epochs, `v1` template.
 """
 
-from llava_jax.training.defaults import base_config
+from llava_jax.training.config_schema import base_config
 
 
 def get_config(arg: str = "vicuna-13b"):

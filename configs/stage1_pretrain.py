@@ -10,7 +10,7 @@ original's scripts: paper/v1 presets lr 2e-3, batch 128 (pretrain.sh); v1.5 pres
 (v1_5/pretrain.sh); 1 epoch, `plain` template, max length 2048, AdamW wd 0, warmup 3 %, cosine.
 """
 
-from llava_jax.training.defaults import base_config
+from llava_jax.training.config_schema import base_config
 
 
 def get_config(arg: str = "vicuna-7b"):

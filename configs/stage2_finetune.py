@@ -10,7 +10,7 @@ Argument: the model preset. Paper presets (vicuna-7b/13b): LLaVA-Instruct-158K, 
 warmup 3 %, cosine, `v1` template, max length 2048, full remat, gradient accumulation to fit memory.
 """
 
-from llava_jax.training.defaults import base_config
+from llava_jax.training.config_schema import base_config
 
 
 def get_config(arg: str = "vicuna-7b"):

@@ -40,6 +40,7 @@ from flax import nnx
 
 from llava_jax.models import Llava
 from llava_jax.models.presets import get_preset
+from llava_jax.parallel.tree_paths import path_str
 
 # Memory bandwidth (bytes/s) of common accelerators, for the bound table.
 HBM_BANDWIDTH = {
@@ -133,9 +134,7 @@ def to_transformers(model: Llava):
         raise SystemExit("the transformers reference is built for the mlp2x_gelu projector; pick such a preset")
     hf = tf.LlavaForConditionalGeneration(_hf_config(cfg)).eval()
     theirs = hf.state_dict()
-    flat = {
-        "/".join(map(str, p)): np.array(x.value, np.float32) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
+    flat = {path_str(p): np.array(x.value, np.float32) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     weights = {}
     for rule in rules_for(model, "llava_hf_v5", theirs.keys()):
         a = flat[rule.ours]

@@ -23,11 +23,10 @@ import numpy as np
 
 from llava_jax.models import get_preset
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.training import optimizer, partition
-from llava_jax.training.defaults import optim_config
+from llava_jax.training.config_schema import stage_config
 from llava_jax.training.metrics import peak_flops, step_flops
-from llava_jax.training.state import ModelSpec, abstract_state, init_params, new_state, param_shardings, state_shardings
-from llava_jax.training.step import make_train_step
+from llava_jax.training.stage_setup import build_stage
+from llava_jax.training.state import ModelSpec, init_params, new_state
 
 
 def _batch(cfg, batch: int, seq: int, answer: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -59,14 +58,15 @@ def _timeit(fn, steps: int, warmup: int) -> float:
 def bench_jax(cfg, batch, args) -> dict:
     mesh = make_mesh((1, -1, 1))
     spec = ModelSpec.create(cfg)
-    mask = partition.trainable_mask(spec.abstract, "projector,llm")
-    tx, lr = optimizer.make(optim_config(2e-5), spec.abstract, mask, 1000)
+    stage = stage_config(trainable="projector,llm", lr=2e-5, batch_size=len(batch["input_ids"]), epochs=1,
+                         template="v1")
+    stage.targets_per_row = args.answer if args.gather else 0
     frozen = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    ssh = state_shardings(abstract_state(spec, mask, tx, frozen), param_shardings(spec, mesh), mesh)
-    state = new_state(init_params(spec, 0, mask, frozen, ssh.params), tx, ssh, 0)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    step = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, 1, args.answer if args.gather else 0),
-                   in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
+    setup = build_stage(stage, spec, mesh, total_steps=1000, frozen_dtype=frozen)
+    state = new_state(init_params(spec, 0, setup.mask, frozen, setup.param_shardings), setup.tx,
+                      setup.state_shardings, 0)
+    step = setup.jitted_step(stage.targets_per_row)
+    batch_sh = setup.batch_sharding
     gbatch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
     box = {"state": state}
 

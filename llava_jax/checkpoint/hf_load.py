@@ -28,6 +28,7 @@ from llava_jax.checkpoint.mapping import FORMATS, Rule, detect_format, to_ours
 from llava_jax.models.clip import ClipVisionTower
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
+from llava_jax.parallel.tree_paths import path_str
 
 # Where each part sits inside each llava_jax root module ('' = the root itself; None = absent).
 _PART_PREFIX = {
@@ -98,7 +99,7 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
             and f"{f.projector}.linear_2.weight" in keys):
         overrides = _fold_identity_act_projector(source, f.projector)
 
-    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     out: dict[str, np.ndarray] = {}
     used: set[str] = {f"{f.projector}.linear_2.{w}" for w in ("weight", "bias")} if overrides else set()
     keyset = set(keys) | set(overrides)
@@ -169,7 +170,7 @@ def load_weights(module, path_or_source: Any, fmt: str | None = None):
     arrays = convert_arrays(module, source, fmt)
     state = nnx.state(module, nnx.Param)
     for path, var in nnx.to_flat_state(state):
-        key = "/".join(map(str, path))
+        key = path_str(path)
         if key in arrays:
             var.value = jnp.asarray(arrays[key], dtype=var.value.dtype)
     nnx.update(module, state)
@@ -210,7 +211,7 @@ def materialize(abstract, arrays: dict[str, np.ndarray], *, what: str = "checkpo
     parameter must be given (`what` names the source in the error)."""
     graphdef, state = nnx.split(abstract)
     for p, var in nnx.to_flat_state(state):
-        key = "/".join(map(str, p))
+        key = path_str(p)
         if key not in arrays:
             raise CheckpointMismatch(f"parameter {key!r} has no entry in the {what} mapping table")
         var.value = jnp.asarray(arrays[key], dtype=var.value.dtype)

@@ -29,6 +29,7 @@ from llava_jax.convert.hf_processor import write_processor, write_tokenizer
 from llava_jax.data.tokenizer import PAD_TOKEN_ID
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
+from llava_jax.parallel.tree_paths import path_str
 from llava_jax.paths import Path, as_path, staged_dir
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None) -> list[Tensor
     projector, tied = _config_of(module)
     rules = f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision[0] if f.vision else None,
                     projector=projector, tied=tied)
-    flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     plans: list[TensorPlan] = []
     covered = set()
     for rule in rules:

@@ -1,8 +1,8 @@
 """The grain input pipeline: LLaVA records -> fixed-shape, host-local numpy batches.
 
-    it = make_batches(source, tokenizer=tok, template="v1", image_size=336, image_aspect_ratio="pad",
-                      num_image_tokens=576, max_length=2048, global_batch_size=128, seed=0,
-                      num_epochs=None, packing=False, worker_count=4, on_bad_sample="skip")
+    it = make_batches(source, tokenizer=tok, image_size=336, num_image_tokens=576, global_batch_size=128,
+                      seed=0, num_epochs=None, template="v1", image_aspect_ratio="pad", worker_count=4)
+                                      # or settings=DataSettings(...) (data/settings.py: fields, defaults)
     batch = next(it)                  # dict of numpy arrays, this process's share of the global batch
     state = it.get_state()            # save with the checkpoint; a fresh iterator + set_state(state)
     it.set_state(state)               # continues with exactly the batches the old one would have given
@@ -56,25 +56,27 @@ buffered batch of 336 px images is ~0.34 MB per row in /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
 from llava_jax.data.errors import BadSample
-from llava_jax.data.image import ASPECT_RATIOS, DEFAULT_MAX_PIXELS, load_image, preprocess
+from llava_jax.data.image import DEFAULT_MAX_PIXELS, load_image, preprocess
+from llava_jax.data.settings import DataSettings
 from llava_jax.data.templates import get_template
 from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, text_encoder
 
 log = logging.getLogger(__name__)
 
-ON_BAD_SAMPLE = ("raise", "skip")
 BATCH_KEYS = ("input_ids", "labels", "positions", "segment_ids", "images", "meta_skipped")
 _LOGGED_SKIPS_LIMIT = 20
 _skips_logged = 0
@@ -240,7 +242,7 @@ class BatchRows(grain.IterDataset):
         super().__init__(parent)
         self._spec = spec
 
-    def __iter__(self) -> "_BatchRowsIterator":
+    def __iter__(self) -> _BatchRowsIterator:
         return _BatchRowsIterator(self._parent.__iter__(), self._spec)
 
     def __str__(self) -> str:
@@ -301,10 +303,8 @@ def _pin_worker_to_cpu(*_args) -> None:
     """Data workers never touch accelerators: JAX in a worker (if imported at all) uses the CPU."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:
-        try:
+        with contextlib.suppress(Exception):  # backend already initialised in this process: nothing more to do
             sys.modules["jax"].config.update("jax_platforms", "cpu")
-        except Exception:  # backend already initialised in this process; nothing more to do
-            pass
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -332,56 +332,31 @@ def make_batches(
     source,
     *,
     tokenizer,
-    template,
     image_size: int,
-    image_aspect_ratio: str,
     num_image_tokens: int,
-    max_length: int,
     global_batch_size: int,
     seed: int,
     num_epochs: int | None,
-    packing: bool,
-    worker_count: int,
-    on_bad_sample: str,
     shard_index: int | None = None,
     shard_count: int | None = None,
-    max_images_per_row: int | None = None,
-    length_buckets: Sequence[int] | None = None,
-    shuffle: bool = True,
-    read_threads: int | None = None,
-    worker_buffer_size: int = 2,
-    fast_image: bool = False,
-    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    settings: DataSettings | None = None,
+    **fields,
 ) -> grain.DatasetIterator:
     """Builds the pipeline and returns its checkpointable iterator of batches (module docstring).
 
     Args:
       source: random-access records (`sources.LlavaJsonSource`, `ArrayRecordSource`, `TfdsSource`, or
         any sequence of normalized record dicts).
-      tokenizer: from `tokenizer.load_tokenizer()`; template: a name ("v1", "plain", ...) or Template.
-      image_size: S; image_aspect_ratio: "square" or "pad"; num_image_tokens: tokens per image.
-      max_length: L, tokens per row; longer samples are bad samples.
+      tokenizer: from `tokenizer.load_tokenizer()`.
+      image_size: S; num_image_tokens: tokens per image (both from the model config).
       global_batch_size: rows across all processes; this process yields global_batch_size // shard_count.
       seed: shuffle seed (0 <= seed < 2**32); num_epochs: passes over the data, None = forever.
-      packing: pack several samples per row (segment ids) instead of one padded sample per row.
-      worker_count: data worker processes; 0 runs everything in this process.
-      on_bad_sample: "raise" (stop with the BadSample naming record and file) or "skip" (count it in
-        `meta_skipped` and log it).
       shard_index, shard_count: this process's shard; default jax.process_index() / process_count().
-      max_images_per_row: images a packed row may hold (M); default max(1, max_length //
-        (num_image_tokens + 1)). Ignored without packing (M = 1).
-      length_buckets: without packing, pad each batch to the smallest of these lengths that holds its
-        longest sample (max_length is appended); None pads to max_length.
-      shuffle: False keeps source order (evaluation). read_threads: threads decoding inside each
-        process (default 1 with workers, min(4, CPUs) without). worker_buffer_size: batches buffered per worker.
-      fast_image: faster, inexact image resizing (see `image`). max_image_pixels: decompression-bomb guard.
+      settings: a `DataSettings` (default: its defaults); `fields` (template="v1", packing=True,
+        on_bad_sample="raise", max_images_per_row, length_buckets, worker_count, ...) replace its
+        fields; see `settings.DataSettings` for each field and its default.
     """
-    if on_bad_sample not in ON_BAD_SAMPLE:
-        raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
-    if image_aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {image_aspect_ratio!r}")
-    if worker_count < 0:
-        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    settings = dataclasses.replace(settings or DataSettings(), **fields)
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
         raise ValueError(f"num_epochs must be a positive int or None (repeat forever), got {num_epochs!r}")
     shard_index, shard_count = _process_shard(shard_index, shard_count)
@@ -389,103 +364,96 @@ def make_batches(
         raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {shard_count} processes; choose a multiple of {shard_count}")
     if len(source) == 0:
         raise ValueError(f"data source {source!r} has no records")
-    if max_images_per_row is None:
-        max_images_per_row = max(1, max_length // (num_image_tokens + 1))
-    buckets = tuple(sorted(set(length_buckets or ()) | ({max_length} if length_buckets else set())))
-    if buckets and buckets[-1] > max_length:
-        raise ValueError(f"length_buckets {tuple(length_buckets)} exceed max_length={max_length}")
-    spec = BatchSpec(global_batch_size // shard_count, max_length, bool(packing), max_images_per_row if packing else 1, image_size, buckets)
-
+    spec = _batch_spec(settings, global_batch_size // shard_count, image_size, num_image_tokens)
     prepare = PrepareSample(
-        tokenizer=tokenizer, template=template, image_size=image_size, image_aspect_ratio=image_aspect_ratio,
-        num_image_tokens=num_image_tokens, max_length=max_length, on_bad_sample=on_bad_sample,
-        fast_image=fast_image, max_image_pixels=max_image_pixels,
+        tokenizer=tokenizer, template=settings.template, image_size=image_size,
+        image_aspect_ratio=settings.image_aspect_ratio, num_image_tokens=num_image_tokens,
+        max_length=settings.max_length, on_bad_sample=settings.on_bad_sample, fast_image=settings.fast_image,
+        max_image_pixels=settings.max_image_pixels,
     )
     ds = grain.MapDataset.source(source)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
-    if shuffle:
+    if settings.shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).map(prepare)
+    return _batched_iterator(ds, spec, settings)
+
+
+def _batch_spec(settings: DataSettings, rows: int, image_size: int, num_image_tokens: int) -> BatchSpec:
+    max_length, length_buckets = settings.max_length, settings.length_buckets
+    buckets = tuple(sorted(set(length_buckets or ()) | ({max_length} if length_buckets else set())))
+    if buckets and buckets[-1] > max_length:
+        raise ValueError(f"length_buckets {tuple(length_buckets)} exceed max_length={max_length}")
+    return BatchSpec(rows, max_length, settings.packing, settings.images_per_row(num_image_tokens), image_size,
+                     buckets)
+
+
+def _batched_iterator(ds: grain.MapDataset, spec: BatchSpec, settings: DataSettings) -> grain.DatasetIterator:
+    """Prepared samples -> batches, read in threads and (with worker_count > 0) in worker processes."""
+    workers, read_threads = settings.worker_count, settings.read_threads
     if read_threads is None:
-        read_threads = 1 if worker_count > 0 else max(1, min(4, os.cpu_count() or 1))
+        read_threads = 1 if workers > 0 else max(1, min(4, os.cpu_count() or 1))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(8, 2 * spec.batch_size)))
     iter_ds = BatchRows(iter_ds, spec)
-    if worker_count > 0:
+    if workers > 0:
         _ensure_absl_flags_parsed()
-        options = grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=settings.worker_buffer_size)
         iter_ds = iter_ds.mp_prefetch(options, worker_init_fn=_pin_worker_to_cpu)
     return iter(iter_ds)
 
 
-CONFIG_FIELDS = (
-    "template", "image_size", "image_aspect_ratio", "num_image_tokens", "max_length", "global_batch_size",
-    "seed", "num_epochs", "packing", "worker_count", "on_bad_sample", "max_images_per_row", "length_buckets",
-    "shuffle", "read_threads", "worker_buffer_size", "fast_image", "max_image_pixels",
-)
-
-
 def source_from_config(data_config) -> Any:
-    """The source named by a data config: `json_path` (+ `image_folder`), `array_record_path`, or
-    `tfds_name` (+ `tfds_split`, `tfds_data_dir`, and for builds of other builders than `llava_json`
-    `tfds_record_fn` = "package.module:function")."""
+    """The source named by data settings (a `DataSettings`, config section or dict): `json_path`
+    (+ `image_folder`), `array_record_path`, or `tfds_name` (+ `tfds_split`, `tfds_data_dir`, and for
+    builds of other builders than `llava_json` `tfds_record_fn` = "package.module:function")."""
     from llava_jax.data import sources
 
-    get = data_config.get
-    chosen = [k for k in ("json_path", "array_record_path", "tfds_name") if get(k)]
+    s = DataSettings.from_mapping(data_config)
+    chosen = [k for k in ("json_path", "array_record_path", "tfds_name") if getattr(s, k)]
     if len(chosen) != 1:
         raise ValueError(f"data config must set exactly one of json_path, array_record_path, tfds_name; got {chosen or 'none'}")
     if chosen[0] == "json_path":
-        return sources.LlavaJsonSource(get("json_path"), get("image_folder"))
+        return sources.LlavaJsonSource(s.json_path, s.image_folder or None)
     if chosen[0] == "array_record_path":
-        return sources.ArrayRecordSource(get("array_record_path"))
-    fn_path = get("tfds_record_fn")
+        return sources.ArrayRecordSource(s.array_record_path)
     record_fn = None  # a build of the llava_json TFDS builder: sources.llava_tfds_record
-    if fn_path:
-        if ":" not in fn_path:
-            raise ValueError(f"tfds_record_fn must be 'package.module:function' mapping a TFDS example to a LLaVA record, got {fn_path!r}")
+    if s.tfds_record_fn:
+        if ":" not in s.tfds_record_fn:
+            raise ValueError(f"tfds_record_fn must be 'package.module:function' mapping a TFDS example to a LLaVA record, got {s.tfds_record_fn!r}")
         import importlib
 
-        module, _, name = fn_path.partition(":")
+        module, _, name = s.tfds_record_fn.partition(":")
         record_fn = getattr(importlib.import_module(module), name)
-    return sources.TfdsSource(get("tfds_name"), get("tfds_split", "train"), record_fn, data_dir=get("tfds_data_dir"))
+    return sources.TfdsSource(s.tfds_name, s.tfds_split or "train", record_fn, data_dir=s.tfds_data_dir or None)
+
+
+# What `from_config` takes beside the data settings: the model's image size and tokens per image, and
+# the run's batch size, seed and epochs (normally passed as keyword overrides by the caller).
+RUN_FIELDS = dict(image_size=336, num_image_tokens=576, global_batch_size=None, seed=0, num_epochs=None)
 
 
 def from_config(data_config, *, tokenizer=None, source=None, shard_index: int | None = None,
                 shard_count: int | None = None, **overrides) -> grain.DatasetIterator:
-    """`make_batches` driven by an ml_collections ConfigDict (or any mapping with `.get`).
-
-    Source fields (exactly one of the first three):
-      json_path (str): LLaVA JSON/JSONL; image_folder (str, default: the JSON's folder).
-      array_record_path (str): shards from `python -m llava_jax.data.pack` (file, glob or folder).
-      tfds_name (str, e.g. "llava_json/llava_v1_5_mix665k"), tfds_split (str, "train"), tfds_data_dir
-        (str, local or gs://), tfds_record_fn ("mod:fn"; default: the llava_json builder's features).
-    Tokenizer: tokenizer_path (str, default the vendored LLaMA tokenizer); ignored if `tokenizer=`.
-    Pipeline fields, as in `make_batches` (defaults in brackets): template ["v1"], image_size [336],
-      image_aspect_ratio ["square"], num_image_tokens [576], max_length [2048], global_batch_size
-      (required), seed [0], num_epochs [None = forever], packing [False], worker_count [0],
-      on_bad_sample ["raise"], max_images_per_row [derived], length_buckets [None], shuffle [True],
-      read_threads [auto], worker_buffer_size [2], fast_image [False], max_image_pixels [2**26].
+    """`make_batches` driven by data settings: a `DataSettings`, or an ml_collections ConfigDict / dict
+    with its fields (defaults: `DataSettings`) and the RUN_FIELDS (image_size [336], num_image_tokens
+    [576], global_batch_size (required), seed [0], num_epochs [None = forever]).
+    Tokenizer: settings.tokenizer_path (default the vendored LLaMA tokenizer); ignored if `tokenizer=`.
     Keyword `overrides` replace config fields (e.g. image_size/num_image_tokens from the model config).
     """
-    defaults = dict(template="v1", image_size=336, image_aspect_ratio="square", num_image_tokens=576,
-                    max_length=2048, global_batch_size=None, seed=0, num_epochs=None, packing=False,
-                    worker_count=0, on_bad_sample="raise", max_images_per_row=None, length_buckets=None,
-                    shuffle=True, read_threads=None, worker_buffer_size=2, fast_image=False,
-                    max_image_pixels=DEFAULT_MAX_PIXELS)
-    unknown = set(overrides) - set(defaults)
+    unknown = set(overrides) - set(RUN_FIELDS) - set(DataSettings.field_names())
     if unknown:
-        raise TypeError(f"unknown data fields {sorted(unknown)}; known: {sorted(defaults)}")
-    kw = {k: overrides[k] if k in overrides else data_config.get(k, v) for k, v in defaults.items()}
-    if kw["global_batch_size"] is None:
+        raise TypeError(f"unknown data fields {sorted(unknown)}; known: {sorted([*RUN_FIELDS, *DataSettings.field_names()])}")
+    settings = DataSettings.from_mapping(data_config, **overrides)
+    given = {} if isinstance(data_config, DataSettings) else data_config
+    run = {k: overrides[k] if k in overrides else given.get(k, v) for k, v in RUN_FIELDS.items()}
+    if run["global_batch_size"] is None:
         raise ValueError("data config needs global_batch_size (rows per step across all processes)")
-    if kw["length_buckets"] is not None:
-        kw["length_buckets"] = tuple(kw["length_buckets"])
     if tokenizer is None:
         from llava_jax.data.tokenizer import load_tokenizer
 
-        path = data_config.get("tokenizer_path", None)
-        tokenizer = load_tokenizer(path) if path else load_tokenizer()
+        tokenizer = load_tokenizer(settings.tokenizer_path) if settings.tokenizer_path else load_tokenizer()
     if source is None:
-        source = source_from_config(data_config)
-    return make_batches(source, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count, **kw)
+        source = source_from_config(settings)
+    return make_batches(source, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count,
+                        settings=settings, **run)

@@ -152,7 +152,7 @@ def architecture_differences(a: LlavaConfig, b: LlavaConfig) -> list[str]:
     return out
 
 
-_DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _encode(name: str, v):
@@ -180,7 +180,7 @@ def config_from_dict(d: dict) -> LlavaConfig:
         kw = {}
         for k, v in values.items():
             if k in ("dtype", "param_dtype"):
-                v = _DTYPE_NAMES[v]
+                v = DTYPES[v]
             elif isinstance(v, list):
                 v = tuple(v)
             kw[k] = v

@@ -46,9 +46,7 @@ def initialize(cfg=None) -> bool:
         if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        jax.distributed.initialize()
-    elif _multi_host_tpu():
+    elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ) or _multi_host_tpu():
         jax.distributed.initialize()
     else:
         return False

@@ -12,7 +12,7 @@ XLA's partitioner propagates them (the model code never handles explicit shardin
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -35,7 +35,7 @@ def resolve_shape(shape: Sequence[int], num_devices: int, what: str = "mesh") ->
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ValueError(
-            f"{what} {dict(zip(AXES, shape))} uses {math.prod(shape)} devices but {num_devices} are available"
+            f"{what} {dict(zip(AXES, shape, strict=True))} uses {math.prod(shape)} devices but {num_devices} are available"
         )
     return tuple(shape)
 

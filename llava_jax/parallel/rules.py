@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -60,7 +61,7 @@ def spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, ru
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
     used: set[str] = set()
     out = []
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         mesh_axes = tuple(a for a in _mesh_axes(name, rules) if a not in used and mesh.shape.get(a, 1) > 1)
         n = math.prod(mesh.shape[a] for a in mesh_axes)
         if mesh_axes and size % n:
@@ -76,6 +77,22 @@ def spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, ru
 
 def named(axes, shape, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec(axes, shape, mesh, rules))
+
+
+def batch_axes(rules: Rules = LOGICAL_RULES) -> tuple[str, ...]:
+    """The mesh axes that split the rows of a batch: the `batch` rule."""
+    return _mesh_axes("batch", rules)
+
+
+def batch_shards(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
+    """Into how many parts the `batch` rule splits the rows on this mesh."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+    """Sharding of an input batch (rows split by the `batch` rule, other dimensions whole); the
+    global batch size must be a multiple of `batch_shards(mesh)`."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(rules) or None))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> jax.Array:

@@ -20,15 +20,13 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax.checkpoint.params import abstract_with_shardings
 from llava_jax.parallel import topology as topo
 from llava_jax.parallel.mesh import describe, make_mesh, resolve_shape
-from llava_jax.training import loop, metrics, optimizer, partition
-from llava_jax.training.state import ModelSpec, abstract_state, param_shardings, state_shardings
-from llava_jax.training.step import make_train_step
+from llava_jax.training import metrics
+from llava_jax.training.stage_setup import build_stage, dtype_of, model_config
+from llava_jax.training.state import ModelSpec
 
 GiB = 1024**3
 # Remat policies from the least recomputation (fastest, most memory) to the most.
@@ -56,57 +54,60 @@ def _flops(compiled) -> float | None:
 def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     """Compile stage `name`'s train step for `mesh`; per-device memory (GiB) and FLOPs."""
     stage = config[name]
-    loop.check_batch_divides(stage, mesh)
-    mask = partition.trainable_mask(spec.abstract, stage.trainable)
-    tx, lr = optimizer.make(stage.optim, spec.abstract, mask, max(stage.num_steps, 1000))
-    abstract = abstract_state(spec, mask, tx, loop._dtype(config.frozen_dtype, "frozen_dtype"))
-    ssh = state_shardings(abstract, param_shardings(spec, mesh), mesh)
+    setup = build_stage(stage, spec, mesh, total_steps=max(stage.num_steps, 1000),
+                        frozen_dtype=dtype_of(config.frozen_dtype, "frozen_dtype"))
     cfg = spec.cfg
     b, length = stage.batch_size, stage.data.max_length
     m = stage.data.max_images_per_row or 1
-    s = cfg.vision.image_size
-    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    shapes = dict(input_ids=((b, length), jnp.int32), labels=((b, length), jnp.int32),
-                  positions=((b, length), jnp.int32), segment_ids=((b, length), jnp.int32),
-                  images=((b, m, s, s, 3), jnp.uint8))
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for k, (shape, dt) in shapes.items()}
+    batch = setup.abstract_batch(length, m)
+    state = abstract_with_shardings(setup.abstract, setup.state_shardings)
     n = mesh.size
     out = {
         "stage": name, "mesh": describe(mesh), "devices": n, "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
         "remat": cfg.llm.remat, "frozen_dtype": config.frozen_dtype,
-        "params_GiB": _bytes(abstract.params) / n / GiB, "opt_state_GiB": _bytes(abstract.opt_state) / n / GiB,
+        "params_GiB": _bytes(setup.abstract.params) / n / GiB, "opt_state_GiB": _bytes(setup.abstract.opt_state) / n / GiB,
         "model_flops": metrics.step_flops(cfg, tokens=b * length, images=b * m, seq_len=length,
                                           llm_trainable="llm" in stage.trainable),
     }
     # With targets_per_row the run also compiles the full-logits step, for batches with a longer row.
-    variants = {"": stage.targets_per_row, "full_logits_": 0} if stage.targets_per_row else {"": 0}
-    for prefix, targets_per_row in variants.items():
-        step = make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, targets_per_row,
-                               stage.loss_reduction, loop.loss_groups(stage, mesh))
+    prefixes = {"capped": "", "full": "full_logits_" if stage.targets_per_row else ""}
+    for variant, step in setup.jitted_steps().items():
+        prefix = prefixes[variant]
         with jax.set_mesh(mesh):
-            lowered = jax.jit(step, in_shardings=(ssh, batch_sh), out_shardings=(ssh, None),
-                              donate_argnums=0).lower(abstract_with_shardings(abstract, ssh), batch)
+            lowered = step.lower(state, batch)
             try:
                 compiled = lowered.compile()
             except jax.errors.JaxRuntimeError as e:
-                # The TPU compiler refuses a program that cannot fit HBM and says how much it needs.
-                m_ = _OOM.search(str(e))
-                if "RESOURCE_EXHAUSTED" not in str(e) or m_ is None:
+                if not _record_oom(out, prefix, e):
                     raise
-                out.update({f"{prefix}oom": str(e).splitlines()[0], f"{prefix}temps_GiB": float(m_.group(1)),
-                            f"{prefix}hbm_available_GiB": float(m_.group(2))})
                 if not prefix:
                     return out
                 continue
         if not prefix:
             out["flops_per_device"] = _flops(compiled)
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-            temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-            out.update({f"{prefix}arguments_GiB": args / GiB, f"{prefix}outputs_GiB": outs / GiB,
-                        f"{prefix}temps_GiB": temp / GiB, f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB})
+        out.update(_memory_row(compiled, prefix))
     return out
+
+
+def _record_oom(out: dict, prefix: str, e: Exception) -> bool:
+    """The TPU compiler refuses a program that cannot fit HBM and says how much it needs: record that
+    in the row (True), or False for any other error."""
+    m_ = _OOM.search(str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or m_ is None:
+        return False
+    out.update({f"{prefix}oom": str(e).splitlines()[0], f"{prefix}temps_GiB": float(m_.group(1)),
+                f"{prefix}hbm_available_GiB": float(m_.group(2))})
+    return True
+
+
+def _memory_row(compiled, prefix: str) -> dict:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    return {f"{prefix}arguments_GiB": args / GiB, f"{prefix}outputs_GiB": outs / GiB,
+            f"{prefix}temps_GiB": temp / GiB, f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +217,7 @@ def fit(config, name: str, chip: topo.Chip, devices: list, slices: int, tries: i
     for setting in settings[:tries]:
         c = setting.apply(config, name)
         mesh = make_mesh(c.mesh.ici, c.mesh.dcn, devices=devices)
-        row = compile_stage(c, name, ModelSpec.create(loop.model_config(c)), mesh)
+        row = compile_stage(c, name, ModelSpec.create(model_config(c)), mesh)
         peak = row.get("peak_GiB")
         print(f"      {setting.describe(name)}: " + (f"peak {peak:.2f} GiB" if peak is not None else _verdict(row, chip.hbm_gib)))
         if _fits(row, chip.hbm_gib):
@@ -243,7 +244,7 @@ def report(config, topology: str = "", slices: int = 1, fit_tries: int = 8) -> l
         elif _prod(dcn) != slices:
             raise ValueError(f"--slices={slices} but config.mesh.dcn={tuple(dcn)} spans {_prod(dcn)} slices")
     mesh = make_mesh(config.mesh.ici, dcn, devices=devices)
-    spec = ModelSpec.create(loop.model_config(config))
+    spec = ModelSpec.create(model_config(config))
     where = f"{topology} x {slices} slice(s), {chip.name}, {chip.hbm_gib:g} GiB HBM per chip; " if chip else ""
     print(f"model {config.model}: {spec.num_params():,} parameters; {where}mesh {describe(mesh)}; "
           f"compute {config.dtype}, frozen weights {config.frozen_dtype}")

@@ -1,10 +1,9 @@
 """The training loop: run the configured stages in order, each resumable.
 
     for each stage (stage1: projector; stage2: projector + LLM):
-        mask      = which parameters train                      (partition.py)
-        tx        = clip + AdamW on trainable, set_to_zero else  (optimizer.py)
+        setup     = mask, optimizer, shardings, jitted steps      (stage_setup.build_stage)
         state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
-        loop:       global batch -> jitted step -> metrics, checkpoints
+        loop:       global batch -> jitted step -> metrics, NaN check, checkpoint, hooks
         final     = final_params/ for the next stage, chat and export
 """
 
@@ -14,16 +13,14 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import signal
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from llava_jax.checkpoint import hf_config
 from llava_jax.checkpoint.files import open_checkpoint
@@ -31,56 +28,38 @@ from llava_jax.checkpoint.hf_load import convert_arrays
 from llava_jax.checkpoint.original import load_projector
 from llava_jax.checkpoint.params import abstract_with_shardings, restore_params, save_params
 from llava_jax.checkpoint.stage_dir import write_model_info
-from llava_jax.models import Llava, LlavaConfig, get_preset
-from llava_jax.paths import Path, PathLike, absolute, as_path
+from llava_jax.data.settings import DataSettings
+from llava_jax.models import Llava, LlavaConfig
 from llava_jax.parallel.mesh import describe, make_mesh
-from llava_jax.training import optimizer, partition
-from llava_jax.training.loss import REDUCTIONS, max_targets_per_row
+from llava_jax.parallel.tree_paths import path_str
+from llava_jax.paths import Path, PathLike, absolute, as_path
+from llava_jax.training import trainable
+from llava_jax.training.loss import max_targets_per_row
 from llava_jax.training.metrics import MetricWriter, peak_flops, step_flops
-from llava_jax.training.state import (ModelSpec, abstract_state, init_params, new_state, param_shardings,
-                                      state_shardings)
-from llava_jax.training.step import MODEL_KEYS, make_train_step
+from llava_jax.training.stage_setup import StageSetup, build_stage, check_batch_divides, dtype_of, model_config
+from llava_jax.training.state import ModelSpec, init_params, new_state
+from llava_jax.training.step import MODEL_KEYS
 from llava_jax.training.train_checkpoint import Checkpointer
 
 log = logging.getLogger("llava_jax.train")
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-# Preemption drill for resume tests: SIGKILL this process right after the checkpoint of this step.
-_KILL_AFTER_STEP = int(os.environ.get("LLAVA_JAX_KILL_AFTER_STEP", "0"))
-
-
 # ----------------------------------------------------------------------------- set-up
-
-
-def _dtype(name: str, key: str):
-    if name not in DTYPES:
-        raise ValueError(f"config.{key}={name!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def model_config(config) -> LlavaConfig:
-    return get_preset(config.model, dtype=_dtype(config.dtype, "dtype"), attention=config.attention,
-                      remat=config.remat)
 
 
 def data_iterator(config, stage, cfg: LlavaConfig):
     """This process's batches for a stage (repeating forever; the loop stops by step count)."""
     from llava_jax.data import pipeline
 
-    d = stage.data
-    source = pipeline.source_from_config({k: v for k, v in d.items() if v != ""})
-    overrides = dict(image_size=cfg.vision.image_size, num_image_tokens=cfg.num_image_tokens,
-                     global_batch_size=stage.batch_size, seed=config.seed, num_epochs=None)
-    if d.max_images_per_row:
-        overrides["max_images_per_row"] = d.max_images_per_row
-    fields = {k: v for k, v in d.items() if k not in ("max_images_per_row",) and v != ""}
-    it = pipeline.from_config(fields, source=source, **overrides)
+    settings = DataSettings.from_mapping(stage.data)
+    source = pipeline.source_from_config(settings)
+    it = pipeline.from_config(settings, source=source, image_size=cfg.vision.image_size,
+                              num_image_tokens=cfg.num_image_tokens, global_batch_size=stage.batch_size,
+                              seed=config.seed, num_epochs=None)
     return it, len(source)
 
 
@@ -92,40 +71,13 @@ def total_steps(stage, num_records: int) -> int:
     return max(1, math.ceil(num_records * stage.epochs / stage.batch_size))
 
 
-def check_batch_divides(stage, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if stage.batch_size % (shards * stage.micro_batches):
-        raise ValueError(
-            f"batch_size={stage.batch_size} must be divisible by data*fsdp={shards} times "
-            f"micro_batches={stage.micro_batches}"
-        )
-    if stage.batch_size % jax.process_count():
-        raise ValueError(f"batch_size={stage.batch_size} must be divisible by the {jax.process_count()} processes")
-    loss_groups(stage, mesh)
-
-
-def loss_groups(stage, mesh: Mesh) -> int:
-    """Device groups per micro-batch for `loss_reduction='original'` (1 for the global mean)."""
-    if stage.loss_reduction not in REDUCTIONS:
-        raise ValueError(f"loss_reduction={stage.loss_reduction!r}: use one of {REDUCTIONS}")
-    if stage.loss_reduction != "original":
-        return 1
-    if stage.loss_devices < 0:
-        raise ValueError(f"loss_devices={stage.loss_devices}: use 0 (this mesh's data*fsdp) or the device count")
-    groups = stage.loss_devices or mesh.shape["data"] * mesh.shape["fsdp"]
-    if stage.batch_size % (groups * stage.micro_batches):
-        raise ValueError(f"loss_reduction='original': batch_size={stage.batch_size} must be divisible by "
-                         f"micro_batches={stage.micro_batches} times {groups} devices (loss_devices)")
-    return groups
-
-
 # ----------------------------------------------------------------------------- initial weights
 
 
 def _place(arrays: dict[str, np.ndarray], target: Any, shardings: Any) -> Any:
     """Put host arrays (by '/'-path) into a params tree, each directly into its shards."""
     def put(path, a, sh):
-        key = partition.path_str(path)
+        key = path_str(path)
         if key not in arrays:
             return a
         host = np.asarray(arrays[key]).astype(a.dtype)
@@ -169,7 +121,7 @@ def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
 def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None) -> Any:
     """Random init (seeded), then the pretrained parts named in config.init, then the projector of the
     previous stage (the original's `--pretrain_mm_mlp_adapter`)."""
-    frozen_dtype = _dtype(config.frozen_dtype, "frozen_dtype")
+    frozen_dtype = dtype_of(config.frozen_dtype, "frozen_dtype")
     params = init_params(spec, config.seed, mask, frozen_dtype, shardings)
     abstract_model = nnx.eval_shape(lambda: Llava(spec.cfg, rngs=nnx.Rngs(0)))
     if config.init.llava:
@@ -224,114 +176,32 @@ class StageResult:
     params: Any = None
 
 
-def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
-                previous_stage: str | None) -> StageResult:
-    stage = config[name]
-    stage_dir = workdir / name
-    done_marker = stage_dir / "DONE"
-    psh = param_shardings(spec, mesh)
-    if done_marker.exists():
-        log.info("%s already finished (%s): skipping", name, done_marker)
-        return StageResult(name, json.loads(done_marker.read_text())["steps"], None, 0.0)
-    check_batch_divides(stage, mesh)
-    t_start = time.time()
+# Called after every step, once its checkpoint (if due) is saved: hook(step, checkpointer).
+StepHook = Callable[[int, Checkpointer], None]
 
-    mask = partition.trainable_mask(spec.abstract, stage.trainable)
+
+def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path, previous_stage: str | None,
+                hooks: Sequence[StepHook] = ()) -> StageResult:
+    """Train one stage to its last step (resuming from its latest checkpoint) and write its final weights."""
+    stage, stage_dir = config[name], workdir / name
+    if (stage_dir / "DONE").exists():
+        return _finished_before(name, stage_dir)
+    t_start = time.time()
+    check_batch_divides(stage, mesh)
     data_iter, num_records = data_iterator(config, stage, spec.cfg)
     steps = total_steps(stage, num_records)
-    tx, lr = optimizer.make(stage.optim, spec.abstract, mask, steps)
-    abstract = abstract_state(spec, mask, tx, _dtype(config.frozen_dtype, "frozen_dtype"))
-    ssh = state_shardings(abstract, psh, mesh)
+    frozen_dtype = dtype_of(config.frozen_dtype, "frozen_dtype")
+    setup = build_stage(stage, spec, mesh, total_steps=steps, frozen_dtype=frozen_dtype)
     log.info("%s: %d steps of %d rows (%d records), mesh %s, trainable %s / %s params", name, steps,
-             stage.batch_size, num_records, describe(mesh), f"{spec.num_params(mask):,}", f"{spec.num_params():,}")
-
+             stage.batch_size, num_records, describe(mesh), f"{spec.num_params(setup.mask):,}",
+             f"{spec.num_params():,}")
     ckpt = Checkpointer(stage_dir / "checkpoints", every=stage.checkpoint_every, keep=stage.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        log.info("%s: resuming from step %d", name, latest)
-        state = ckpt.restore(latest, abstract_with_shardings(abstract, ssh), data_iter)
-    else:
-        state = new_state(initial_params(config, spec, mask, psh, previous_stage), tx, ssh, config.seed)
-
-    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-
-    variants = {"capped": stage.targets_per_row, "full": 0} if stage.targets_per_row else {"full": 0}
-    jitted = {v: jax.jit(make_train_step(spec.graphdef, tx, mask, lr, stage.micro_batches, tpr, stage.loss_reduction,
-                                         loss_groups(stage, mesh)),
-                         in_shardings=(ssh, batch_sh), out_shardings=(ssh, None), donate_argnums=0)
-              for v, tpr in variants.items()}
-    compiled: dict[tuple, Any] = {}
-
-    def step_fn(variant: str, state, batch):
-        """The compiled step for this variant and batch shape; compiled on first need (the loop asks
-        for every variant before step 1, so a long row later does not stall the run)."""
-        key = (variant,) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
-        if key not in compiled:
-            t = time.time()
-            compiled[key] = jitted[variant].lower(state, batch).compile()
-            what = "full-logits fallback step" if variant == "full" and stage.targets_per_row else "train step"
-            log.info("%s: compiled the %s in %.1fs%s", name, what, time.time() - t, _memory_note(compiled[key]))
-        return compiled[key]
-
-    llm_trains = "llm" in partition.parse_trainable(stage.trainable)
+    state = _restore_or_init(config, name, setup, ckpt, data_iter, previous_stage)
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
-    skipped_total = 0
-    last = None
-    step = int(state.step)  # counted on the host from here on: no device sync per step
-    t_log, step_at_log = None, step
-    warned = False
     try:
-        with jax.set_mesh(mesh):
-            while step < steps:
-                local = next(data_iter)  # overlaps with the previous step still running on device
-                skipped_total += int(np.sum(local.get("meta_skipped", 0)))
-                batch = {k: jax.make_array_from_process_local_data(batch_sh, local[k]) for k in MODEL_KEYS}
-                if t_log is None:  # before the first step: compile every variant (a stall now, not mid-run)
-                    for v in variants:
-                        step_fn(v, state, batch)
-                    t_log = time.time()
-                variant = "capped" if stage.targets_per_row else "full"
-                if stage.targets_per_row and _over_cap(local["labels"], stage.targets_per_row):
-                    if not warned:
-                        log.warning("%s: a batch has rows with more than targets_per_row=%d targets; such "
-                                    "batches use full logits (slower; raise targets_per_row)", name,
-                                    stage.targets_per_row)
-                        warned = True
-                    variant = "full"
-                state, metrics = step_fn(variant, state, batch)(state, batch)
-                step += 1
-                writer.advance()
-                final = step == steps
-                if (config.log_every > 0 and step % config.log_every == 0) or ckpt.due(step, final=final) or final:
-                    m = jax.device_get(metrics)  # waits for this step
-                    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-                        good = ckpt.latest_step()
-                        where = (f"The last good checkpoint is step {good} in {ckpt.directory}." if good is not None
-                                 else "No checkpoint of this stage was written.")
-                        raise NonFiniteLoss(
-                            f"{name}: loss {m['loss']}, gradient norm {m['grad_norm']} at step {step}; stopping "
-                            f"without saving. {where} Lower optim.lr, raise warmup, or check the data."
-                        )
-                    dt = (time.time() - t_log) / max(step - step_at_log, 1)
-                    t_log, step_at_log = time.time(), step
-                    flops = step_flops(spec.cfg, tokens=local["input_ids"].size * jax.process_count(),
-                                       seq_len=local["input_ids"].shape[1], llm_trainable=llm_trains,
-                                       images=int(np.prod(local["images"].shape[:2])) * jax.process_count())
-                    m.update(step_time=dt, tokens_per_s=float(m["tokens"]) / dt, skipped_samples=skipped_total,
-                             flops_per_step=flops)
-                    if peak_flops():
-                        m["mfu"] = flops / dt / (peak_flops() * mesh.size)
-                    writer.write(step, m)
-                    last = float(m["loss"])
-                ckpt.save(step, state, data_iter, final=final)  # only after the finiteness check above
-                if step == _KILL_AFTER_STEP:  # preemption drill: die like a preempted host would
-                    ckpt.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
+        state, last = _run_steps(config, name, setup, state, data_iter, steps, ckpt, writer, hooks)
         ckpt.wait()
-        save_params(stage_dir / "final_params", state.params)
-        if jax.process_index() == 0:
-            write_model_info(stage_dir, spec.cfg, stage.data.template, stage.data.image_aspect_ratio)
-            done_marker.write_text(json.dumps({"steps": steps, "final_loss": last}))
+        _write_final(stage_dir, setup, state, steps, last)
     finally:
         writer.close()
         ckpt.close()
@@ -340,11 +210,177 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path,
     return StageResult(name, steps, last, time.time() - t_start, state.params)
 
 
+def _run_steps(config, name: str, setup: StageSetup, state, data_iter, steps: int, ckpt: Checkpointer,
+               writer: MetricWriter, hooks: Sequence[StepHook]) -> tuple[Any, float | None]:
+    """The step loop: batch -> step -> (metrics, finiteness check) -> checkpoint -> hooks."""
+    train_step = CompiledSteps(setup, name)
+    meter = Throughput(setup)
+    step = int(state.step)  # counted on the host from here on: no device sync per step
+    skipped, last = 0, None
+    with jax.set_mesh(setup.mesh):
+        while step < steps:
+            local = next(data_iter)  # overlaps with the previous step still running on device
+            skipped += int(np.sum(local.get("meta_skipped", 0)))
+            batch = {k: jax.make_array_from_process_local_data(setup.batch_sharding, local[k]) for k in MODEL_KEYS}
+            if not train_step.ready:  # before the first step: compile every variant (a stall now, not mid-run)
+                train_step.compile_all(state, batch)
+                meter.restart(step)
+            state, metrics = train_step(state, batch, local["labels"])
+            step += 1
+            writer.advance()
+            final = step == steps
+            if (config.log_every > 0 and step % config.log_every == 0) or ckpt.due(step, final=final) or final:
+                last = _write_metrics(name, step, metrics, local, skipped, meter, ckpt, writer)
+            ckpt.save(step, state, data_iter, final=final)  # only after the finiteness check above
+            for hook in hooks:
+                hook(step, ckpt)
+    return state, last
+
+
+# ----------------------------------------------------------------------------- the stage's steps
+
+
+def _finished_before(name: str, stage_dir: Path) -> StageResult:
+    done_marker = stage_dir / "DONE"
+    log.info("%s already finished (%s): skipping", name, done_marker)
+    return StageResult(name, json.loads(done_marker.read_text())["steps"], None, 0.0)
+
+
+def _restore_or_init(config, name: str, setup: StageSetup, ckpt: Checkpointer, data_iter,
+                     previous_stage: str | None):
+    """The latest checkpoint of this stage (with the data position), or step 0 from the initial weights."""
+    latest = ckpt.latest_step()
+    if latest is not None:
+        log.info("%s: resuming from step %d", name, latest)
+        return ckpt.restore(latest, abstract_with_shardings(setup.abstract, setup.state_shardings), data_iter)
+    params = initial_params(config, setup.spec, setup.mask, setup.param_shardings, previous_stage)
+    return new_state(params, setup.tx, setup.state_shardings, config.seed)
+
+
+def _over_cap(labels: np.ndarray, cap: int) -> bool:
+    """Whether any row of this process's batch has more targets than the cap. In a multi-process run
+    every process must pick the same step function, so the answer is agreed across processes."""
+    over = max_targets_per_row(labels) > cap
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        over = bool(np.any(multihost_utils.process_allgather(np.array([over]))))
+    return over
+
+
+def _memory_note(compiled) -> str:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return ""
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return f" (peak {peak / 1024 ** 3:.2f} GiB per device)"
+
+
+class CompiledSteps:
+    """The stage's step variants, each compiled once per batch shape; a call picks the variant for
+    the batch (the full-logits fall-back when a row has more than targets_per_row targets)."""
+
+    def __init__(self, setup: StageSetup, name: str):
+        self.name, self.cap = name, setup.stage.targets_per_row
+        self.jitted = setup.jitted_steps()
+        self.compiled: dict[tuple, Any] = {}
+        self.warned = False
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.compiled)
+
+    def get(self, variant: str, state, batch):
+        """The compiled step for this variant and batch shape; compiled on first need."""
+        key = (variant,) + tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in self.compiled:
+            t = time.time()
+            self.compiled[key] = self.jitted[variant].lower(state, batch).compile()
+            what = "full-logits fallback step" if variant == "full" and self.cap else "train step"
+            log.info("%s: compiled the %s in %.1fs%s", self.name, what, time.time() - t,
+                     _memory_note(self.compiled[key]))
+        return self.compiled[key]
+
+    def compile_all(self, state, batch) -> None:
+        for variant in self.jitted:
+            self.get(variant, state, batch)
+
+    def variant(self, labels: np.ndarray) -> str:
+        if not self.cap:
+            return "full"
+        if not _over_cap(labels, self.cap):
+            return "capped"
+        if not self.warned:
+            log.warning("%s: a batch has rows with more than targets_per_row=%d targets; such batches use full "
+                        "logits (slower; raise targets_per_row)", self.name, self.cap)
+            self.warned = True
+        return "full"
+
+    def __call__(self, state, batch, labels: np.ndarray):
+        return self.get(self.variant(labels), state, batch)(state, batch)
+
+
+class Throughput:
+    """Step time, tokens/s, FLOPs and MFU averaged over the steps since the last metrics row."""
+
+    def __init__(self, setup: StageSetup):
+        self.cfg, self.devices = setup.spec.cfg, setup.mesh.size
+        self.llm_trains = "llm" in trainable.parse_trainable(setup.stage.trainable)
+        self.t, self.step = time.time(), 0
+
+    def restart(self, step: int) -> None:
+        self.t, self.step = time.time(), step
+
+    def figures(self, step: int, tokens: float, local: dict, skipped: int) -> dict:
+        dt = (time.time() - self.t) / max(step - self.step, 1)
+        self.restart(step)
+        flops = step_flops(self.cfg, tokens=local["input_ids"].size * jax.process_count(),
+                           seq_len=local["input_ids"].shape[1], llm_trainable=self.llm_trains,
+                           images=int(np.prod(local["images"].shape[:2])) * jax.process_count())
+        out = dict(step_time=dt, tokens_per_s=tokens / dt, skipped_samples=skipped, flops_per_step=flops)
+        if peak_flops():
+            out["mfu"] = flops / dt / (peak_flops() * self.devices)
+        return out
+
+
+def check_finite(name: str, step: int, m: dict, ckpt: Checkpointer) -> None:
+    """Stop before a non-finite state is saved, naming the last good checkpoint."""
+    if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+        return
+    good = ckpt.latest_step()
+    where = (f"The last good checkpoint is step {good} in {ckpt.directory}." if good is not None
+             else "No checkpoint of this stage was written.")
+    raise NonFiniteLoss(
+        f"{name}: loss {m['loss']}, gradient norm {m['grad_norm']} at step {step}; stopping "
+        f"without saving. {where} Lower optim.lr, raise warmup, or check the data."
+    )
+
+
+def _write_metrics(name: str, step: int, metrics, local: dict, skipped: int, meter: Throughput,
+                   ckpt: Checkpointer, writer: MetricWriter) -> float:
+    """Wait for this step, check it is finite, and write its metrics row; returns its loss."""
+    m = jax.device_get(metrics)
+    check_finite(name, step, m, ckpt)
+    m.update(meter.figures(step, float(m["tokens"]), local, skipped))
+    writer.write(step, m)
+    return float(m["loss"])
+
+
+def _write_final(stage_dir: Path, setup: StageSetup, state, steps: int, last: float | None) -> None:
+    """final_params/ and model.json for the next stage, chat and export; then the DONE marker."""
+    save_params(stage_dir / "final_params", state.params)
+    if jax.process_index() == 0:
+        data = setup.stage.data
+        write_model_info(stage_dir, setup.spec.cfg, data.template, data.image_aspect_ratio)
+        (stage_dir / "DONE").write_text(json.dumps({"steps": steps, "final_loss": last}))
+
+
 # ----------------------------------------------------------------------------- all stages
 
 
-def run(config, workdir: PathLike) -> dict[str, Any]:
-    """Run every stage in `config.stages`; returns per-stage results (and eval, if configured)."""
+def run(config, workdir: PathLike, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
+    """Run every stage in `config.stages`; returns per-stage results. `hooks` are called after every
+    step of every stage (see StepHook)."""
     workdir = absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -357,7 +393,7 @@ def run(config, workdir: PathLike) -> dict[str, Any]:
     for name in names:
         if name not in config:
             raise ValueError(f"config.stages names {name!r}, which is not a stage dict of this config")
-        res = train_stage(config, name, spec, mesh, workdir, previous)
+        res = train_stage(config, name, spec, mesh, workdir, previous, hooks=hooks)
         results[name] = res
         previous = str(workdir / name)
     return results

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_INDEX = -100
+from llava_jax.data.tokenizer import IGNORE_INDEX
+
 REDUCTIONS = ("global_token_mean", "original")
 
 

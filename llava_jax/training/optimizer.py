@@ -12,7 +12,7 @@ from typing import Any
 
 import optax
 
-from llava_jax.training import partition
+from llava_jax.training import trainable
 
 
 def warmup_steps(ratio: float, total_steps: int) -> int:
@@ -40,12 +40,12 @@ def schedule(optim, total_steps: int) -> optax.Schedule:
 
 
 def make(optim, params: Any, mask: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer for one stage. `mask`: True for trainable leaves (see partition)."""
+    """The optimizer for one stage. `mask`: True for trainable leaves (see trainable)."""
     lr = schedule(optim, total_steps)
     inner = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
     inner.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                             mask=partition.decay_mask(params, mask)))
+                             mask=trainable.decay_mask(params, mask)))
     tx = optax.multi_transform(
-        {"trainable": optax.chain(*inner), "frozen": optax.set_to_zero()}, partition.labels(mask)
+        {"trainable": optax.chain(*inner), "frozen": optax.set_to_zero()}, trainable.labels(mask)
     )
     return tx, lr

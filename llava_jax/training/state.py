@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llava_jax.models import Llava, LlavaConfig
 from llava_jax.parallel import rules
-from llava_jax.training.partition import path_str
+from llava_jax.parallel.tree_paths import path_str
 
 
 @flax.struct.dataclass
@@ -41,7 +41,7 @@ class ModelSpec:
     axes: Any  # nested dict of logical-axis tuples
 
     @classmethod
-    def create(cls, cfg: LlavaConfig) -> "ModelSpec":
+    def create(cls, cfg: LlavaConfig) -> ModelSpec:
         model = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         axes: dict = {}
@@ -54,7 +54,7 @@ class ModelSpec:
 
     def num_params(self, mask: Any = None) -> int:
         leaves = jax.tree.leaves(self.abstract) if mask is None else [
-            a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask)) if t]
+            a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask), strict=True) if t]
         return int(sum(np.prod(a.shape) for a in leaves))
 
 

@@ -8,7 +8,8 @@ summed over micro-batches, and divided once by the loss denominator of the whole
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

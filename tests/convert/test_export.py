@@ -20,6 +20,7 @@ from llava_jax.data.image import normalize, preprocess
 from llava_jax.data.templates import get_template
 from llava_jax.inference import generate, load_model
 from llava_jax.models import Llama, LlamaConfig, Llava, LlavaConfig, VisionConfig
+from llava_jax.parallel.tree_paths import path_str
 
 IMAGE, EOS, PAD = 32000, 2, 32001
 N_IMG = 16  # (56 / 14)^2
@@ -45,7 +46,7 @@ def _perturb(module, seed: int, scale: float = 0.05):
 
 
 def _params(module) -> dict:
-    return {"/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return {path_str(p): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def _assert_same_params(a, b):

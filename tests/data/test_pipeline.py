@@ -83,7 +83,7 @@ def _take(it, n):
 
 def _assert_same(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
@@ -172,7 +172,7 @@ def test_packing_invariants(data, tokenizer):
             starts = np.flatnonzero(is_img & ~np.concatenate([[False], is_img[:-1]]))
             assert len(starts) <= 2
             segs_with_image = []
-            for _, k, sl in (s for s in _segments({"segment_ids": seg[b : b + 1]})):
+            for _, _k, sl in (s for s in _segments({"segment_ids": seg[b : b + 1]})):
                 assert pos[b, sl][0] == 0 and (np.diff(pos[b, sl]) == 1).all()  # positions restart
                 i = data["by_ids"][tuple(ids[b, sl].tolist())]  # whole sample: never split
                 order.append(i)

@@ -189,9 +189,9 @@ def test_pipeline_batches_equal_the_json_source(built):
     """The trainer's data path (a stage's data config with tfds_name, `training.loop.data_iterator`)
     and the JSON source give the same batches: tokens, labels, positions and pixels, in the same
     seeded shuffle order, over more than one epoch."""
-    from llava_jax.training import defaults, loop
+    from llava_jax.training import config_schema, loop
 
-    stage = defaults.stage_config(trainable="projector", lr=1e-3, batch_size=3, epochs=1, template="v1")
+    stage = config_schema.stage_config(trainable="projector", lr=1e-3, batch_size=3, epochs=1, template="v1")
     stage.data.update(
         tfds_name="llava_json/llava_v1_5_mix665k",
         tfds_data_dir=str(built["data_dir"]),

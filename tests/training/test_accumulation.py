@@ -4,7 +4,6 @@ import jax
 import numpy as np
 from train_fixtures import build, random_batch, run_steps
 
-
 # Adam divides each gradient by its own running RMS, so where a gradient is ~0 (rarely used embedding
 # rows) summation-order rounding can flip that element's update by up to lr. With eps=1 the update is
 # ~lr * g, linear in the gradient, so comparing parameters compares the accumulated gradients.
@@ -24,7 +23,7 @@ def test_four_micro_batches_equal_one_big_batch():
     big_losses, big_state = run_steps(big, batches)
     acc_losses, acc_state = run_steps(acc, batches)
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params)):
+    for a, b in zip(jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAM_ATOL)
 
 
@@ -41,5 +40,5 @@ def test_gathered_targets_equal_full_logits():
     ref, ref_state = run_steps(build((1, 1, 1), **LINEAR_ADAM), batches)
     got, got_state = run_steps(build((1, 1, 1), targets_per_row=12, **LINEAR_ADAM), batches)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(ref_state.params)):
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(ref_state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=PARAM_ATOL)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llava_jax.training.defaults import base_config
+from llava_jax.training.config_schema import base_config
 
 
 def _train(*args, timeout=600):

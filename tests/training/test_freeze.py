@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from train_fixtures import build, random_batch, run_steps
 
-from llava_jax.training import partition
+from llava_jax.parallel.tree_paths import path_str
+from llava_jax.training.trainable import PARTS
 
 
 def _leaves(tree):
-    return {partition.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @pytest.mark.parametrize("trainable,frozen_parts", [("projector", ("vision", "llm")), ("projector,llm", ("vision",))])
@@ -19,7 +20,7 @@ def test_frozen_bit_identical_and_stateless(trainable, frozen_parts):
     before = _leaves(s.state.params)
     _, state = run_steps(s, [random_batch(4, seed=i) for i in range(3)])
     after = _leaves(state.params)
-    prefixes = tuple(partition.PARTS[p].lstrip("^") for p in frozen_parts)
+    prefixes = tuple(PARTS[p].lstrip("^") for p in frozen_parts)
     frozen = [k for k in before if k.startswith(prefixes)]
     trained = [k for k in before if not k.startswith(prefixes)]
     assert frozen and trained

@@ -7,9 +7,10 @@ from safetensors.torch import save_file
 
 from llava_jax.models import get_preset
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.training import loop, partition
-from llava_jax.training.defaults import base_config
+from llava_jax.training import loop
+from llava_jax.training.config_schema import base_config
 from llava_jax.training.state import ModelSpec, param_shardings
+from llava_jax.training.trainable import trainable_mask
 
 
 def _setup():
@@ -17,7 +18,7 @@ def _setup():
     config.frozen_dtype = "float32"
     spec = ModelSpec.create(get_preset("tiny"))
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    return config, spec, partition.trainable_mask(spec.abstract, "projector,llm"), param_shardings(spec, mesh)
+    return config, spec, trainable_mask(spec.abstract, "projector,llm"), param_shardings(spec, mesh)
 
 
 def test_original_mm_projector_file_starts_stage2(tmp_path):

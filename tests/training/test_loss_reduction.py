@@ -14,12 +14,8 @@ import pytest
 from flax import nnx
 from train_fixtures import build, random_batch
 
-from llava_jax.training.loss import (
-    IGNORE_INDEX,
-    group_mean_sums,
-    reduce_sums,
-    shifted_targets,
-)
+from llava_jax.data.tokenizer import IGNORE_INDEX
+from llava_jax.training.loss import group_mean_sums, reduce_sums, shifted_targets
 from llava_jax.training.step import _micro_batches
 
 torch = pytest.importorskip("torch")
@@ -128,7 +124,7 @@ def test_train_step_uses_the_original_reduction():
     ref_loss, dlogits = torch_original(np.asarray(logits, np.float64), batch["labels"].astype(np.int64), n, devices)
     (dparams,) = vjp(jnp.asarray(dlogits, jnp.float32))
     ref_norm = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g, t in
-                           zip(jax.tree.leaves(dparams), jax.tree.leaves(ref.mask)) if t))
+                           zip(jax.tree.leaves(dparams), jax.tree.leaves(ref.mask), strict=True) if t))
     for s in setups:
         with jax.set_mesh(s.mesh):
             _, m = s.step(s.state, s.put(batch))

@@ -24,7 +24,7 @@ def test_restore_on_a_different_mesh(tmp_path):
     q = restored.params["language_model"]["layers"]["q_proj"]["kernel"]
     assert set(q.sharding.device_set) == set(jax.devices()[6:8])
     assert int(restored.step) == 2
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state8)):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state8), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     two.state = restored

@@ -6,6 +6,7 @@ iterator position, optimizer state and step restored from the orbax checkpoint a
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -21,10 +22,18 @@ ARGS = [
 ]
 
 
-def _train(workdir, env_extra=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "llava_jax.train", f"--workdir={workdir}", *ARGS],
-                          env=env, capture_output=True, text=True, timeout=900)
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PREEMPTED = pathlib.Path(__file__).with_name("preempted_train.py")
+
+
+def _train(workdir, kill_after_step=0):
+    """The entry point; with `kill_after_step`, the same run SIGKILLed after that step's checkpoint."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, str(PREEMPTED), str(kill_after_step)] if kill_after_step else [
+        sys.executable, "-m", "llava_jax.train"]
+    return subprocess.run([*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True,
+                          timeout=900)
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -40,7 +49,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     whole = _train(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    killed = _train(tmp_path / "killed", {"LLAVA_JAX_KILL_AFTER_STEP": "3"})
+    killed = _train(tmp_path / "killed", kill_after_step=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "killed" / "stage1" / "DONE").exists()
     assert sorted(_losses(tmp_path / "killed")) == [1, 2, 3]

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from llava_jax.training.defaults import base_config
+from llava_jax.training.config_schema import base_config
 
 # The original's expand2square background: tuple(int(x * 255) for x in CLIPImageProcessor.image_mean).
 ORIGINAL_PAD = (122, 116, 104)

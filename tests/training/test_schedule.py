@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llava_jax.training import optimizer
-from llava_jax.training.defaults import optim_config
+from llava_jax.training.config_schema import optim_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

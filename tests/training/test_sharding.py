@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from train_fixtures import build, random_batch, run_steps
 
-
 BATCHES = [random_batch(8, seed=i) for i in range(3)]
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from llava_jax.parallel import topology
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.training import aot, loop
+from llava_jax.training import aot
+from llava_jax.training.stage_setup import model_config
 from llava_jax.training.state import ModelSpec
 
 
@@ -66,7 +67,7 @@ def test_fit_search_finds_a_setting_under_the_budget(capsys):
     c.remat = "none"
     devices = jax.devices()[:8]
     mesh = make_mesh(c.mesh.ici, c.mesh.dcn, devices=devices)
-    start = aot.compile_stage(c, "stage2", ModelSpec.create(loop.model_config(c)), mesh)
+    start = aot.compile_stage(c, "stage2", ModelSpec.create(model_config(c)), mesh)
     fixed = start["params_GiB"] + start["opt_state_GiB"]
     budget = fixed + 0.75 * (start["peak_GiB"] - fixed)
     chip = topology.Chip("test chip", budget, 1.0, 2, "default")

@@ -11,10 +11,12 @@ import numpy as np
 
 from llava_jax.models import LlamaConfig, LlavaConfig, VisionConfig
 from llava_jax.parallel.mesh import make_mesh
-from llava_jax.training import optimizer, partition
-from llava_jax.training.defaults import optim_config
+from llava_jax.parallel.rules import batch_sharding
+from llava_jax.training import optimizer
+from llava_jax.training.config_schema import optim_config
 from llava_jax.training.state import ModelSpec, abstract_state, init_params, new_state, param_shardings, state_shardings
 from llava_jax.training.step import make_train_step
+from llava_jax.training.trainable import trainable_mask
 
 IMAGE_TOKEN = 500
 SMALL = LlavaConfig(
@@ -74,13 +76,13 @@ def build(mesh_shape=(1, 1, 1), devices=None, *, trainable="projector,llm", micr
     devices = devices if devices is not None else jax.devices()[: int(np.prod([max(s, 1) for s in mesh_shape]))]
     mesh = make_mesh(mesh_shape, devices=devices)
     spec = ModelSpec.create(cfg)
-    mask = partition.trainable_mask(spec.abstract, trainable)
+    mask = trainable_mask(spec.abstract, trainable)
     tx, lr = optimizer.make(optim(**optim_kw), spec.abstract, mask, total_steps)
     abstract = abstract_state(spec, mask, tx, frozen_dtype)
     psh = param_shardings(spec, mesh)
     ssh = state_shardings(abstract, psh, mesh)
     state = new_state(init_params(spec, seed, mask, frozen_dtype, psh), tx, ssh, seed)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch_sh = batch_sharding(mesh)
     step = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, micro_batches, targets_per_row, loss_reduction,
                                    loss_groups),
                    in_shardings=(ssh, batch_sh), out_shardings=(ssh, None))

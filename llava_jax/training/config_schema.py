@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from llava_jax.data.settings import DataSettings
+
 
 def optim_config(lr: float) -> mlc.ConfigDict:
     """AdamW with HF Trainer defaults (the original's optimizer), warmup 3 % then cosine."""
@@ -19,15 +21,9 @@ def optim_config(lr: float) -> mlc.ConfigDict:
 
 
 def data_config(json_path: str = "", template: str = "v1") -> mlc.ConfigDict:
-    """Fields of `llava_jax.data.pipeline.from_config` (image size and token count come from the model)."""
-    return mlc.ConfigDict(dict(
-        json_path=json_path, image_folder="", array_record_path="", tokenizer_path="",
-        # A TFDS build instead (ArrayRecord format), e.g. tfds_name="llava_json/llava_v1_5_mix665k",
-        # tfds_data_dir="gs://bucket/tensorflow_datasets"; tfds_record_fn only for other builders.
-        tfds_name="", tfds_split="train", tfds_data_dir="", tfds_record_fn="",
-        template=template, image_aspect_ratio="square", max_length=2048, packing=False,
-        max_images_per_row=0, worker_count=0, on_bad_sample="skip", shuffle=True,
-    ))
+    """A stage's data section: the config fields of `llava_jax.data.settings.DataSettings`, with its
+    defaults (image size and tokens per image come from the model, batch size and seed from the run)."""
+    return mlc.ConfigDict(DataSettings.config_defaults(json_path=json_path, template=template))
 
 
 def stage_config(*, trainable: str, lr: float, batch_size: int, epochs: float, template: str,

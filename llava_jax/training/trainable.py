@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from llava_jax.parallel.tree_paths import path_str
+
 PARTS: dict[str, str] = {
     "vision": r"^vision_tower/",
     "projector": r"^multi_modal_projector/",
@@ -25,10 +27,6 @@ PARTS: dict[str, str] = {
 
 # Weight decay applies to matrices only (not norms, biases, embeddings' padding), as is usual.
 NO_DECAY = (r"/bias$", r"/scale$", r"(^|/)(class|position)_embedding$")
-
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def _part(path: str) -> str:
