@@ -1,5 +1,7 @@
 """llava_jax: LLaVA (Visual Instruction Tuning) in JAX/Flax for TPU pods and NVIDIA GPUs."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -67,7 +69,7 @@ setup(
     name="llava_jax",
     version="0.1.0",
     description="LLaVA (Visual Instruction Tuning) in JAX/Flax: models, two-stage sharded training, interop",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),

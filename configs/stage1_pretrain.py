@@ -20,8 +20,13 @@ def get_config(arg: str = "vicuna-7b"):
     c.stages = "stage1"
     c.remat = "full"
     # keeps 7B and 13B under 80 GB per device on 8 devices (see --aot in the README)
-    c.stage1.update(batch_size=256 if v15 else 128, epochs=1, micro_batches=8 if v15 else 4, targets_per_row=256,
-                    checkpoint_every=1000)
+    c.stage1.update(
+        batch_size=256 if v15 else 128,
+        epochs=1,
+        micro_batches=8 if v15 else 4,
+        targets_per_row=256,
+        checkpoint_every=1000,
+    )
     c.stage1.optim.lr = 1e-3 if v15 else 2e-3
     c.stage1.data.update(template="plain", max_length=2048, worker_count=8)
     c.mesh.ici = (1, -1, 1)  # FSDP over every device

@@ -19,10 +19,14 @@ def get_config(arg: str = "vicuna-7b"):
     v15 = c.model.startswith("llava-v1.5")
     c.stages = "stage2"
     c.remat = "full"
-    c.stage2.update(batch_size=128 if v15 else 32, epochs=1 if v15 else 3, micro_batches=4 if v15 else 1,
-                    targets_per_row=0, checkpoint_every=500)
+    c.stage2.update(
+        batch_size=128 if v15 else 32,
+        epochs=1 if v15 else 3,
+        micro_batches=4 if v15 else 1,
+        targets_per_row=0,
+        checkpoint_every=500,
+    )
     c.stage2.optim.lr = 2e-5
-    c.stage2.data.update(template="v1", max_length=2048, worker_count=8,
-                         image_aspect_ratio="pad" if v15 else "square")
+    c.stage2.data.update(template="v1", max_length=2048, worker_count=8, image_aspect_ratio="pad" if v15 else "square")
     c.mesh.ici = (1, -1, 1)
     return c

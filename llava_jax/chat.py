@@ -47,16 +47,26 @@ def main(argv=None) -> int:
 
     try:
         sampling = Sampling(args.temperature, args.top_p, args.top_k)
-        chat = ChatModel.from_checkpoint(args.checkpoint, template=args.template, tokenizer_dir=args.tokenizer,
-                                         dtype=jnp.dtype(args.dtype))
+        chat = ChatModel.from_checkpoint(
+            args.checkpoint, template=args.template, tokenizer_dir=args.tokenizer, dtype=jnp.dtype(args.dtype)
+        )
         image = chat.load_image(fetch_image(args.image)) if args.image else None
-        session = ChatSession(chat, image, sampling=sampling, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                              chunk_size=args.chunk_size)
+        session = ChatSession(
+            chat,
+            image,
+            sampling=sampling,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+        )
     except (ValueError, FileNotFoundError, BadSample) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[{chat.name}: template {chat.template.name}, context {chat.context_length} tokens"
-          f"{', image ' + args.image if args.image else ', no image'}; empty line or 'exit' quits]", flush=True)
+    print(
+        f"[{chat.name}: template {chat.template.name}, context {chat.context_length} tokens"
+        f"{', image ' + args.image if args.image else ', no image'}; empty line or 'exit' quits]",
+        flush=True,
+    )
     return run_terminal(session)
 
 

@@ -25,6 +25,7 @@ log = logging.getLogger("llava_jax.train")
 
 def _resolve_paths(config, workdir: Path) -> None:
     """Paths may start with {workdir}; fill it in (the demo keeps its data under the run)."""
+
     def fill(d):
         for k, v in d.items():
             if isinstance(v, str) and "{workdir}" in v:
@@ -46,8 +47,14 @@ def prepare_synthetic(config) -> None:
         return
     if jax.process_index() == 0:
         t = time.time()
-        generate(str(out), image_size=s.image_size, num_pretrain=s.num_pretrain, num_instruct=s.num_instruct,
-                 num_eval=s.num_eval, seed=s.seed)
+        generate(
+            str(out),
+            image_size=s.image_size,
+            num_pretrain=s.num_pretrain,
+            num_instruct=s.num_instruct,
+            num_eval=s.num_eval,
+            seed=s.seed,
+        )
         log.info("synthetic data written to %s in %.1fs", out, time.time() - t)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -69,9 +76,16 @@ def evaluate(config, params, stage: str | None = None) -> dict:
     model = nnx.merge(graphdef, jax.device_get(params))
     e = config.eval
     tok = load_tokenizer(data.tokenizer_path or None)
-    return qa_accuracy(model, e.json_path, tokenizer=tok, template=data.template, max_examples=e.max_examples,
-                       batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                       aspect_ratio=data.image_aspect_ratio)
+    return qa_accuracy(
+        model,
+        e.json_path,
+        tokenizer=tok,
+        template=data.template,
+        max_examples=e.max_examples,
+        batch_size=e.batch_size,
+        max_new_tokens=e.max_new_tokens,
+        aspect_ratio=data.image_aspect_ratio,
+    )
 
 
 def main(config, workdir) -> int:
@@ -80,8 +94,10 @@ def main(config, workdir) -> int:
     t0 = time.time()
     prepare_synthetic(config)
     results = loop.run(config, workdir)
-    summary = {name: {"steps": r.steps, "final_loss": r.final_loss, "seconds": round(r.seconds, 1)}
-               for name, r in results.items()}
+    summary = {
+        name: {"steps": r.steps, "final_loss": r.final_loss, "seconds": round(r.seconds, 1)}
+        for name, r in results.items()
+    }
     if config.eval.json_path:
         last = results[list(results)[-1]]
         params = last.params
@@ -90,8 +106,13 @@ def main(config, workdir) -> int:
             params = restore_params(workdir / last.name / "final_params", spec.abstract)
         summary["eval"] = evaluate(config, params, last.name)
         ev = summary["eval"]
-        log.info("held-out accuracy %.3f on %d questions (chance %s); per category %s", ev["accuracy"], ev["n"],
-                 f"{ev['chance']:.3f}" if ev["chance"] else "n/a", ev["per_category"])
+        log.info(
+            "held-out accuracy %.3f on %d questions (chance %s); per category %s",
+            ev["accuracy"],
+            ev["n"],
+            f"{ev['chance']:.3f}" if ev["chance"] else "n/a",
+            ev["per_category"],
+        )
     summary["total_seconds"] = round(time.time() - t0, 1)
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -70,12 +70,15 @@ def imports_of(path: pathlib.Path, package_dir: pathlib.Path) -> list[Import]:
     out = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            out += [Import(importer, a.name, node.lineno) for a in node.names
-                    if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")]
+            out += [
+                Import(importer, a.name, node.lineno)
+                for a in node.names
+                if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against the importing module's package
                 base = importer.split(".") if is_package else importer.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""

@@ -17,8 +17,9 @@ from ml_collections import config_flags
 
 _DEMO = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(_DEMO), "experiment config file (configs/*.py[:arg])",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(_DEMO), "experiment config file (configs/*.py[:arg])", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config name>)")
 _AOT = flags.DEFINE_bool("aot", False, "compile the train step ahead of time and report memory; no training")
 _FAKE = flags.DEFINE_integer("fake_devices", 0, "with --aot: pretend to have this many CPU devices")

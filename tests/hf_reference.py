@@ -19,21 +19,43 @@ def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torc
 def clip_vision(image_size: int, seed: int = 0, layers: int = 3) -> tf.CLIPVisionModel:
     torch.manual_seed(seed)
     cfg = tf.CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=image_size, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
     )
     return perturb_(tf.CLIPVisionModel(cfg), seed)
 
 
-def llama(*, kv_heads: int = 4, tied: bool = False, theta: float = 10000.0, seed: int = 0,
-          vocab: int = 512, layers: int = 3, rope_scaling: dict | None = None,
-          max_positions: int = 256) -> tf.LlamaForCausalLM:
+def llama(
+    *,
+    kv_heads: int = 4,
+    tied: bool = False,
+    theta: float = 10000.0,
+    seed: int = 0,
+    vocab: int = 512,
+    layers: int = 3,
+    rope_scaling: dict | None = None,
+    max_positions: int = 256,
+) -> tf.LlamaForCausalLM:
     """rope_scaling: a 4.x-style `{"type": ..., "factor": ...}` dict (None: plain RoPE)."""
     torch.manual_seed(seed)
     cfg = tf.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=theta,
-        max_position_embeddings=max_positions, tie_word_embeddings=tied, attn_implementation="eager",
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-6,
+        rope_theta=theta,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
         **({"rope_scaling": rope_scaling} if rope_scaling else {}),
     )
     return perturb_(tf.LlamaForCausalLM(cfg), seed)
@@ -44,14 +66,35 @@ LLAVA_IMAGE_TOKEN = 500
 
 def llava(*, projector_act: str = "gelu", feature_layer: int = -2, seed: int = 0) -> tf.LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    vision = tf.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                 image_size=56, patch_size=14, hidden_act="quick_gelu")
-    text = tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                          max_position_embeddings=256, tie_word_embeddings=False)
-    cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE_TOKEN,
-                         projector_hidden_act=projector_act, vision_feature_layer=feature_layer,
-                         vision_feature_select_strategy="default", image_seq_length=16)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        hidden_act="quick_gelu",
+    )
+    text = tf.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    cfg = tf.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=LLAVA_IMAGE_TOKEN,
+        projector_hidden_act=projector_act,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy="default",
+        image_seq_length=16,
+    )
     cfg._attn_implementation = "eager"
     return perturb_(tf.LlavaForConditionalGeneration(cfg), seed)
 
@@ -61,13 +104,11 @@ def to_v4_keys(state_dict: dict) -> dict:
     out = {}
     for k, v in state_dict.items():
         if k.startswith("model.language_model."):
-            k = "language_model.model." + k[len("model.language_model."):]
+            k = "language_model.model." + k[len("model.language_model.") :]
         elif k.startswith("lm_head."):
             k = "language_model." + k
-        elif k.startswith("model.vision_tower."):
-            k = k[len("model."):]
-        elif k.startswith("model.multi_modal_projector."):
-            k = k[len("model."):]
+        elif k.startswith("model.vision_tower.") or k.startswith("model.multi_modal_projector."):
+            k = k[len("model.") :]
         out[k] = v
     return out
 

@@ -42,38 +42,56 @@ def _write(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
 
 
 def test_the_check_finds_circles_and_upward_imports_inside_functions(tmp_path):
-    package_dir = _write(tmp_path, {
-        "__init__.py": "",
-        "data/__init__.py": "",
-        "data/image.py": """
+    package_dir = _write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "data/__init__.py": "",
+            "data/image.py": """
             def late():
                 from llava_jax.models import config  # upward, hidden in a function
             """,
-        "models/__init__.py": "from .config import X\n",
-        "models/config.py": "from llava_jax.data.image import late\nX = 1\n",
-        "training/__init__.py": "",
-        "training/loop.py": "import llava_jax.inference.generate\n",
-        "inference/__init__.py": "",
-        "inference/generate.py": "from llava_jax import training\n",
-    })
+            "models/__init__.py": "from .config import X\n",
+            "models/config.py": "from llava_jax.data.image import late\nX = 1\n",
+            "training/__init__.py": "",
+            "training/loop.py": "import llava_jax.inference.generate\n",
+            "inference/__init__.py": "",
+            "inference/generate.py": "from llava_jax import training\n",
+        },
+    )
     graph, found, bad = layers.check(package_dir)
     assert graph["models"] == {"data"} and graph["data"] == {"models"}
     assert found == [["data", "models"], ["inference", "training"]]
-    assert any(m.startswith("llava_jax.data.image (line 3) imports llava_jax.models: data (layer 1) "
-                            "may not import models") for m in bad), bad
-    assert any(m.startswith("llava_jax.training.loop (line 1) imports llava_jax.inference.generate: training and "
-                            "inference are siblings") for m in bad), bad
-    assert any(m.startswith("llava_jax.inference.generate (line 1) imports llava_jax.training: inference and "
-                            "training are siblings") for m in bad), bad
+    assert any(
+        m.startswith("llava_jax.data.image (line 3) imports llava_jax.models: data (layer 1) may not import models")
+        for m in bad
+    ), bad
+    assert any(
+        m.startswith(
+            "llava_jax.training.loop (line 1) imports llava_jax.inference.generate: training and inference are siblings"
+        )
+        for m in bad
+    ), bad
+    assert any(
+        m.startswith(
+            "llava_jax.inference.generate (line 1) imports llava_jax.training: inference and training are siblings"
+        )
+        for m in bad
+    ), bad
     assert len(bad) == 3, bad  # models -> data is allowed  # models -> data is allowed
 
 
 def test_the_check_names_a_unit_missing_from_the_table(tmp_path):
-    package_dir = _write(tmp_path, {
-        "__init__.py": "",
-        "newpart/__init__.py": "from llava_jax.models import Llava\n",
-        "models/__init__.py": "",
-    })
+    package_dir = _write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "newpart/__init__.py": "from llava_jax.models import Llava\n",
+            "models/__init__.py": "",
+        },
+    )
     _, _, bad = layers.check(package_dir)
-    assert bad == ["llava_jax.newpart (line 1) imports llava_jax.models: unit 'newpart' is not in "
-                   "llava_jax.layers.LAYERS; add it to a layer"]
+    assert bad == [
+        "llava_jax.newpart (line 1) imports llava_jax.models: unit 'newpart' is not in "
+        "llava_jax.layers.LAYERS; add it to a layer"
+    ]

@@ -60,18 +60,14 @@ def write_dataset(folder: str, num: int, num_images: int, seed: int = 0) -> str:
     pixels = np.random.default_rng(seed)
     for i in range(num_images):
         img = pixels.integers(0, 255, (48, 64, 3), dtype=np.uint8)
-        Image.fromarray(img).save(
-            os.path.join(folder, "images", f"{i:012d}.jpg"), quality=80
-        )
+        Image.fromarray(img).save(os.path.join(folder, "images", f"{i:012d}.jpg"), quality=80)
     rng = random.Random(seed)
 
     def sentence(k: int) -> str:
         return " ".join(rng.choice(_WORDS) for _ in range(k)).capitalize() + "."
 
     def paragraph(lo: int, hi: int) -> str:
-        return " ".join(
-            sentence(rng.randint(8, 20)) for _ in range(rng.randint(lo, hi))
-        )
+        return " ".join(sentence(rng.randint(8, 20)) for _ in range(rng.randint(lo, hi)))
 
     records = []
     for _ in range(num):
@@ -85,17 +81,12 @@ def write_dataset(folder: str, num: int, num_images: int, seed: int = 0) -> str:
             turns = ["Describe the following image in detail", paragraph(5, 9)]
         else:
             turns = [sentence(10)[:-1] + "?", paragraph(4, 8)]
-        turns[0] = (
-            "<image>\n" + turns[0] if rng.random() < 0.5 else turns[0] + "\n<image>"
-        )
+        turns[0] = "<image>\n" + turns[0] if rng.random() < 0.5 else turns[0] + "\n<image>"
         records.append(
             {
                 "id": image[:-4],
                 "image": image,
-                "conversations": [
-                    {"from": ("human", "gpt")[k % 2], "value": v}
-                    for k, v in enumerate(turns)
-                ],
+                "conversations": [{"from": ("human", "gpt")[k % 2], "value": v} for k, v in enumerate(turns)],
             }
         )
     path = os.path.join(folder, "data.json")
@@ -113,15 +104,11 @@ def _cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m llava_jax.bench check", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m llava_jax.bench check", description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=158_000)
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--workers", type=int, help="default: all cores")
-    p.add_argument(
-        "--image-check", choices=("header", "decode", "none"), default="header"
-    )
+    p.add_argument("--image-check", choices=("header", "decode", "none"), default="header")
     p.add_argument("--out", help="also write the result as JSON here")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from llava_jax.data.check import format_report, run_checks

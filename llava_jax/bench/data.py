@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
 import sys
 import tempfile
@@ -32,11 +33,56 @@ import time
 import numpy as np
 
 COCO_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (640, 512), (612, 612))
-WORDS = (
-    "the a person dog cat table street car window light red blue green small large left right near "
-    "holding sitting standing looking image shows appears there is are with on in of and two three "
-    "background foreground wooden metal bright dark people building tree sky road food plate"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "person",
+    "dog",
+    "cat",
+    "table",
+    "street",
+    "car",
+    "window",
+    "light",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "left",
+    "right",
+    "near",
+    "holding",
+    "sitting",
+    "standing",
+    "looking",
+    "image",
+    "shows",
+    "appears",
+    "there",
+    "is",
+    "are",
+    "with",
+    "on",
+    "in",
+    "of",
+    "and",
+    "two",
+    "three",
+    "background",
+    "foreground",
+    "wooden",
+    "metal",
+    "bright",
+    "dark",
+    "people",
+    "building",
+    "tree",
+    "sky",
+    "road",
+    "food",
+    "plate",
+]
 
 
 def _photos() -> list[np.ndarray]:
@@ -90,7 +136,12 @@ def build_inputs(folder: str, num: int, seed: int = 0) -> str:
         for t in range(int(rng.integers(1, 4))):
             q = _sentence(rng, int(rng.integers(6, 14))).rstrip(".") + "?"
             turns.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})
-            turns.append({"from": "gpt", "value": " ".join(_sentence(rng, int(rng.integers(8, 20))) for _ in range(int(rng.integers(1, 5))))})
+            turns.append(
+                {
+                    "from": "gpt",
+                    "value": " ".join(_sentence(rng, int(rng.integers(8, 20))) for _ in range(int(rng.integers(1, 5)))),
+                }
+            )
         records.append({"id": f"bench-{i:06d}", "image": name, "conversations": turns})
     path = os.path.join(folder, "bench.json")
     with open(path, "w") as f:
@@ -105,10 +156,22 @@ def run_llava_jax(source, tokenizer, args, workers: int) -> dict:
     cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     it = make_batches(
-        source, tokenizer=tokenizer, template="v1", image_size=args.image_size, image_aspect_ratio=args.aspect,
-        num_image_tokens=num_image_tokens, max_length=args.max_length, global_batch_size=args.batch_size,
-        seed=0, num_epochs=1, packing=False, worker_count=workers, on_bad_sample="raise",
-        shard_index=0, shard_count=1, fast_image=args.fast,
+        source,
+        tokenizer=tokenizer,
+        template="v1",
+        image_size=args.image_size,
+        image_aspect_ratio=args.aspect,
+        num_image_tokens=num_image_tokens,
+        max_length=args.max_length,
+        global_batch_size=args.batch_size,
+        seed=0,
+        num_epochs=1,
+        packing=False,
+        worker_count=workers,
+        on_bad_sample="raise",
+        shard_index=0,
+        shard_count=1,
+        fast_image=args.fast,
     )
     samples, first, t_first = 0, None, None
     for batch in it:
@@ -182,9 +245,15 @@ def _cpu_seconds() -> float:
 
 def _rates(samples: int, first: int, t0: float, t_first: float, t1: float, cpu: float) -> dict:
     steady = (samples - first) / (t1 - t_first) if t1 > t_first and samples > first else float("nan")
-    return {"samples": samples, "seconds": t1 - t0, "samples_per_s": samples / (t1 - t0),
-            "steady_samples_per_s": steady, "first_batch_s": t_first - t0, "cpu_seconds": cpu,
-            "samples_per_cpu_s": samples / cpu if cpu > 0 else float("nan")}
+    return {
+        "samples": samples,
+        "seconds": t1 - t0,
+        "samples_per_s": samples / (t1 - t0),
+        "steady_samples_per_s": steady,
+        "first_batch_s": t_first - t0,
+        "cpu_seconds": cpu,
+        "samples_per_cpu_s": samples / cpu if cpu > 0 else float("nan"),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -211,15 +280,17 @@ def main(argv: list[str]) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="llava_jax_bench_data_")
         folder = tmp.name
     json_path = os.path.join(folder, "bench.json")
-    if not os.path.exists(json_path) or len(json.load(open(json_path))) != a.num:
+    if not os.path.exists(json_path) or len(json.loads(pathlib.Path(json_path).read_text())) != a.num:
         t = time.perf_counter()
         json_path = build_inputs(folder, a.num)
         print(f"built {a.num} JPEG samples in {time.perf_counter() - t:.1f}s at {folder}", flush=True)
     source = LlavaJsonSource(json_path)
     tokenizer = load_tokenizer()
 
-    results = {"config": {k: v for k, v in vars(a).items() if k not in ("out", "data")},
-               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    results = {
+        "config": {k: v for k, v in vars(a).items() if k not in ("out", "data")},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
     results["llava_jax"] = run_llava_jax(source, tokenizer, a, a.workers)
     print(_line(f"llava_jax ({a.workers} workers)", results["llava_jax"]), flush=True)
     if not a.skip_inprocess and a.workers:
@@ -232,8 +303,10 @@ def main(argv: list[str]) -> int:
         if key in results:
             results[f"ratio_{key}"] = results[key]["samples_per_s"] / ref["samples_per_s"]
             results[f"ratio_{key}_steady"] = results[key]["steady_samples_per_s"] / ref["steady_samples_per_s"]
-            print(f"ratio {key} / transformers: {results[f'ratio_{key}']:.2f}x end-to-end, "
-                  f"{results[f'ratio_{key}_steady']:.2f}x steady state")
+            print(
+                f"ratio {key} / transformers: {results[f'ratio_{key}']:.2f}x end-to-end, "
+                f"{results[f'ratio_{key}_steady']:.2f}x steady state"
+            )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=2)
@@ -243,9 +316,11 @@ def main(argv: list[str]) -> int:
 
 
 def _line(name: str, r: dict) -> str:
-    return (f"{name:26s} {r['samples_per_s']:7.1f} samples/s end-to-end ({r['samples']} in {r['seconds']:.1f}s), "
-            f"{r['steady_samples_per_s']:7.1f} steady, first batch after {r['first_batch_s']:.1f}s, "
-            f"{r['samples_per_cpu_s']:6.1f} samples per CPU-second")
+    return (
+        f"{name:26s} {r['samples_per_s']:7.1f} samples/s end-to-end ({r['samples']} in {r['seconds']:.1f}s), "
+        f"{r['steady_samples_per_s']:7.1f} steady, first batch after {r['first_batch_s']:.1f}s, "
+        f"{r['samples_per_cpu_s']:6.1f} samples per CPU-second"
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,14 @@ import time
 
 import numpy as np
 
-QUESTIONS = ("What is shown in the image?", "Describe the picture in detail.", "What colour is the main object?",
-             "How many objects are there, and where are they?", "Is there anything unusual in this image?",
-             "What might happen next in this scene?")
+QUESTIONS = (
+    "What is shown in the image?",
+    "Describe the picture in detail.",
+    "What colour is the main object?",
+    "How many objects are there, and where are they?",
+    "Is there anything unusual in this image?",
+    "What might happen next in this scene?",
+)
 
 
 def main(argv: list[str]) -> int:
@@ -56,20 +61,32 @@ def main(argv: list[str]) -> int:
     s = cfg.vision.image_size
     images = [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for _ in range(args.questions)]
     prompts = [chat.prompt_ids([QUESTIONS[i % len(QUESTIONS)]], image=True) for i in range(args.questions)]
-    answerer = Answerer(chat, batch_size=args.batch_size, max_new_tokens=args.new_tokens, sampling=GREEDY,
-                        prompt_lengths=[len(p) for p in prompts])
+    answerer = Answerer(
+        chat,
+        batch_size=args.batch_size,
+        max_new_tokens=args.new_tokens,
+        sampling=GREEDY,
+        prompt_lengths=[len(p) for p in prompts],
+    )
 
-    answerer.generate(prompts[:args.batch_size], images[:args.batch_size])  # compile
+    answerer.generate(prompts[: args.batch_size], images[: args.batch_size])  # compile
     t0 = time.perf_counter()
     ours = []
     for lo in range(0, args.questions, args.batch_size):
-        ours += answerer.generate(prompts[lo:lo + args.batch_size], images[lo:lo + args.batch_size])
+        ours += answerer.generate(prompts[lo : lo + args.batch_size], images[lo : lo + args.batch_size])
     ours_s = time.perf_counter() - t0
-    figures = {"preset": args.preset, "questions": args.questions, "batch_size": args.batch_size,
-               "new_tokens": args.new_tokens, "devices": answerer.devices,
-               "llava_jax_questions_per_s": args.questions / ours_s}
-    print(f"llava_jax model_vqa (batch {args.batch_size}, {answerer.devices} device(s)): "
-          f"{figures['llava_jax_questions_per_s']:.2f} questions/s")
+    figures = {
+        "preset": args.preset,
+        "questions": args.questions,
+        "batch_size": args.batch_size,
+        "new_tokens": args.new_tokens,
+        "devices": answerer.devices,
+        "llava_jax_questions_per_s": args.questions / ours_s,
+    }
+    print(
+        f"llava_jax model_vqa (batch {args.batch_size}, {answerer.devices} device(s)): "
+        f"{figures['llava_jax_questions_per_s']:.2f} questions/s"
+    )
 
     if args.reference == "transformers":
         import torch
@@ -83,9 +100,14 @@ def main(argv: list[str]) -> int:
             pixels = (torch.from_numpy(img[None]).permute(0, 3, 1, 2).float() / 255 - mean) / std
             input_ids = torch.from_numpy(np.asarray(ids)[None]).long()
             with torch.inference_mode():
-                out = hf.generate(input_ids=input_ids, pixel_values=pixels, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=args.new_tokens, do_sample=False)
-            return chat.tokenizer.decode(out[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+                out = hf.generate(
+                    input_ids=input_ids,
+                    pixel_values=pixels,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                )
+            return chat.tokenizer.decode(out[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
 
         one(prompts[0], images[0])  # warm-up
         timings = {}
@@ -97,13 +119,15 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(min(timings, key=timings.get))
         figures["torch_threads"] = torch.get_num_threads()
         t0 = time.perf_counter()
-        theirs = [one(p, img) for p, img in zip(prompts, images)]
+        theirs = [one(p, img) for p, img in zip(prompts, images, strict=True)]
         theirs_s = time.perf_counter() - t0
         figures["transformers_loop_questions_per_s"] = args.questions / theirs_s
         figures["speedup"] = theirs_s / ours_s
-        figures["answers_equal"] = sum(a == b for a, b in zip(ours, theirs))
-        print(f"transformers, one question per generate call: {figures['transformers_loop_questions_per_s']:.2f} "
-              f"questions/s")
+        figures["answers_equal"] = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        print(
+            f"transformers, one question per generate call: {figures['transformers_loop_questions_per_s']:.2f} "
+            f"questions/s"
+        )
         print(f"ratio {figures['speedup']:.2f}x; identical answers: {figures['answers_equal']}/{args.questions}")
     if args.out:
         with open(args.out, "w") as f:

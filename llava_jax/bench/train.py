@@ -37,13 +37,17 @@ def _batch(cfg, batch: int, seq: int, answer: int, seed: int = 0) -> dict[str, n
         raise SystemExit(f"--seq {seq} too short for {p} image tokens + {answer} answer tokens")
     ids = rng.integers(3, 32000, (batch, seq)).astype(np.int32)
     ids[:, 0] = 1
-    ids[:, 1:1 + p] = cfg.image_token_id
+    ids[:, 1 : 1 + p] = cfg.image_token_id
     labels = np.full((batch, seq), -100, np.int32)
     labels[:, -answer:] = ids[:, -answer:]
     s = cfg.vision.image_size
-    return dict(input_ids=ids, labels=labels, positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-                segment_ids=np.ones((batch, seq), np.int32),
-                images=rng.integers(0, 256, (batch, 1, s, s, 3), dtype=np.uint8))
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+        segment_ids=np.ones((batch, seq), np.int32),
+        images=rng.integers(0, 256, (batch, 1, s, s, 3), dtype=np.uint8),
+    )
 
 
 def _timeit(fn, steps: int, warmup: int) -> float:
@@ -58,13 +62,15 @@ def _timeit(fn, steps: int, warmup: int) -> float:
 def bench_jax(cfg, batch, args) -> dict:
     mesh = make_mesh((1, -1, 1))
     spec = ModelSpec.create(cfg)
-    stage = stage_config(trainable="projector,llm", lr=2e-5, batch_size=len(batch["input_ids"]), epochs=1,
-                         template="v1")
+    stage = stage_config(
+        trainable="projector,llm", lr=2e-5, batch_size=len(batch["input_ids"]), epochs=1, template="v1"
+    )
     stage.targets_per_row = args.answer if args.gather else 0
     frozen = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     setup = build_stage(stage, spec, mesh, total_steps=1000, frozen_dtype=frozen)
-    state = new_state(init_params(spec, 0, setup.mask, frozen, setup.param_shardings), setup.tx,
-                      setup.state_shardings, 0)
+    state = new_state(
+        init_params(spec, 0, setup.mask, frozen, setup.param_shardings), setup.tx, setup.state_shardings, 0
+    )
     step = setup.jitted_step(stage.targets_per_row)
     batch_sh = setup.batch_sharding
     gbatch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
@@ -76,12 +82,22 @@ def bench_jax(cfg, batch, args) -> dict:
 
     with jax.set_mesh(mesh):
         dt = _timeit(one, args.steps, args.warmup)
-    flops = step_flops(cfg, tokens=batch["input_ids"].size, images=len(batch["images"]), llm_trainable=True,
-                       seq_len=batch["input_ids"].shape[1])
+    flops = step_flops(
+        cfg,
+        tokens=batch["input_ids"].size,
+        images=len(batch["images"]),
+        llm_trainable=True,
+        seq_len=batch["input_ids"].shape[1],
+    )
     peak = peak_flops()
-    return {"step_time_s": dt, "tokens_per_s": batch["input_ids"].size / dt, "model_tflops_per_step": flops / 1e12,
-            "mfu": flops / dt / (peak * mesh.size) if peak else None, "device": jax.devices()[0].device_kind,
-            "devices": mesh.size}
+    return {
+        "step_time_s": dt,
+        "tokens_per_s": batch["input_ids"].size / dt,
+        "model_tflops_per_step": flops / 1e12,
+        "mfu": flops / dt / (peak * mesh.size) if peak else None,
+        "device": jax.devices()[0].device_kind,
+        "devices": mesh.size,
+    }
 
 
 def bench_torch(cfg, batch, args) -> dict:
@@ -91,14 +107,28 @@ def bench_torch(cfg, batch, args) -> dict:
     torch.manual_seed(0)
     v, t = cfg.vision, cfg.llm
     hf_cfg = tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                          num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                                          image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu"),
-        text_config=tf.LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                                   intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                   num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                                   rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings),
-        image_token_index=cfg.image_token_id, projector_hidden_act="gelu", vision_feature_layer=v.select_layer,
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers,
+            num_attention_heads=v.num_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            hidden_act="quick_gelu",
+        ),
+        text_config=tf.LlamaConfig(
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            rms_norm_eps=t.rms_norm_eps,
+            tie_word_embeddings=t.tie_word_embeddings,
+        ),
+        image_token_index=cfg.image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=v.select_layer,
         image_seq_length=cfg.num_image_tokens,
     )
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -130,8 +160,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--answer", type=int, default=32, help="target tokens at the end of each row")
-    ap.add_argument("--gather", action=argparse.BooleanOptionalAction, default=True,
-                    help="logits only at target positions (targets_per_row); --no-gather for all positions")
+    ap.add_argument(
+        "--gather",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="logits only at target positions (targets_per_row); --no-gather for all positions",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -143,8 +177,15 @@ def main(argv: list[str]) -> int:
     if args.layers:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=args.layers))
     batch = _batch(cfg, args.batch, args.seq, args.answer)
-    result = {"preset": args.preset, "llm_layers": cfg.llm.num_layers, "batch": args.batch, "seq": args.seq,
-              "dtype": args.dtype, "gather": args.gather, "llava_jax": bench_jax(cfg, batch, args)}
+    result = {
+        "preset": args.preset,
+        "llm_layers": cfg.llm.num_layers,
+        "batch": args.batch,
+        "seq": args.seq,
+        "dtype": args.dtype,
+        "gather": args.gather,
+        "llava_jax": bench_jax(cfg, batch, args),
+    }
     if args.reference == "transformers":
         result["transformers"] = bench_torch(cfg, batch, args)
         result["speedup"] = result["transformers"]["step_time_s"] / result["llava_jax"]["step_time_s"]

@@ -14,6 +14,22 @@ from llava_jax.checkpoint.original import load_original, load_pair, load_project
 from llava_jax.checkpoint.params import restore_params, save_params
 from llava_jax.checkpoint.stage_dir import Loaded, load_model, save_stage, write_model_info
 
-__all__ = ["FORMATS", "CheckpointMismatch", "DictSource", "Loaded", "convert_arrays", "detect_format",
-           "from_pretrained", "load_model", "load_original", "load_pair", "load_projector", "load_weights",
-           "open_checkpoint", "restore_params", "save_params", "save_stage", "write_model_info"]
+__all__ = [
+    "FORMATS",
+    "CheckpointMismatch",
+    "DictSource",
+    "Loaded",
+    "convert_arrays",
+    "detect_format",
+    "from_pretrained",
+    "load_model",
+    "load_original",
+    "load_pair",
+    "load_projector",
+    "load_weights",
+    "open_checkpoint",
+    "restore_params",
+    "save_params",
+    "save_stage",
+    "write_model_info",
+]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Iterable, Mapping, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class SafetensorsSource:
         for f in _local(files):
             h = safe_open(str(f), framework="numpy")
             self._handles[f] = h
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 self._where[k] = f
 
     def keys(self) -> list[str]:
@@ -110,8 +111,10 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
         raise ValueError(f"{path}: not a .safetensors or .bin checkpoint file")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    for index_name, cls in (("model.safetensors.index.json", SafetensorsSource),
-                            ("pytorch_model.bin.index.json", TorchBinSource)):
+    for index_name, cls in (
+        ("model.safetensors.index.json", SafetensorsSource),
+        ("pytorch_model.bin.index.json", TorchBinSource),
+    ):
         index = path / index_name
         if index.exists():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -64,8 +64,12 @@ def vision_config_from_hf(d: HfConfig) -> VisionConfig:
     _require(c, "hidden_act", ("quick_gelu",), "CLIP vision config")
     _require(c, "num_channels", (3,), "CLIP vision config")
     return VisionConfig(
-        image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=c.num_attention_heads,
         layer_norm_eps=c.layer_norm_eps,
     )
 
@@ -78,8 +82,9 @@ def rope_from_hf(c) -> tuple[float, str, float]:
         params = {**(getattr(c, "rope_scaling", None) or {}), "rope_theta": getattr(c, "rope_theta", 10000.0)}
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"LLaMA config: RoPE scaling type {rope_type!r} is not supported "
-                         f"(supported: {', '.join(ROPE_TYPES)})")
+        raise ValueError(
+            f"LLaMA config: RoPE scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
+        )
     factor = float(params.get("factor", 1.0)) if rope_type != "default" else 1.0
     return float(params["rope_theta"]), rope_type, factor
 
@@ -97,11 +102,19 @@ def llama_config_from_hf(d: HfConfig) -> LlamaConfig:
     head_dim = getattr(c, "head_dim", None)
     theta, rope_type, factor = rope_from_hf(c)
     return LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_layers=c.num_hidden_layers, num_heads=heads, num_kv_heads=c.num_key_value_heads or heads,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_layers=c.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=c.num_key_value_heads or heads,
         head_dim_override=head_dim if head_dim and head_dim != c.hidden_size // heads else None,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=theta, rope_type=rope_type, rope_factor=factor,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=bool(c.tie_word_embeddings),
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=theta,
+        rope_type=rope_type,
+        rope_factor=factor,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
     )
 
 
@@ -122,7 +135,8 @@ def llava_config_from_hf(d: HfConfig) -> LlavaConfig:
     if not isinstance(layer, int):
         raise ValueError(f"llava config: vision_feature_layer={layer!r}; only a single layer is supported")
     vision = dataclasses.replace(
-        vision_config_from_hf(c.vision_config), select_layer=layer,
+        vision_config_from_hf(c.vision_config),
+        select_layer=layer,
         select_feature="patch" if strategy == "default" else "cls_patch",
     )
     image_token = getattr(c, "image_token_id", None)
@@ -130,42 +144,71 @@ def llava_config_from_hf(d: HfConfig) -> LlavaConfig:
         image_token = getattr(c, "image_token_index", IMAGE_TOKEN_ID)
     pad = getattr(c, "pad_token_id", None)
     return LlavaConfig(
-        vision=vision, llm=llama_config_from_hf(c.text_config),
+        vision=vision,
+        llm=llama_config_from_hf(c.text_config),
         projector="mlp2x_gelu" if act == "gelu" else "linear",
-        image_token_id=image_token, pad_token_id=PAD_TOKEN_ID if pad is None else pad,
+        image_token_id=image_token,
+        pad_token_id=PAD_TOKEN_ID if pad is None else pad,
     )
 
 
 # ----------------------------------------------------------------------------- llava_jax -> HF
 
+
 def vision_config_to_hf(v: VisionConfig) -> dict:
     """transformers CLIPVisionConfig fields of a vision tower."""
     return {
-        "model_type": "clip_vision_model", "hidden_act": "quick_gelu", "image_size": v.image_size,
-        "patch_size": v.patch_size, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
-        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "layer_norm_eps": v.layer_norm_eps,
-        "num_channels": 3, "attention_dropout": 0.0, "projection_dim": 768,
+        "model_type": "clip_vision_model",
+        "hidden_act": "quick_gelu",
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "layer_norm_eps": v.layer_norm_eps,
+        "num_channels": 3,
+        "attention_dropout": 0.0,
+        "projection_dim": 768,
     }
 
 
 def llama_config_to_hf(c: LlamaConfig, *, dtype: str = "float32", pad_token_id: int | None = PAD_TOKEN_ID) -> dict:
     """transformers LlamaConfig fields (read by transformers 4.x and 5.x: RoPE is written both as
     4.x's `rope_theta` + `rope_scaling` and as 5.x's `rope_parameters`)."""
-    scaling = None if c.rope_type == "default" else {"rope_type": c.rope_type, "type": c.rope_type,
-                                                      "factor": c.rope_factor}
+    scaling = (
+        None if c.rope_type == "default" else {"rope_type": c.rope_type, "type": c.rope_type, "factor": c.rope_factor}
+    )
     params = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
     if scaling:
         params["factor"] = c.rope_factor
     return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
-        "rope_theta": c.rope_theta, "rope_scaling": scaling, "rope_parameters": params,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
-        "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": params,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "pad_token_id": pad_token_id if pad_token_id is not None and pad_token_id < c.vocab_size else None,
-        "initializer_range": 0.02, "use_cache": True, "torch_dtype": dtype,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
     }
 
 
@@ -179,14 +222,19 @@ def llava_config_to_hf(cfg: LlavaConfig, *, dtype: str = "float32", image_aspect
     text = llama_config_to_hf(cfg.llm, dtype=dtype, pad_token_id=cfg.pad_token_id)
     text.pop("architectures")
     out = {
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-        "vision_config": vision_config_to_hf(v), "text_config": text,
-        "image_token_index": cfg.image_token_id, "pad_token_id": cfg.pad_token_id, "ignore_index": IGNORE_INDEX,
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "vision_config": vision_config_to_hf(v),
+        "text_config": text,
+        "image_token_index": cfg.image_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "ignore_index": IGNORE_INDEX,
         "projector_hidden_act": "gelu" if cfg.projector == "mlp2x_gelu" else "linear",
         "multimodal_projector_bias": True,
         "vision_feature_layer": v.select_layer,
         "vision_feature_select_strategy": "default" if v.select_feature == "patch" else "full",
-        "image_seq_length": v.num_image_tokens, "tie_word_embeddings": cfg.llm.tie_word_embeddings,
+        "image_seq_length": v.num_image_tokens,
+        "tie_word_embeddings": cfg.llm.tie_word_embeddings,
         "torch_dtype": dtype,
     }
     if image_aspect_ratio is not None:
@@ -198,10 +246,12 @@ def llava_config_to_hf(cfg: LlavaConfig, *, dtype: str = "float32", image_aspect
 
 # Original `mm_vision_tower` names whose architecture is known without their config.json.
 KNOWN_VISION_TOWERS = {
-    "openai/clip-vit-large-patch14": dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                                          num_layers=24, num_heads=16),
-    "openai/clip-vit-large-patch14-336": dict(image_size=336, patch_size=14, hidden_size=1024,
-                                              intermediate_size=4096, num_layers=24, num_heads=16),
+    "openai/clip-vit-large-patch14": dict(
+        image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16
+    ),
+    "openai/clip-vit-large-patch14-336": dict(
+        image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16
+    ),
 }
 ORIGINAL_ASPECT_RATIOS = ("square", "pad")
 
@@ -210,8 +260,8 @@ def is_original_llava(d: dict) -> bool:
     """An original LLaVA (`LlavaLlamaForCausalLM`) config: LLaMA fields plus `mm_*` fields, no
     `text_config` (its `model_type` is 'llava' or 'llava_llama', the first clashing with llava-hf)."""
     return "text_config" not in d and (
-        "mm_vision_tower" in d or "mm_hidden_size" in d
-        or any("LlavaLlama" in a for a in d.get("architectures") or ()))
+        "mm_vision_tower" in d or "mm_hidden_size" in d or any("LlavaLlama" in a for a in d.get("architectures") or ())
+    )
 
 
 def original_vision_config(d: dict, vision: dict | None) -> VisionConfig:
@@ -250,11 +300,14 @@ def original_llava_config(d: dict, vision: VisionConfig, *, vocab_size: int) -> 
         raise ValueError(f"{what}: image_aspect_ratio={aspect!r} is not supported ({ORIGINAL_ASPECT_RATIOS})")
     hidden = d.get("mm_hidden_size")
     if hidden is not None and hidden != vision.hidden_size:
-        raise ValueError(f"{what}: mm_hidden_size={hidden} but the vision tower is {vision.hidden_size} wide; "
-                         "is --vision the tower named by mm_vision_tower?")
+        raise ValueError(
+            f"{what}: mm_hidden_size={hidden} but the vision tower is {vision.hidden_size} wide; "
+            "is --vision the tower named by mm_vision_tower?"
+        )
     vision = dataclasses.replace(vision, select_layer=layer, select_feature=feature)
     vision.layers_needed()  # range check of select_layer
     llm = dataclasses.replace(llama_config_from_hf(d), vocab_size=vocab_size)
-    cfg = LlavaConfig(vision=vision, llm=llm, projector=projector, image_token_id=IMAGE_TOKEN_ID,
-                      pad_token_id=PAD_TOKEN_ID)
+    cfg = LlavaConfig(
+        vision=vision, llm=llm, projector=projector, image_token_id=IMAGE_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
+    )
     return cfg, aspect

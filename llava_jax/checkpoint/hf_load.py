@@ -69,8 +69,7 @@ def rules_for(module, fmt: str, keys) -> list[Rule]:
     """The format's table laid over this module: the parts both the module and checkpoint have."""
     f = FORMATS[fmt]
     projector, tied = _config_of(module)
-    return f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision_prefix(keys), projector=projector,
-                   tied=tied)
+    return f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision_prefix(keys), projector=projector, tied=tied)
 
 
 def _fold_identity_act_projector(source: TensorSource, prefix: str) -> dict[str, np.ndarray]:
@@ -79,8 +78,10 @@ def _fold_identity_act_projector(source: TensorSource, prefix: str) -> dict[str,
     w1, b1 = source.get(f"{prefix}.linear_1.weight"), source.get(f"{prefix}.linear_1.bias")
     w2, b2 = source.get(f"{prefix}.linear_2.weight"), source.get(f"{prefix}.linear_2.bias")
     w1, b1, w2, b2 = (np.asarray(a, np.float64) for a in (w1, b1, w2, b2))
-    return {f"{prefix}.linear_1.weight": (w2 @ w1).astype(np.float32),
-            f"{prefix}.linear_1.bias": (w2 @ b1 + b2).astype(np.float32)}
+    return {
+        f"{prefix}.linear_1.weight": (w2 @ w1).astype(np.float32),
+        f"{prefix}.linear_1.bias": (w2 @ b1 + b2).astype(np.float32),
+    }
 
 
 def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict[str, np.ndarray]:
@@ -95,8 +96,12 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
     rules = rules_for(module, fmt, keys)
     overrides: dict[str, np.ndarray] = {}
     f = FORMATS[fmt]
-    if (isinstance(module, Llava) and module.cfg.projector == "linear" and f.projector_style == "hf"
-            and f"{f.projector}.linear_2.weight" in keys):
+    if (
+        isinstance(module, Llava)
+        and module.cfg.projector == "linear"
+        and f.projector_style == "hf"
+        and f"{f.projector}.linear_2.weight" in keys
+    ):
         overrides = _fold_identity_act_projector(source, f.projector)
 
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
@@ -159,9 +164,7 @@ def _check_tied_head(module, f, keyset, used, read) -> None:
         return
     head, embed = f"{f.lm_head}.weight", f"{f.llm_body}.embed_tokens.weight"
     if not np.array_equal(read(head), read(embed)):
-        raise CheckpointMismatch(
-            f"{head!r} differs from {embed!r} but the config ties them (tie_word_embeddings=True)"
-        )
+        raise CheckpointMismatch(f"{head!r} differs from {embed!r} but the config ties them (tie_word_embeddings=True)")
 
 
 def load_weights(module, path_or_source: Any, fmt: str | None = None):

@@ -69,7 +69,11 @@ CLIP_VISION: list[Rule] = [
     Rule("class_embedding", "embeddings.class_embedding"),
     Rule("position_embedding", "embeddings.position_embedding.weight"),
     *_norm("pre_layrnorm", "pre_layrnorm", bias=True),
-    *[r for p in ("q", "k", "v", "out") for r in _linear(f"layers/{p}_proj", f"encoder.layers.{{i}}.self_attn.{p}_proj", True)],
+    *[
+        r
+        for p in ("q", "k", "v", "out")
+        for r in _linear(f"layers/{p}_proj", f"encoder.layers.{{i}}.self_attn.{p}_proj", True)
+    ],
     *_norm("layers/layer_norm1", "encoder.layers.{i}.layer_norm1", bias=True),
     *_norm("layers/layer_norm2", "encoder.layers.{i}.layer_norm2", bias=True),
     *_linear("layers/fc1", "encoder.layers.{i}.mlp.fc1", True),
@@ -127,8 +131,9 @@ class Format:
             )
         return None
 
-    def rules(self, *, ours_prefix: dict[str, str | None], vision_prefix: str | None, projector: str | None,
-              tied: bool) -> list[Rule]:
+    def rules(
+        self, *, ours_prefix: dict[str, str | None], vision_prefix: str | None, projector: str | None, tied: bool
+    ) -> list[Rule]:
         """The full table. `ours_prefix` maps part -> llava_jax path prefix (None: the model has no
         such part); `vision_prefix` is the checkpoint's (see `vision_prefix`)."""
         out: list[Rule] = []
@@ -151,23 +156,44 @@ _BUFFERS = (r".*\.inv_freq$", r".*position_ids$")
 
 FORMATS: dict[str, Format] = {
     # transformers CLIPVisionModel / CLIPModel (text tower and heads ignored)
-    "hf_clip": Format("hf_clip", vision=("vision_model", ""), llm_body=None, lm_head=None,
-                      ignore=_BUFFERS + (r"^text_model\.", r"^visual_projection\.", r"^text_projection\.",
-                                         r"^logit_scale$")),
+    "hf_clip": Format(
+        "hf_clip",
+        vision=("vision_model", ""),
+        llm_body=None,
+        lm_head=None,
+        ignore=_BUFFERS + (r"^text_model\.", r"^visual_projection\.", r"^text_projection\.", r"^logit_scale$"),
+    ),
     # transformers LlamaForCausalLM (Vicuna, SmolLM2, ...)
     "hf_llama": Format("hf_llama", vision=None, llm_body="model", lm_head="lm_head", ignore=_BUFFERS),
     # llava-hf LlavaForConditionalGeneration files (Hub, and what transformers 5 save_pretrained writes)
-    "llava_hf": Format("llava_hf", vision=("vision_tower.vision_model", "vision_tower"),
-                       llm_body="language_model.model", lm_head="language_model.lm_head",
-                       projector="multi_modal_projector", ignore=_BUFFERS),
+    "llava_hf": Format(
+        "llava_hf",
+        vision=("vision_tower.vision_model", "vision_tower"),
+        llm_body="language_model.model",
+        lm_head="language_model.lm_head",
+        projector="multi_modal_projector",
+        ignore=_BUFFERS,
+    ),
     # the same model's in-memory state_dict under transformers 5
-    "llava_hf_v5": Format("llava_hf_v5", vision=("model.vision_tower.vision_model", "model.vision_tower"),
-                          llm_body="model.language_model", lm_head="lm_head",
-                          projector="model.multi_modal_projector", ignore=_BUFFERS),
+    "llava_hf_v5": Format(
+        "llava_hf_v5",
+        vision=("model.vision_tower.vision_model", "model.vision_tower"),
+        llm_body="model.language_model",
+        lm_head="lm_head",
+        projector="model.multi_modal_projector",
+        ignore=_BUFFERS,
+    ),
     # original LLaVA (LlavaLlamaForCausalLM)
-    "llava_original": Format("llava_original", vision=("model.vision_tower.vision_tower.vision_model",),
-                             llm_body="model", lm_head="lm_head", projector="model.mm_projector",
-                             projector_style="original", vision_optional=True, ignore=_BUFFERS),
+    "llava_original": Format(
+        "llava_original",
+        vision=("model.vision_tower.vision_tower.vision_model",),
+        llm_body="model",
+        lm_head="lm_head",
+        projector="model.mm_projector",
+        projector_style="original",
+        vision_optional=True,
+        ignore=_BUFFERS,
+    ),
 }
 
 

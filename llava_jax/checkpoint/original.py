@@ -54,6 +54,7 @@ class ImportInfo:
 
 # ----------------------------------------------------------------------------- stage-1 projector
 
+
 def _projector_file(path: Path) -> Path:
     if path.is_file():
         return path
@@ -65,7 +66,7 @@ def _projector_file(path: Path) -> Path:
 
 def projector_kind(keys) -> str:
     """`mlp2x_gelu` or `linear`, from canonical `model.mm_projector.*` keys."""
-    rest = {k[len(_PROJECTOR_PREFIX) + 1:] for k in keys}
+    rest = {k[len(_PROJECTOR_PREFIX) + 1 :] for k in keys}
     if {"0.weight", "2.weight"} <= rest:
         return "mlp2x_gelu"
     if "weight" in rest:
@@ -93,7 +94,7 @@ def load_projector(path, *, projector: str | None = None, cfg: LlavaConfig | Non
     file = _projector_file(as_path(path))
     source = open_checkpoint(file)
     renamed, other = {}, []
-    for k in source.keys():
+    for k in source.keys():  # noqa: SIM118 (a tensor source, not a dict)
         m = _PROJECTOR_KEY.search(k)
         if m:
             renamed[f"{_PROJECTOR_PREFIX}.{m.group(1)}"] = k
@@ -110,7 +111,10 @@ def load_projector(path, *, projector: str | None = None, cfg: LlavaConfig | Non
         )
     rules = FORMATS["llava_original"].rules(
         ours_prefix={"vision": None, "llm": None, "projector": "multi_modal_projector"},
-        vision_prefix=None, projector=kind, tied=False)
+        vision_prefix=None,
+        projector=kind,
+        tied=False,
+    )
     out, used = {}, set()
     for rule in rules:
         if rule.theirs not in renamed:
@@ -127,8 +131,12 @@ def load_projector(path, *, projector: str | None = None, cfg: LlavaConfig | Non
 
 def _check_projector_shapes(arrays: dict[str, np.ndarray], cfg: LlavaConfig, file) -> None:
     dv, d = cfg.vision.hidden_size, cfg.llm.hidden_size
-    want = {"multi_modal_projector/linear_1/kernel": (dv, d), "multi_modal_projector/linear_1/bias": (d,),
-            "multi_modal_projector/linear_2/kernel": (d, d), "multi_modal_projector/linear_2/bias": (d,)}
+    want = {
+        "multi_modal_projector/linear_1/kernel": (dv, d),
+        "multi_modal_projector/linear_1/bias": (d,),
+        "multi_modal_projector/linear_2/kernel": (d, d),
+        "multi_modal_projector/linear_2/bias": (d,),
+    }
     for key, a in arrays.items():
         if tuple(a.shape) != want[key]:
             raise CheckpointMismatch(
@@ -138,6 +146,7 @@ def _check_projector_shapes(arrays: dict[str, np.ndarray], cfg: LlavaConfig, fil
 
 
 # ----------------------------------------------------------------------------- full checkpoints
+
 
 def default_template(name: str) -> str:
     """Conversation template for a checkpoint name, by the original's rule: llama-2 models use
@@ -178,8 +187,11 @@ def _vocab_source(path: Path, rows: int, d: dict) -> dict:
     if moved:
         info["moved_ids"] = {str(a): {"id": b, "token": names.get(a)} for a, b in moved.items()}
     if d.get("mm_use_im_start_end"):
-        log.warning("checkpoint was trained with mm_use_im_start_end=True (<im_start>/<im_end> around the image); "
-                    "their rows are kept at %s but llava_jax prompts do not insert them", moved)
+        log.warning(
+            "checkpoint was trained with mm_use_im_start_end=True (<im_start>/<im_end> around the image); "
+            "their rows are kept at %s but llava_jax prompts do not insert them",
+            moved,
+        )
     return info
 
 
@@ -195,8 +207,10 @@ def load_original(path, *, vision=None, param_dtype=np.float32) -> tuple[Llava, 
     path = as_path(path)
     d = hf_config.read_config(path)
     if not hf_config.is_original_llava(d):
-        raise ValueError(f"{path}/config.json is not an original LLaVA config (no mm_vision_tower / mm_hidden_size "
-                         "fields); for llava-hf or LLaMA directories use from_pretrained / load_weights")
+        raise ValueError(
+            f"{path}/config.json is not an original LLaVA config (no mm_vision_tower / mm_hidden_size "
+            "fields); for llava-hf or LLaMA directories use from_pretrained / load_weights"
+        )
     source = open_checkpoint(path)
     keys = source.keys()
     in_shards = FORMATS["llava_original"].vision_prefix(keys) is not None
@@ -215,10 +229,16 @@ def load_original(path, *, vision=None, param_dtype=np.float32) -> tuple[Llava, 
         arrays.update(convert_arrays(abstract, open_checkpoint(vdir), "hf_clip"))
     rows = source.get(f"{FORMATS['llava_original'].llm_body}.embed_tokens.weight").shape[0]
     model = materialize(abstract, arrays, what="llava_original")
-    info = ImportInfo(aspect, default_template(path.resolve().name), {
-        "format": "llava_original", "path": str(path), "vision": str(vdir) if not in_shards else "checkpoint",
-        "vocab": _vocab_source(path, rows, d),
-    })
+    info = ImportInfo(
+        aspect,
+        default_template(path.resolve().name),
+        {
+            "format": "llava_original",
+            "path": str(path),
+            "vision": str(vdir) if not in_shards else "checkpoint",
+            "vocab": _vocab_source(path, rows, d),
+        },
+    )
     return model, info
 
 
@@ -232,8 +252,9 @@ def _projector_fields(projector_path: Path) -> dict:
     return {k: v for k, v in d.items() if k.startswith("mm_") or k == "image_aspect_ratio"}
 
 
-def load_pair(llm, *, vision, projector, select_layer: int | None = None, param_dtype=np.float32,
-              template: str = "v1") -> tuple[Llava, ImportInfo]:
+def load_pair(
+    llm, *, vision, projector, select_layer: int | None = None, param_dtype=np.float32, template: str = "v1"
+) -> tuple[Llava, ImportInfo]:
     """The pieces the original's stage 2 starts from: a LLaMA / Vicuna directory, the CLIP directory,
     and a stage-1 projector (file or its folder; the folder's config.json supplies `mm_*` fields).
     `select_layer` overrides `mm_vision_select_layer` (default: the stage-1 config's, else -2)."""
@@ -242,24 +263,38 @@ def load_pair(llm, *, vision, projector, select_layer: int | None = None, param_
     llm, vision, projector = as_path(llm), as_path(vision), as_path(projector)
     proj = load_projector(projector)
     kind = "mlp2x_gelu" if "multi_modal_projector/linear_2/kernel" in proj else "linear"
-    d = {**hf_config.read_config(llm), "mm_vision_select_layer": -2, **_projector_fields(projector),
-         "mm_projector_type": kind}
+    d = {
+        **hf_config.read_config(llm),
+        "mm_vision_select_layer": -2,
+        **_projector_fields(projector),
+        "mm_projector_type": kind,
+    }
     if select_layer is not None:
         d["mm_vision_select_layer"] = select_layer
     if "text_config" in d or d.get("model_type") not in ("llama", "llava", "llava_llama"):
         raise ValueError(f"{llm}/config.json: model_type={d.get('model_type')!r}; the LLM must be a LLaMA directory")
-    cfg, aspect = hf_config.original_llava_config(d, hf_config.vision_config_from_hf(hf_config.read_config(vision)),
-                                                  vocab_size=VOCAB)
+    cfg, aspect = hf_config.original_llava_config(
+        d, hf_config.vision_config_from_hf(hf_config.read_config(vision)), vocab_size=VOCAB
+    )
     cfg = cfg.with_runtime(param_dtype=jnp.dtype(param_dtype))
     _check_projector_shapes(proj, cfg, projector)
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     llm_source = open_checkpoint(llm)
-    arrays = {**convert_arrays(abstract, llm_source, "hf_llama"),
-              **convert_arrays(abstract, open_checkpoint(vision), "hf_clip"), **proj}
+    arrays = {
+        **convert_arrays(abstract, llm_source, "hf_llama"),
+        **convert_arrays(abstract, open_checkpoint(vision), "hf_clip"),
+        **proj,
+    }
     rows = llm_source.get("model.embed_tokens.weight").shape[0]
     model = materialize(abstract, arrays, what="LLM + CLIP + projector")
-    return model, ImportInfo(aspect, template, {
-        "format": "pair", "llm": str(llm), "vision": str(vision), "projector": str(projector),
-        "vocab": _vocab_source(llm, rows, d),
-    })
-
+    return model, ImportInfo(
+        aspect,
+        template,
+        {
+            "format": "pair",
+            "llm": str(llm),
+            "vision": str(vision),
+            "projector": str(projector),
+            "vocab": _vocab_source(llm, rows, d),
+        },
+    )

@@ -36,5 +36,6 @@ def restore_params(directory: PathLike, abstract: Any, *, partial: bool = False)
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape), abstract
         )
-        return ckpt.restore(directory, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                                                   partial_restore=partial))
+        return ckpt.restore(
+            directory, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=partial)
+        )

@@ -13,14 +13,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from llava_jax.paths import as_path
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: str | int) -> int:
@@ -60,8 +70,15 @@ def plan_shards(tensors: Sequence[TensorPlan], dtype, max_shard_bytes: int) -> l
     return [s for s in shards if s]
 
 
-def write_shards(tensors: Sequence[TensorPlan], out_dir, *, dtype, max_shard_bytes: int,
-                 prefix: str = "model", progress: Callable[[str], None] | None = None) -> dict:
+def write_shards(
+    tensors: Sequence[TensorPlan],
+    out_dir,
+    *,
+    dtype,
+    max_shard_bytes: int,
+    prefix: str = "model",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Write the tensors as safetensors shards + index into `out_dir`; returns the index dict."""
     from safetensors.numpy import save_file
 

@@ -42,18 +42,31 @@ class Loaded:
     path: Path
 
 
-def write_model_info(stage_dir: Path, cfg: LlavaConfig, template: str, aspect_ratio: str, *,
-                     source: dict | None = None) -> None:
+def write_model_info(
+    stage_dir: Path, cfg: LlavaConfig, template: str, aspect_ratio: str, *, source: dict | None = None
+) -> None:
     """`model.json` beside `final_params/`: what chat, serving and export need to rebuild the model."""
-    info = {"model": config_to_dict(cfg), "template": template, "image_aspect_ratio": aspect_ratio,
-            "params": "final_params"}
+    info = {
+        "model": config_to_dict(cfg),
+        "template": template,
+        "image_aspect_ratio": aspect_ratio,
+        "params": "final_params",
+    }
     if source:
         info["source"] = source
     (as_path(stage_dir) / "model.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def save_stage(model: Llava, out_dir, *, template: str, image_aspect_ratio: str, source: dict | None = None,
-               dtype=None, overwrite: bool = False) -> Path:
+def save_stage(
+    model: Llava,
+    out_dir,
+    *,
+    template: str,
+    image_aspect_ratio: str,
+    source: dict | None = None,
+    dtype=None,
+    overwrite: bool = False,
+) -> Path:
     """Write `model` into `out_dir` (created). `dtype` casts the stored parameters (default: as they are)."""
     get_template(template)  # refuse unknown names before writing anything
     if image_aspect_ratio not in ASPECT_RATIOS:
@@ -92,8 +105,11 @@ def _stage_dir(path: Path) -> Path:
 
 def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loaded:
     path = as_path(path)
-    if (path / "config.json").exists() and not (path / "model.json").exists() \
-            and json.loads((path / "config.json").read_text()).get("model_type") == "llava":
+    if (
+        (path / "config.json").exists()
+        and not (path / "model.json").exists()
+        and json.loads((path / "config.json").read_text()).get("model_type") == "llava"
+    ):
         model = from_pretrained(path, dtype=dtype)
         hf = json.loads((path / "config.json").read_text())
         aspect = hf.get("image_aspect_ratio") or ("pad" if model.cfg.projector == "mlp2x_gelu" else "square")
@@ -103,8 +119,11 @@ def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loade
     cfg = config_from_dict(info["model"]).with_runtime(dtype=dtype, param_dtype=jnp.float32, remat="none")
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32,
-                                                         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                          state.to_pure_dict())
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(
+            a.shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        ),
+        state.to_pure_dict(),
+    )
     params = restore_params(stage / info.get("params", "final_params"), target)
     return Loaded(nnx.merge(graphdef, params), template or info["template"], info["image_aspect_ratio"], stage)

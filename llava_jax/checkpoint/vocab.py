@@ -57,15 +57,17 @@ def fit_rows(table: np.ndarray, rows: int, *, key: str = "embedding table") -> n
     mean = np.asarray(base, np.float64).mean(axis=0).astype(table.dtype)
     out = np.broadcast_to(mean, (rows, *table.shape[1:])).copy()
     out[:LLAMA_PIECES] = base
-    out[FIRST_FREE_ID:FIRST_FREE_ID + extra] = table[LLAMA_PIECES:]
+    out[FIRST_FREE_ID : FIRST_FREE_ID + extra] = table[LLAMA_PIECES:]
     return out
 
 
 def describe(checkpoint_rows: int, rows: int) -> str:
     """One line saying how a `checkpoint_rows` vocabulary was mapped (for logs and model.json)."""
     moved = added_token_ids(checkpoint_rows)
-    text = (f"{checkpoint_rows} checkpoint rows -> {rows}: ids 0..{LLAMA_PIECES - 1} kept, other rows set to the "
-            f"mean of the {LLAMA_PIECES} LLaMA rows")
+    text = (
+        f"{checkpoint_rows} checkpoint rows -> {rows}: ids 0..{LLAMA_PIECES - 1} kept, other rows set to the "
+        f"mean of the {LLAMA_PIECES} LLaMA rows"
+    )
     if moved:
         text += "; added rows moved " + ", ".join(f"{a}->{b}" for a, b in moved.items())
     return text

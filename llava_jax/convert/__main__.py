@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     e.add_argument("--llm-only", action="store_true", help="export only the language model (LlamaForCausalLM)")
     e.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the vendored LLaMA tokenizer)")
-    e.add_argument("--template", default=None, help="conversation template for the chat template "
-                                                    "(default: the checkpoint's)")
+    e.add_argument(
+        "--template", default=None, help="conversation template for the chat template (default: the checkpoint's)"
+    )
     e.add_argument("--overwrite", action="store_true", help="replace weights already in --out")
 
     i = sub.add_parser("import", help="original LLaVA / llava-hf / LLaMA+CLIP+projector -> stage directory")
@@ -42,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--select-layer", type=int, default=None, help="vision layer for a LLaMA+CLIP+projector import")
     i.add_argument("--template", default=None, help="conversation template recorded in model.json")
     i.add_argument("--image-aspect-ratio", default=None, choices=("square", "pad"))
-    i.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                   help="storage dtype of final_params (default float32)")
+    i.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16"), help="storage dtype of final_params (default float32)"
+    )
     i.add_argument("--overwrite", action="store_true")
     return p
 
@@ -54,16 +56,30 @@ def main(argv=None) -> int:
     if args.command == "export":
         from llava_jax.convert.export import export_checkpoint
 
-        out = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                llm_only=args.llm_only, tokenizer_path=args.tokenizer, template=args.template,
-                                overwrite=args.overwrite)
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            llm_only=args.llm_only,
+            tokenizer_path=args.tokenizer,
+            template=args.template,
+            overwrite=args.overwrite,
+        )
     else:
         from llava_jax.convert.stage import import_checkpoint
 
-        out = import_checkpoint(args.source, args.out, vision=args.vision, projector=args.projector,
-                                select_layer=args.select_layer, template=args.template,
-                                image_aspect_ratio=args.image_aspect_ratio, dtype=args.dtype,
-                                overwrite=args.overwrite)
+        out = import_checkpoint(
+            args.source,
+            args.out,
+            vision=args.vision,
+            projector=args.projector,
+            select_layer=args.select_layer,
+            template=args.template,
+            image_aspect_ratio=args.image_aspect_ratio,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+        )
     print(out)
     return 0
 

@@ -51,23 +51,70 @@ def chat_template(template: str | Template) -> str:
     loop, end = "{% for m in messages %}", "{% endif %}{% endfor %}"
     content = "{{ render(m['content']) }}"
     if t.style == TWO:
-        body = ("{{ ns.system }}" + _lit(t.sep) + loop + user + _lit(human + ": ") + content + _lit(t.sep)
-                + reply + _lit(assistant + ": ") + content + _lit(t.sep2) + end
-                + "{% if add_generation_prompt %}" + _lit(assistant + ":") + "{% endif %}")
+        body = (
+            "{{ ns.system }}"
+            + _lit(t.sep)
+            + loop
+            + user
+            + _lit(human + ": ")
+            + content
+            + _lit(t.sep)
+            + reply
+            + _lit(assistant + ": ")
+            + content
+            + _lit(t.sep2)
+            + end
+            + "{% if add_generation_prompt %}"
+            + _lit(assistant + ":")
+            + "{% endif %}"
+        )
     elif t.style == LLAMA_2:
-        body = (loop + user + "{% if ns.first %}" + _lit("[INST] <<SYS>>\n") + "{{ ns.system }}"
-                + _lit("\n<</SYS>>\n\n") + content + _lit(" [/INST]") + "{% set ns.first = false %}"
-                + "{% else %}" + _lit(t.sep + "[INST] ") + content + _lit(" [/INST]") + "{% endif %}"
-                + reply + _lit(" ") + content + _lit(" " + t.sep2) + end)
+        body = (
+            loop
+            + user
+            + "{% if ns.first %}"
+            + _lit("[INST] <<SYS>>\n")
+            + "{{ ns.system }}"
+            + _lit("\n<</SYS>>\n\n")
+            + content
+            + _lit(" [/INST]")
+            + "{% set ns.first = false %}"
+            + "{% else %}"
+            + _lit(t.sep + "[INST] ")
+            + content
+            + _lit(" [/INST]")
+            + "{% endif %}"
+            + reply
+            + _lit(" ")
+            + content
+            + _lit(" " + t.sep2)
+            + end
+        )
     elif t.style == SINGLE:
-        examples = "".join(f"{role}: {m}{t.sep}" for pair in t.examples for role, m in zip(t.roles, pair))
-        body = ("{{ ns.system }}" + _lit(t.sep + examples) + loop + user + _lit(human + ": ") + content
-                + _lit(t.sep) + reply + _lit(assistant + ": ") + content + _lit(t.sep) + end
-                + "{% if add_generation_prompt %}" + _lit(assistant + ":") + "{% endif %}")
+        examples = "".join(f"{role}: {m}{t.sep}" for pair in t.examples for role, m in zip(t.roles, pair, strict=True))
+        body = (
+            "{{ ns.system }}"
+            + _lit(t.sep + examples)
+            + loop
+            + user
+            + _lit(human + ": ")
+            + content
+            + _lit(t.sep)
+            + reply
+            + _lit(assistant + ": ")
+            + content
+            + _lit(t.sep)
+            + end
+            + "{% if add_generation_prompt %}"
+            + _lit(assistant + ":")
+            + "{% endif %}"
+        )
     elif t.style == PLAIN:
         # Stage-1 captioning: the instruction is dropped, only the image remains.
-        body = (loop + user + "{{ render(m['content']).split('\\n')[0] if '<image>' in render(m['content']) "
-                "else '' }}" + reply + content + _lit(t.sep) + end)
+        body = (
+            loop + user + "{{ render(m['content']).split('\\n')[0] if '<image>' in render(m['content']) "
+            "else '' }}" + reply + content + _lit(t.sep) + end
+        )
     else:  # pragma: no cover - every style is handled above
         raise ValueError(f"template style {t.style!r} has no chat template")
     return head + body

@@ -65,8 +65,9 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None) -> list[Tensor
     fmt = fmt or ("llava_hf" if isinstance(module, Llava) else "hf_llama")
     f = FORMATS[fmt]
     projector, tied = _config_of(module)
-    rules = f.rules(ours_prefix=_root_kind(module), vision_prefix=f.vision[0] if f.vision else None,
-                    projector=projector, tied=tied)
+    rules = f.rules(
+        ours_prefix=_root_kind(module), vision_prefix=f.vision[0] if f.vision else None, projector=projector, tied=tied
+    )
     flat = {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
     plans: list[TensorPlan] = []
     covered = set()
@@ -77,19 +78,27 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None) -> list[Tensor
         value = flat[rule.ours].value
         if rule.stacked:
             shape = _theirs_shape(rule.kind, tuple(value.shape[1:]))
-            plans += [TensorPlan(rule.theirs.format(i=i), shape,
-                                 lambda v=value, i=i, k=rule.kind: to_theirs(k, _host(v, i)))
-                      for i in range(value.shape[0])]
+            plans += [
+                TensorPlan(rule.theirs.format(i=i), shape, lambda v=value, i=i, k=rule.kind: to_theirs(k, _host(v, i)))
+                for i in range(value.shape[0])
+            ]
         else:
-            plans.append(TensorPlan(rule.theirs, _theirs_shape(rule.kind, tuple(value.shape)),
-                                    lambda v=value, k=rule.kind: to_theirs(k, _host(v))))
+            plans.append(
+                TensorPlan(
+                    rule.theirs,
+                    _theirs_shape(rule.kind, tuple(value.shape)),
+                    lambda v=value, k=rule.kind: to_theirs(k, _host(v)),
+                )
+            )
     missing = sorted(set(flat) - covered)
     if missing:
         raise KeyError(f"parameters with no rule in the {fmt} table (export would drop them): {missing[:5]}")
     if isinstance(module, Llava) and projector == "linear" and f.projector_style == "hf":
         d = module.cfg.llm.hidden_size
-        plans += [TensorPlan(f"{f.projector}.linear_2.weight", (d, d), lambda: np.eye(d, dtype=np.float32)),
-                  TensorPlan(f"{f.projector}.linear_2.bias", (d,), lambda: np.zeros(d, np.float32))]
+        plans += [
+            TensorPlan(f"{f.projector}.linear_2.weight", (d, d), lambda: np.eye(d, dtype=np.float32)),
+            TensorPlan(f"{f.projector}.linear_2.bias", (d,), lambda: np.zeros(d, np.float32)),
+        ]
     return plans
 
 
@@ -112,9 +121,17 @@ def _generation_config(cfg_pad: int | None) -> dict:
     return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": cfg_pad}
 
 
-def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
-                    tokenizer=None, template: str | None = "v1", image_aspect_ratio: str = "square",
-                    overwrite: bool = False) -> Path:
+def export_llava_hf(
+    model: Llava,
+    out_dir,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    tokenizer=None,
+    template: str | None = "v1",
+    image_aspect_ratio: str = "square",
+    overwrite: bool = False,
+) -> Path:
     """Write `model` as a llava-hf directory (module docstring).
 
     dtype: storage dtype of the weights (`bfloat16`, `float16`, `float32`).
@@ -128,20 +145,30 @@ def export_llava_hf(model: Llava, out_dir, *, dtype: str = "bfloat16", max_shard
     out = _prepare(out_dir, overwrite)
     cfg = model.cfg
     with staged_dir(out) as local:  # safetensors and tokenizers write local files; a URL gets them uploaded
-        _write_json(local / "config.json",
-                    hf_config.llava_config_to_hf(cfg, dtype=dtype, image_aspect_ratio=image_aspect_ratio))
+        _write_json(
+            local / "config.json", hf_config.llava_config_to_hf(cfg, dtype=dtype, image_aspect_ratio=image_aspect_ratio)
+        )
         _write_json(local / "generation_config.json", _generation_config(cfg.pad_token_id))
-        write_shards(export_tensors(model), local, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
-                     progress=log.info)
+        write_shards(
+            export_tensors(model), local, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size), progress=log.info
+        )
         write_tokenizer(local, tokenizer, template=template, max_length=cfg.llm.context_length)
         write_processor(local, cfg, image_aspect_ratio=image_aspect_ratio, template=template)
     log.info("exported llava-hf model to %s", out)
     return out
 
 
-def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
-                    tokenizer=None, template: str | None = "v1", pad_token_id: int | None = PAD_TOKEN_ID,
-                    overwrite: bool = False) -> Path:
+def export_llama_hf(
+    model: Llama,
+    out_dir,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    tokenizer=None,
+    template: str | None = "v1",
+    pad_token_id: int | None = PAD_TOKEN_ID,
+    overwrite: bool = False,
+) -> Path:
     """Write a `Llama` (e.g. `llava.language_model`) as a `LlamaForCausalLM` directory with the tokenizer."""
     if not isinstance(model, Llama):
         raise TypeError(f"export_llama_hf needs a Llama model, got {type(model).__name__}")
@@ -152,16 +179,25 @@ def export_llama_hf(model: Llama, out_dir, *, dtype: str = "bfloat16", max_shard
     with staged_dir(out) as local:
         _write_json(local / "config.json", hf)
         _write_json(local / "generation_config.json", _generation_config(hf["pad_token_id"]))
-        write_shards(export_tensors(model), local, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size),
-                     progress=log.info)
+        write_shards(
+            export_tensors(model), local, dtype=np_dtype, max_shard_bytes=parse_size(max_shard_size), progress=log.info
+        )
         write_tokenizer(local, tokenizer, template=template, max_length=cfg.context_length)
     log.info("exported LLaMA model to %s", out)
     return out
 
 
-def export_checkpoint(checkpoint, out_dir, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
-                      llm_only: bool = False, tokenizer_path=None, template: str | None = None,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    checkpoint,
+    out_dir,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "5GB",
+    llm_only: bool = False,
+    tokenizer_path=None,
+    template: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Export a training run / stage directory or a llava-hf directory (anything
     `llava_jax.checkpoint.load_model` reads). The conversation template and image aspect ratio come
     from the checkpoint (`template` overrides the first)."""
@@ -173,8 +209,23 @@ def export_checkpoint(checkpoint, out_dir, *, dtype: str = "bfloat16", max_shard
     template = template or loaded.template
     tokenizer = load_tokenizer(tokenizer_path)
     if llm_only:
-        return export_llama_hf(loaded.model.language_model, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-                               tokenizer=tokenizer, template=template, pad_token_id=loaded.model.cfg.pad_token_id,
-                               overwrite=overwrite)
-    return export_llava_hf(loaded.model, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer=tokenizer,
-                           template=template, image_aspect_ratio=loaded.image_aspect_ratio, overwrite=overwrite)
+        return export_llama_hf(
+            loaded.model.language_model,
+            out_dir,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            tokenizer=tokenizer,
+            template=template,
+            pad_token_id=loaded.model.cfg.pad_token_id,
+            overwrite=overwrite,
+        )
+    return export_llava_hf(
+        loaded.model,
+        out_dir,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tokenizer=tokenizer,
+        template=template,
+        image_aspect_ratio=loaded.image_aspect_ratio,
+        overwrite=overwrite,
+    )

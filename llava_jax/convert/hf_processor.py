@@ -45,18 +45,25 @@ def image_processor_config(cfg: LlavaConfig, image_aspect_ratio: str = "square")
         "image_processor_type": "LlavaImageProcessor" if image_aspect_ratio == "pad" else "CLIPImageProcessor",
         "processor_class": "LlavaProcessor",
         "do_convert_rgb": True,
-        "do_resize": True, "size": {"shortest_edge": v.image_size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(v.image_mean), "image_std": list(v.image_std),
+        "do_resize": True,
+        "size": {"shortest_edge": v.image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": v.image_size, "width": v.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(v.image_mean),
+        "image_std": list(v.image_std),
     }
     if image_aspect_ratio == "pad":
         out["do_pad"] = True
     return out
 
 
-def write_processor(out_dir, cfg: LlavaConfig, *, image_aspect_ratio: str = "square",
-                    template: str | None = None) -> None:
+def write_processor(
+    out_dir, cfg: LlavaConfig, *, image_aspect_ratio: str = "square", template: str | None = None
+) -> None:
     """Write the image-processor, processor and chat-template files (the tokenizer is `write_tokenizer`'s)."""
     out_dir = as_path(out_dir)
     v = cfg.vision
@@ -65,10 +72,15 @@ def write_processor(out_dir, cfg: LlavaConfig, *, image_aspect_ratio: str = "squ
         (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
 
     dump("preprocessor_config.json", image_processor_config(cfg, image_aspect_ratio))
-    dump("processor_config.json", {
-        "processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": v.patch_size,
-        "vision_feature_select_strategy": "default" if v.select_feature == "patch" else "full",
-        "num_additional_image_tokens": 1,
-    })
+    dump(
+        "processor_config.json",
+        {
+            "processor_class": "LlavaProcessor",
+            "image_token": "<image>",
+            "patch_size": v.patch_size,
+            "vision_feature_select_strategy": "default" if v.select_feature == "patch" else "full",
+            "num_additional_image_tokens": 1,
+        },
+    )
     if template is not None:
         dump("chat_template.json", {"chat_template": chat_template(template)})

@@ -28,9 +28,18 @@ def _llava_hf_aspect_ratio(path: Path, d: dict, projector: str) -> str:
     return "pad" if projector == "mlp2x_gelu" else "square"
 
 
-def import_checkpoint(source, out_dir, *, vision=None, projector=None, select_layer: int | None = None,
-                      template: str | None = None, image_aspect_ratio: str | None = None, dtype=None,
-                      overwrite: bool = False) -> Path:
+def import_checkpoint(
+    source,
+    out_dir,
+    *,
+    vision=None,
+    projector=None,
+    select_layer: int | None = None,
+    template: str | None = None,
+    image_aspect_ratio: str | None = None,
+    dtype=None,
+    overwrite: bool = False,
+) -> Path:
     """Import `source` into a stage directory (`save_stage`). `source` is one of:
 
     - an original LLaVA directory (`mm_*` config fields): `vision` is the CLIP directory when the
@@ -46,26 +55,41 @@ def import_checkpoint(source, out_dir, *, vision=None, projector=None, select_la
     log.info("importing %s", path)
     if hf_config.is_original_llava(d):
         if projector is not None:
-            raise ValueError("--projector is for a LLaMA directory + CLIP + stage-1 projector; an original LLaVA "
-                             "checkpoint already holds its projector")
+            raise ValueError(
+                "--projector is for a LLaMA directory + CLIP + stage-1 projector; an original LLaVA "
+                "checkpoint already holds its projector"
+            )
         if select_layer is not None:
-            raise ValueError("--select-layer applies to the LLaMA + CLIP + projector import only; an original "
-                             "checkpoint's mm_vision_select_layer is used as is")
+            raise ValueError(
+                "--select-layer applies to the LLaMA + CLIP + projector import only; an original "
+                "checkpoint's mm_vision_select_layer is used as is"
+            )
         model, info = original.load_original(path, vision=vision)
     elif d.get("model_type") == "llava" and "text_config" in d:
         if vision is not None or projector is not None:
             raise ValueError("a llava-hf directory holds all parts; drop --vision / --projector")
         model = from_pretrained(path)
-        info = original.ImportInfo(_llava_hf_aspect_ratio(path, d, model.cfg.projector), "v1",
-                                   {"format": "llava_hf", "path": str(path)})
+        info = original.ImportInfo(
+            _llava_hf_aspect_ratio(path, d, model.cfg.projector), "v1", {"format": "llava_hf", "path": str(path)}
+        )
     elif d.get("model_type") == "llama":
         if vision is None or projector is None:
-            raise ValueError(f"{path} is a LLaMA directory: pass --vision CLIP_DIR and --projector FILE (a stage-1 "
-                             "mm_projector.bin / .safetensors) to make a LLaVA model of it")
+            raise ValueError(
+                f"{path} is a LLaMA directory: pass --vision CLIP_DIR and --projector FILE (a stage-1 "
+                "mm_projector.bin / .safetensors) to make a LLaVA model of it"
+            )
         model, info = original.load_pair(path, vision=vision, projector=projector, select_layer=select_layer)
     else:
-        raise ValueError(f"{path}/config.json: model_type={d.get('model_type')!r} is not an original LLaVA, llava-hf "
-                         "or LLaMA checkpoint")
-    return save_stage(model, out_dir, template=template or info.template,
-                      image_aspect_ratio=image_aspect_ratio or info.image_aspect_ratio, source=info.source,
-                      dtype=dtype, overwrite=overwrite)
+        raise ValueError(
+            f"{path}/config.json: model_type={d.get('model_type')!r} is not an original LLaVA, llava-hf "
+            "or LLaMA checkpoint"
+        )
+    return save_stage(
+        model,
+        out_dir,
+        template=template or info.template,
+        image_aspect_ratio=image_aspect_ratio or info.image_aspect_ratio,
+        source=info.source,
+        dtype=dtype,
+        overwrite=overwrite,
+    )

@@ -40,11 +40,11 @@ import time
 
 import numpy as np
 
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, open_image
 from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.templates import TEMPLATES, get_template
-from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 FAIL_REASONS = (
@@ -177,17 +177,11 @@ def _check_records(bounds: tuple[int, int]):
     bad, images = [], []
     for i in range(start, end):
         record = s["source"][i]
-        n, reason, message = check_text(
-            record, s["template"], s["encoder"], s["num_image_tokens"], s["max_length"]
-        )
+        n, reason, message = check_text(record, s["template"], s["encoder"], s["num_image_tokens"], s["max_length"])
         lengths[i - start] = n
         if reason:
             bad.append((i, record.get("id"), reason, message))
-        if (
-            record.get("image") is not None
-            and not record.get("_error")
-            and record.get("image_path")
-        ):
+        if record.get("image") is not None and not record.get("_error") and record.get("image_path"):
             images.append((i, record["image_path"]))
     return start, lengths, bad, images
 
@@ -258,19 +252,9 @@ def run_checks(
             if image_mode != "none":
                 paths = sorted({p for _, p in record_images})
                 groups = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-                image_results = (
-                    pool.imap_unordered(_check_images, groups)
-                    if pool
-                    else map(_check_images, groups)
-                )
-                failed = {
-                    p: r for group in image_results for p, r in group if r is not None
-                }
-                bad += [
-                    (i, source[i].get("id"), *failed[p])
-                    for i, p in record_images
-                    if p in failed
-                ]
+                image_results = pool.imap_unordered(_check_images, groups) if pool else map(_check_images, groups)
+                failed = {p: r for group in image_results for p, r in group if r is not None}
+                bad += [(i, source[i].get("id"), *failed[p]) for i, p in record_images if p in failed]
         finally:
             if pool is not None:
                 pool.close()
@@ -285,9 +269,7 @@ def run_checks(
     }
 
 
-def histogram(
-    lengths: np.ndarray, max_length: int, bins: int = 8
-) -> list[tuple[int, int, int]]:
+def histogram(lengths: np.ndarray, max_length: int, bins: int = 8) -> list[tuple[int, int, int]]:
     """(low, high, count) buckets of equal width up to max(max_length, longest), as text-friendly rows."""
     top = max(int(lengths.max(initial=0)), max_length)
     width = max(1, -(-top // bins))
@@ -312,14 +294,10 @@ def format_report(result: dict, max_length: int, examples: int = 3) -> str:
         ("would fail under on_bad_sample=raise (skipped under skip)", FAIL_REASONS),
         ("would be trained wrongly (no error)", WARN_REASONS),
     ):
-        count = (
-            len(failing)
-            if reasons is FAIL_REASONS
-            else len({b[0] for r in reasons for b in by_reason[r]})
-        )
+        count = len(failing) if reasons is FAIL_REASONS else len({b[0] for r in reasons for b in by_reason[r]})
         lines.append(f"{title}: {count}")
         for reason in reasons:
-            for k, (i, rid, _, message) in enumerate(by_reason[reason]):
+            for k, (i, _rid, _, message) in enumerate(by_reason[reason]):
                 if k == 0:
                     lines.append(f"  {reason:22s} {len(by_reason[reason]):8d}")
                 if k < examples:
@@ -335,16 +313,12 @@ def format_report(result: dict, max_length: int, examples: int = 3) -> str:
         peak = max(c for _, _, c in rows) or 1
         for lo, hi, c in rows:
             mark = "  > max_length" if lo >= max_length else ""
-            lines.append(
-                f"  {lo:6d}-{hi:<6d} {c:8d} {'#' * round(40 * c / peak)}{mark}"
-            )
+            lines.append(f"  {lo:6d}-{hi:<6d} {c:8d} {'#' * round(40 * c / peak)}{mark}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m llava_jax.data.check", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m llava_jax.data.check", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="LLaVA JSON (.json list or .jsonl)")
     p.add_argument(
         "--image-folder",
@@ -354,12 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--image-size", type=int, default=336)
     p.add_argument("--patch-size", type=int, default=14)
-    p.add_argument(
-        "--num-image-tokens", type=int, help="default (image_size / patch_size) ** 2"
-    )
-    p.add_argument(
-        "--tokenizer", help="tokenizer folder (default: the vendored LLaMA tokenizer)"
-    )
+    p.add_argument("--num-image-tokens", type=int, help="default (image_size / patch_size) ** 2")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the vendored LLaMA tokenizer)")
     p.add_argument("--images", choices=IMAGE_MODES, default="header")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
@@ -377,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from llava_jax.data.tokenizer import load_tokenizer
 
-    num_image_tokens = (
-        args.num_image_tokens or (args.image_size // args.patch_size) ** 2
-    )
+    num_image_tokens = args.num_image_tokens or (args.image_size // args.patch_size) ** 2
     tokenizer = load_tokenizer(args.tokenizer)
     result = run_checks(
         args.data,

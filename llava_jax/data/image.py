@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-from typing import Callable, Union
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -52,7 +52,7 @@ ASPECT_RATIOS = ("square", "pad")
 # below Pillow's own warning threshold; raise it per call with `max_pixels=` when needed.
 DEFAULT_MAX_PIXELS = 2**26
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
 _BICUBIC = Image.Resampling.BICUBIC
 
@@ -107,7 +107,7 @@ def open_image(
             raise _bad(record_id, path, f"cannot stat image file: {e}") from None
         if size == 0:
             raise _bad(record_id, path, "image file is empty (0 bytes)")
-        opener = lambda: open(path, "rb")  # noqa: E731
+        opener = lambda: open(path, "rb")  # noqa: E731, SIM115 (the caller closes what it opens)
 
     try:
         with opener() as fp:
@@ -207,14 +207,18 @@ def size_problem(
     """Why a (width, height) image is refused under the given limits (None = accepted, or no limits)."""
     ratio = max(width, height) / min(width, height)
     if max_aspect_ratio is not None and ratio > max_aspect_ratio:
-        return (f"image is {width}x{height}: its aspect ratio {ratio:.1f}:1 is more than "
-                f"max_aspect_ratio={max_aspect_ratio:g}; crop or pad it to a less extreme shape")
+        return (
+            f"image is {width}x{height}: its aspect ratio {ratio:.1f}:1 is more than "
+            f"max_aspect_ratio={max_aspect_ratio:g}; crop or pad it to a less extreme shape"
+        )
     if max_work_pixels is not None:
         work = work_pixels(width, height, image_size, aspect_ratio)
         if work > max_work_pixels:
-            return (f"image is {width}x{height}: preprocessing it ({aspect_ratio!r} at {image_size} px) needs a "
-                    f"{work}-pixel intermediate image, more than max_work_pixels={max_work_pixels}; send a smaller "
-                    "or less elongated image")
+            return (
+                f"image is {width}x{height}: preprocessing it ({aspect_ratio!r} at {image_size} px) needs a "
+                f"{work}-pixel intermediate image, more than max_work_pixels={max_work_pixels}; send a smaller "
+                "or less elongated image"
+            )
     return None
 
 
@@ -293,10 +297,16 @@ def load_image(
     draft = (lambda w, h: _draft_target(w, h, image_size, aspect_ratio)) if fast else None
     check = None
     if max_aspect_ratio is not None or max_work_pixels is not None:
-        check = functools.partial(size_problem, image_size=image_size, aspect_ratio=aspect_ratio,
-                                  max_aspect_ratio=max_aspect_ratio, max_work_pixels=max_work_pixels)
-    img = open_image(source, record_id=record_id, max_pixels=max_pixels, path_hint=path_hint, draft=draft,
-                     check_size=check)
+        check = functools.partial(
+            size_problem,
+            image_size=image_size,
+            aspect_ratio=aspect_ratio,
+            max_aspect_ratio=max_aspect_ratio,
+            max_work_pixels=max_work_pixels,
+        )
+    img = open_image(
+        source, record_id=record_id, max_pixels=max_pixels, path_hint=path_hint, draft=draft, check_size=check
+    )
     try:
         return preprocess(img, image_size, aspect_ratio, fast=fast)
     except (OSError, ValueError) as e:  # e.g. a mode Pillow cannot convert

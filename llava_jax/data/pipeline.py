@@ -68,11 +68,11 @@ from typing import Any
 import grain
 import numpy as np
 
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, load_image, preprocess
 from llava_jax.data.settings import DataSettings
 from llava_jax.data.templates import get_template
-from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, text_encoder
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,11 @@ def _log_skip(e: BadSample) -> None:
     global _skips_logged
     _skips_logged += 1
     if _skips_logged <= _LOGGED_SKIPS_LIMIT:
-        log.warning("skipping %s%s", e, " (further skips are logged at DEBUG level)" if _skips_logged == _LOGGED_SKIPS_LIMIT else "")
+        log.warning(
+            "skipping %s%s",
+            e,
+            " (further skips are logged at DEBUG level)" if _skips_logged == _LOGGED_SKIPS_LIMIT else "",
+        )
     else:
         log.debug("skipping %s", e)
 
@@ -103,9 +107,19 @@ class PrepareSample:
     propagates (through worker processes too) naming the record id and file.
     """
 
-    def __init__(self, *, tokenizer, template, image_size: int, image_aspect_ratio: str, num_image_tokens: int,
-                 max_length: int, on_bad_sample: str = "raise", fast_image: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        *,
+        tokenizer,
+        template,
+        image_size: int,
+        image_aspect_ratio: str,
+        num_image_tokens: int,
+        max_length: int,
+        on_bad_sample: str = "raise",
+        fast_image: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.tokenizer = text_encoder(tokenizer)  # small, picklable, exact SentencePiece semantics
         self.template = get_template(template)
         self.image_size = image_size
@@ -136,7 +150,11 @@ class PrepareSample:
         labels = np.asarray(tokens["labels"], dtype=np.int32)
         n = len(input_ids)
         if n > self.max_length:
-            raise BadSample(rid, f"sample is {n} tokens, longer than max_length={self.max_length}; raise max_length or drop the record", path=path)
+            raise BadSample(
+                rid,
+                f"sample is {n} tokens, longer than max_length={self.max_length}; raise max_length or drop the record",
+                path=path,
+            )
         if n == 0:
             raise BadSample(rid, "sample has no tokens", path=path)
         n_image_tokens = int(np.count_nonzero(input_ids == IMAGE_TOKEN_ID))
@@ -155,9 +173,13 @@ class PrepareSample:
     def _load_image(self, record: dict, rid) -> np.ndarray:
         kw = dict(record_id=rid, fast=self.fast_image, max_pixels=self.max_image_pixels)
         if record.get("image_bytes") is not None:
-            return load_image(record["image_bytes"], self.image_size, self.image_aspect_ratio, path_hint=record.get("image"), **kw)
+            return load_image(
+                record["image_bytes"], self.image_size, self.image_aspect_ratio, path_hint=record.get("image"), **kw
+            )
         if record.get("image_array") is not None:
-            return preprocess(np.asarray(record["image_array"]), self.image_size, self.image_aspect_ratio, fast=self.fast_image)
+            return preprocess(
+                np.asarray(record["image_array"]), self.image_size, self.image_aspect_ratio, fast=self.fast_image
+            )
         return load_image(record["image_path"], self.image_size, self.image_aspect_ratio, **kw)
 
 
@@ -178,8 +200,12 @@ class BatchSpec:
     def __post_init__(self):
         if self.batch_size < 1 or self.max_length < 1 or self.max_images_per_row < 1:
             raise ValueError(f"batch_size, max_length and max_images_per_row must be >= 1: {self}")
-        if self.length_buckets and (list(self.length_buckets) != sorted(set(self.length_buckets)) or self.length_buckets[-1] != self.max_length):
-            raise ValueError(f"length_buckets must be strictly increasing and end at max_length={self.max_length}, got {self.length_buckets}")
+        if self.length_buckets and (
+            list(self.length_buckets) != sorted(set(self.length_buckets)) or self.length_buckets[-1] != self.max_length
+        ):
+            raise ValueError(
+                f"length_buckets must be strictly increasing and end at max_length={self.max_length}, got {self.length_buckets}"
+            )
 
 
 class _Row:
@@ -194,7 +220,10 @@ class _Row:
         if not spec.packing and self.samples:
             return False
         has_image = sample["image"] is not None
-        return self.length + len(sample["input_ids"]) <= spec.max_length and self.num_images + has_image <= spec.max_images_per_row
+        return (
+            self.length + len(sample["input_ids"]) <= spec.max_length
+            and self.num_images + has_image <= spec.max_images_per_row
+        )
 
     def add(self, sample: dict) -> None:
         self.samples.append(sample)
@@ -226,8 +255,14 @@ def assemble(rows: Sequence[_Row], skipped: np.ndarray, spec: BatchSpec) -> dict
                 images[b, image_slot] = sample["image"]
                 image_slot += 1
             offset += n
-    return {"input_ids": input_ids, "labels": labels, "positions": positions, "segment_ids": segment_ids,
-            "images": images, "meta_skipped": skipped.astype(np.int32)}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "images": images,
+        "meta_skipped": skipped.astype(np.int32),
+    }
 
 
 class BatchRows(grain.IterDataset):
@@ -279,7 +314,9 @@ class _BatchRowsIterator(grain.DatasetIterator):
             row = next((r for r, candidate in enumerate(rows) if candidate.fits(sample, spec)), None)
             if row is None:
                 if placed == 0:
-                    raise ValueError(f"a sample of {len(sample['input_ids'])} tokens does not fit an empty row of {spec}")
+                    raise ValueError(
+                        f"a sample of {len(sample['input_ids'])} tokens does not fit an empty row of {spec}"
+                    )
                 self._pending, self._state_before_pending = sample, before
                 break
             rows[row].add(sample)
@@ -361,14 +398,21 @@ def make_batches(
         raise ValueError(f"num_epochs must be a positive int or None (repeat forever), got {num_epochs!r}")
     shard_index, shard_count = _process_shard(shard_index, shard_count)
     if global_batch_size % shard_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the {shard_count} processes; choose a multiple of {shard_count}")
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by the {shard_count} processes; choose a multiple of {shard_count}"
+        )
     if len(source) == 0:
         raise ValueError(f"data source {source!r} has no records")
     spec = _batch_spec(settings, global_batch_size // shard_count, image_size, num_image_tokens)
     prepare = PrepareSample(
-        tokenizer=tokenizer, template=settings.template, image_size=image_size,
-        image_aspect_ratio=settings.image_aspect_ratio, num_image_tokens=num_image_tokens,
-        max_length=settings.max_length, on_bad_sample=settings.on_bad_sample, fast_image=settings.fast_image,
+        tokenizer=tokenizer,
+        template=settings.template,
+        image_size=image_size,
+        image_aspect_ratio=settings.image_aspect_ratio,
+        num_image_tokens=num_image_tokens,
+        max_length=settings.max_length,
+        on_bad_sample=settings.on_bad_sample,
+        fast_image=settings.fast_image,
         max_image_pixels=settings.max_image_pixels,
     )
     ds = grain.MapDataset.source(source)
@@ -385,8 +429,7 @@ def _batch_spec(settings: DataSettings, rows: int, image_size: int, num_image_to
     buckets = tuple(sorted(set(length_buckets or ()) | ({max_length} if length_buckets else set())))
     if buckets and buckets[-1] > max_length:
         raise ValueError(f"length_buckets {tuple(length_buckets)} exceed max_length={max_length}")
-    return BatchSpec(rows, max_length, settings.packing, settings.images_per_row(num_image_tokens), image_size,
-                     buckets)
+    return BatchSpec(rows, max_length, settings.packing, settings.images_per_row(num_image_tokens), image_size, buckets)
 
 
 def _batched_iterator(ds: grain.MapDataset, spec: BatchSpec, settings: DataSettings) -> grain.DatasetIterator:
@@ -394,7 +437,9 @@ def _batched_iterator(ds: grain.MapDataset, spec: BatchSpec, settings: DataSetti
     workers, read_threads = settings.worker_count, settings.read_threads
     if read_threads is None:
         read_threads = 1 if workers > 0 else max(1, min(4, os.cpu_count() or 1))
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(8, 2 * spec.batch_size)))
+    iter_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(8, 2 * spec.batch_size))
+    )
     iter_ds = BatchRows(iter_ds, spec)
     if workers > 0:
         _ensure_absl_flags_parsed()
@@ -412,7 +457,9 @@ def source_from_config(data_config) -> Any:
     s = DataSettings.from_mapping(data_config)
     chosen = [k for k in ("json_path", "array_record_path", "tfds_name") if getattr(s, k)]
     if len(chosen) != 1:
-        raise ValueError(f"data config must set exactly one of json_path, array_record_path, tfds_name; got {chosen or 'none'}")
+        raise ValueError(
+            f"data config must set exactly one of json_path, array_record_path, tfds_name; got {chosen or 'none'}"
+        )
     if chosen[0] == "json_path":
         return sources.LlavaJsonSource(s.json_path, s.image_folder or None)
     if chosen[0] == "array_record_path":
@@ -420,7 +467,9 @@ def source_from_config(data_config) -> Any:
     record_fn = None  # a build of the llava_json TFDS builder: sources.llava_tfds_record
     if s.tfds_record_fn:
         if ":" not in s.tfds_record_fn:
-            raise ValueError(f"tfds_record_fn must be 'package.module:function' mapping a TFDS example to a LLaVA record, got {s.tfds_record_fn!r}")
+            raise ValueError(
+                f"tfds_record_fn must be 'package.module:function' mapping a TFDS example to a LLaVA record, got {s.tfds_record_fn!r}"
+            )
         import importlib
 
         module, _, name = s.tfds_record_fn.partition(":")
@@ -433,8 +482,15 @@ def source_from_config(data_config) -> Any:
 RUN_FIELDS = dict(image_size=336, num_image_tokens=576, global_batch_size=None, seed=0, num_epochs=None)
 
 
-def from_config(data_config, *, tokenizer=None, source=None, shard_index: int | None = None,
-                shard_count: int | None = None, **overrides) -> grain.DatasetIterator:
+def from_config(
+    data_config,
+    *,
+    tokenizer=None,
+    source=None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    **overrides,
+) -> grain.DatasetIterator:
     """`make_batches` driven by data settings: a `DataSettings`, or an ml_collections ConfigDict / dict
     with its fields (defaults: `DataSettings`) and the RUN_FIELDS (image_size [336], num_image_tokens
     [576], global_batch_size (required), seed [0], num_epochs [None = forever]).
@@ -443,7 +499,9 @@ def from_config(data_config, *, tokenizer=None, source=None, shard_index: int | 
     """
     unknown = set(overrides) - set(RUN_FIELDS) - set(DataSettings.field_names())
     if unknown:
-        raise TypeError(f"unknown data fields {sorted(unknown)}; known: {sorted([*RUN_FIELDS, *DataSettings.field_names()])}")
+        raise TypeError(
+            f"unknown data fields {sorted(unknown)}; known: {sorted([*RUN_FIELDS, *DataSettings.field_names()])}"
+        )
     settings = DataSettings.from_mapping(data_config, **overrides)
     given = {} if isinstance(data_config, DataSettings) else data_config
     run = {k: overrides[k] if k in overrides else given.get(k, v) for k, v in RUN_FIELDS.items()}
@@ -455,5 +513,6 @@ def from_config(data_config, *, tokenizer=None, source=None, shard_index: int | 
         tokenizer = load_tokenizer(settings.tokenizer_path) if settings.tokenizer_path else load_tokenizer()
     if source is None:
         source = source_from_config(settings)
-    return make_batches(source, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count,
-                        settings=settings, **run)
+    return make_batches(
+        source, tokenizer=tokenizer, shard_index=shard_index, shard_count=shard_count, settings=settings, **run
+    )

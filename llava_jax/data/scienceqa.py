@@ -36,7 +36,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from llava_jax.paths import as_path
 
@@ -155,19 +156,23 @@ def convert(
         problem = problems[pid]
         source, target = problem_texts(pid, problem, prompt_format)
         if problem.get("image") is None:
-            records.append({
-                "id": pid,
-                "conversations": [{"from": "human", "value": source}, {"from": "gpt", "value": target}],
-            })
+            records.append(
+                {
+                    "id": pid,
+                    "conversations": [{"from": "human", "value": source}, {"from": "gpt", "value": target}],
+                }
+            )
         else:
-            records.append({
-                "id": pid,
-                "image": os.path.join(image_prefix, pid, problem["image"]),
-                "conversations": [
-                    {"from": "human", "value": f"{source}\n<image>"},
-                    {"from": "gpt", "value": target},
-                ],
-            })
+            records.append(
+                {
+                    "id": pid,
+                    "image": os.path.join(image_prefix, pid, problem["image"]),
+                    "conversations": [
+                        {"from": "human", "value": f"{source}\n<image>"},
+                        {"from": "gpt", "value": target},
+                    ],
+                }
+            )
     return records
 
 

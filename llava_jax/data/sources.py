@@ -29,7 +29,8 @@ import glob
 import json
 import os
 import struct
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,9 +79,13 @@ class LlavaJsonSource:
         self.json_path = os.fspath(json_path)  # a local path or a URL (gs://...)
         if not as_path(self.json_path).is_file():
             raise FileNotFoundError(f"LLaVA JSON file not found: {self.json_path}")
-        self.image_folder = os.fspath(image_folder) if image_folder is not None else os.fspath(absolute(self.json_path).parent)
+        self.image_folder = (
+            os.fspath(image_folder) if image_folder is not None else os.fspath(absolute(self.json_path).parent)
+        )
         if not as_path(self.image_folder).is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.image_folder} (for {self.json_path}); pass image_folder=")
+            raise FileNotFoundError(
+                f"image folder not found: {self.image_folder} (for {self.json_path}); pass image_folder="
+            )
         chunks, offsets = [], [0]
         for raw in _read_records(self.json_path):
             blob = json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -117,13 +122,21 @@ def _read_records(path: str) -> list:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    records.append({"id": f"{os.path.basename(path)}:{lineno}", "conversations": None, "_error": f"invalid JSON on line {lineno}: {e}"})
+                    records.append(
+                        {
+                            "id": f"{os.path.basename(path)}:{lineno}",
+                            "conversations": None,
+                            "_error": f"invalid JSON on line {lineno}: {e}",
+                        }
+                    )
         return records
     with as_path(path).open("r", encoding="utf-8") as f:
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); LLaVA data is a JSON list of records (or .jsonl)") from None
+            raise ValueError(
+                f"{path} is not valid JSON ({e}); LLaVA data is a JSON list of records (or .jsonl)"
+            ) from None
     if not isinstance(data, list):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}; LLaVA data is a JSON list of records")
     return data
@@ -142,7 +155,11 @@ def encode_record(record: dict, image_bytes: bytes | None) -> bytes:
 def decode_record(payload: bytes, index: int = -1) -> dict:
     """One ArrayRecord payload -> normalized record (image bytes in `image_bytes`)."""
     if payload[:4] != RECORD_MAGIC:
-        bad = {"id": index, "conversations": None, "_error": "not a llava_jax packed record (bad magic); re-pack with python -m llava_jax.data.pack"}
+        bad = {
+            "id": index,
+            "conversations": None,
+            "_error": "not a llava_jax packed record (bad magic); re-pack with python -m llava_jax.data.pack",
+        }
         return _normalize(bad, index, None)
     (n,) = _HEADER_LEN.unpack_from(payload, 4)
     record = json.loads(payload[8 : 8 + n].decode("utf-8"))
@@ -160,8 +177,10 @@ def find_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     path = os.fspath(path)
     if is_url(path):
         if not path.startswith("gs://"):
-            raise ValueError(f"{path}: ArrayRecord shards are read from a local disk or gs:// (the ArrayRecord "
-                             "reader's own storage client); copy them to one of those")
+            raise ValueError(
+                f"{path}: ArrayRecord shards are read from a local disk or gs:// (the ArrayRecord "
+                "reader's own storage client); copy them to one of those"
+            )
         p = as_path(path)
         if any(c in path for c in "*?["):
             files = sorted(os.fspath(f) for f in p.parent.glob(p.name))
@@ -265,11 +284,16 @@ def llava_tfds_record(example: dict, index: int) -> dict:
     """
     missing = [k for k in ("id", "image", "image_bytes", "conversations", "extra") if k not in example]
     if missing:
-        return {"id": index, "conversations": None, "_error": (
-            f"TFDS example has no {missing} feature(s): not a llava_json build; set tfds_record_fn "
-            "('package.module:function') to map this dataset's examples to LLaVA records")}
+        return {
+            "id": index,
+            "conversations": None,
+            "_error": (
+                f"TFDS example has no {missing} feature(s): not a llava_json build; set tfds_record_fn "
+                "('package.module:function') to map this dataset's examples to LLaVA records"
+            ),
+        }
     conv = example["conversations"]
-    turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
+    turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"], strict=True)]
     record = {"id": _text(example["id"]), "image": _text(example["image"]) or None, "conversations": turns}
     record.update(json.loads(_text(example["extra"])))
     image_bytes = bytes(example["image_bytes"])
@@ -287,11 +311,20 @@ class TfdsSource(MappedSource):
     when tensorflow-datasets is missing.
     """
 
-    def __init__(self, name: str, split: str, record_fn: Callable[[Any, int], dict] | None = None, *,
-                 data_dir: str | None = None, **kwargs):
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        record_fn: Callable[[Any, int], dict] | None = None,
+        *,
+        data_dir: str | None = None,
+        **kwargs,
+    ):
         tfds = _import_tfds()
         self.name, self.split = name, split
-        super().__init__(tfds.data_source(name, split=split, data_dir=data_dir, **kwargs), record_fn or llava_tfds_record)
+        super().__init__(
+            tfds.data_source(name, split=split, data_dir=data_dir, **kwargs), record_fn or llava_tfds_record
+        )
         if data_dir is not None and "://" in str(data_dir) and len(self._data):
             try:  # a remote data_dir: fail here, with the fix, rather than in a data worker mid-run
                 self._data[0]

@@ -42,7 +42,8 @@ a closing ``"### "``, while the inference prompt is ``system + "###Human: q###As
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -173,7 +174,9 @@ class Template:
 
     def _segments_plain(self, messages):
         if len(messages) != 2:
-            raise ValueError(f"the plain template takes exactly one (image, caption) pair, got {len(messages)} messages")
+            raise ValueError(
+                f"the plain template takes exactly one (image, caption) pair, got {len(messages)} messages"
+            )
         if IMAGE_PLACEHOLDER not in messages[0]:
             raise ValueError("the plain template needs the <image> placeholder in the human message")
         return [Segment(IMAGE_PLACEHOLDER, False), Segment(messages[1] + self.sep, True)]

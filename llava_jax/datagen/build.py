@@ -74,23 +74,17 @@ def latest_responses(raw_dirs: list[str]) -> tuple[list[dict], int]:
     for d in raw_dirs:
         path = os.path.join(d, RAW_NAME) if os.path.isdir(d) else d
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"no raw log at {path}: --raw takes the --out folder of llava_jax.datagen.generate"
-            )
+            raise FileNotFoundError(f"no raw log at {path}: --raw takes the --out folder of llava_jax.datagen.generate")
         for record in read_raw(path):
             total += 1
             by_key[(record["image"], record["kind"])] = record
     return list(by_key.values()), total - len(by_key)
 
 
-def build(
-    raw_dirs: list[str], out_path: str, *, seed: int = 0, image_position: str = "random"
-) -> dict:
+def build(raw_dirs: list[str], out_path: str, *, seed: int = 0, image_position: str = "random") -> dict:
     """Write the files listed in the module docstring; returns the stats dict."""
     if image_position not in IMAGE_POSITIONS:
-        raise ValueError(
-            f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}"
-        )
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
     records, repeated = latest_responses(raw_dirs)
     kept: dict[str, list[dict]] = {k: [] for k in KINDS}
     rejected: dict[str, collections.Counter] = {k: collections.Counter() for k in KINDS}
@@ -104,9 +98,7 @@ def build(
                 unknown[kind] += 1
                 continue
             try:
-                kept[kind].append(
-                    to_record(raw, seed=seed, image_position=image_position)
-                )
+                kept[kind].append(to_record(raw, seed=seed, image_position=image_position))
             except Rejected as e:
                 rejected[kind][e.reason] += 1
                 line = {
@@ -143,9 +135,7 @@ def _write_json(path: str, data, indent: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m llava_jax.datagen.build", description=__doc__.split("\n\n")[0]
-    )
+    p = argparse.ArgumentParser(prog="python -m llava_jax.datagen.build", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--raw",
         required=True,
@@ -167,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.out.endswith(".json"):
         p.error("--out must be a .json file")
-    stats = build(
-        args.raw, args.out, seed=args.seed, image_position=args.image_position
-    )
+    stats = build(args.raw, args.out, seed=args.seed, image_position=args.image_position)
     print(
         f"{stats['kept_total']} samples -> {args.out} ({', '.join(f'{k} {n}' for k, n in stats['kept'].items())}); "
         f"{stats['rejected_total']} rejected"
@@ -178,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for reason, n in sorted(reasons.items(), key=lambda x: -x[1]):
             print(f"  rejected {kind:12s} {reason:22s} {n:7d}  ({REASONS[reason]})")
     if stats["repeated_keys_dropped"]:
-        print(
-            f"  {stats['repeated_keys_dropped']} repeated (image, kind) responses: kept the last of each"
-        )
+        print(f"  {stats['repeated_keys_dropped']} repeated (image, kind) responses: kept the last of each")
     return 0
 
 

@@ -41,21 +41,14 @@ def read_pairs(path: str, caption_key: str = "caption") -> list[tuple[str, str]]
             data = json.load(f)
             if isinstance(data, dict) and "annotations" in data and "images" in data:
                 names = {im["id"]: im["file_name"] for im in data["images"]}
-                return [
-                    (names[a["image_id"]], str(a.get("caption", "")))
-                    for a in data["annotations"]
-                ]
+                return [(names[a["image_id"]], str(a.get("caption", ""))) for a in data["annotations"]]
             if not isinstance(data, list):
-                raise ValueError(
-                    f"{path}: expected a JSON list of {{image, {caption_key}}} or a COCO captions file"
-                )
+                raise ValueError(f"{path}: expected a JSON list of {{image, {caption_key}}} or a COCO captions file")
             rows = data
     return [(str(r.get("image") or ""), str(r.get(caption_key) or "")) for r in rows]
 
 
-def caption_records(
-    pairs: Sequence[tuple[str, str]], *, seed: int = 0
-) -> tuple[list[dict], collections.Counter]:
+def caption_records(pairs: Sequence[tuple[str, str]], *, seed: int = 0) -> tuple[list[dict], collections.Counter]:
     """Pairs -> LLaVA records and a counter of skipped pairs per reason."""
     records, skipped = [], collections.Counter()
     for i, (image, caption) in enumerate(pairs):
@@ -109,9 +102,7 @@ def filter_by_noun_phrases(
         ids = by_phrase[phrase]
         if len(ids) < min_count:
             continue
-        keep.update(
-            ids if len(ids) <= max_per_phrase else rng.sample(ids, max_per_phrase)
-        )
+        keep.update(ids if len(ids) <= max_per_phrase else rng.sample(ids, max_per_phrase))
     return sorted(keep)
 
 
@@ -121,15 +112,12 @@ def spacy_noun_phrases(model: str = "en_core_web_sm") -> Callable[[str], list[st
         import spacy  # type: ignore[import-not-found]
     except ImportError as e:
         raise ImportError(
-            "--noun-phrase-filter needs spaCy: pip install spacy && python -m spacy download "
-            f"{model}"
+            f"--noun-phrase-filter needs spaCy: pip install spacy && python -m spacy download {model}"
         ) from e
     try:
         nlp = spacy.load(model, disable=["ner", "lemmatizer"])
     except OSError as e:
-        raise OSError(
-            f"spaCy pipeline {model!r} is not installed: python -m spacy download {model}"
-        ) from e
+        raise OSError(f"spaCy pipeline {model!r} is not installed: python -m spacy download {model}") from e
     return lambda text: [chunk.text for chunk in nlp(text).noun_chunks]
 
 
@@ -169,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(records, f, ensure_ascii=False)
-    print(
-        f"{len(records)} caption conversations -> {args.out}; skipped: {dict(skipped) or 'none'}"
-    )
+    print(f"{len(records)} caption conversations -> {args.out}; skipped: {dict(skipped) or 'none'}")
     return 0
 
 

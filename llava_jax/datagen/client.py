@@ -60,9 +60,7 @@ class ChatError(RuntimeError):
 
 
 class _Retry(Exception):
-    def __init__(
-        self, message: str, status: int | None = None, retry_after: float | None = None
-    ):
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
@@ -104,9 +102,7 @@ class ClientConfig:
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(
-                    f"{name} must be > 0 (or None for no limit), got {value}"
-                )
+                raise ValueError(f"{name} must be > 0 (or None for no limit), got {value}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
@@ -140,10 +136,7 @@ class Usage:
     @property
     def cost(self) -> float:
         """Estimated USD for the tokens counted so far."""
-        return (
-            self.prompt_tokens * self.price_input
-            + self.completion_tokens * self.price_output
-        ) / 1e6
+        return (self.prompt_tokens * self.price_input + self.completion_tokens * self.price_output) / 1e6
 
     def snapshot(self) -> dict:
         return {
@@ -233,9 +226,7 @@ class RateLimiter:
 def estimate_tokens(messages: Sequence[dict], max_tokens: int | None) -> int:
     """OpenAI-style limiter estimate: prompt characters / 4 plus the completion budget."""
     chars = sum(
-        len(m.get("content") or "")
-        if isinstance(m.get("content"), str)
-        else len(json.dumps(m.get("content")))
+        len(m.get("content") or "") if isinstance(m.get("content"), str) else len(json.dumps(m.get("content")))
         for m in messages
     )
     return chars // 4 + (max_tokens or 1024)
@@ -259,16 +250,12 @@ def _parse_completion(body: bytes) -> tuple[str, str | None, dict, dict]:
         data = json.loads(body)
         choice = data["choices"][0]
         content = choice["message"].get("content")
-        if (
-            content is None
-        ):  # e.g. a refusal or a content filter: a paid answer, kept (as "") for the caller
+        if content is None:  # e.g. a refusal or a content filter: a paid answer, kept (as "") for the caller
             content = ""
         if not isinstance(content, str):
             raise TypeError("message content is not a string")
     except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise _Retry(
-            f"malformed completion body ({type(e).__name__}: {e}): {body[:200]!r}"
-        ) from None
+        raise _Retry(f"malformed completion body ({type(e).__name__}: {e}): {body[:200]!r}") from None
     return content, choice.get("finish_reason"), data.get("usage") or {}, data
 
 
@@ -344,9 +331,7 @@ class ChatClient:
                     self.usage.failures += 1
                     e.attempts = attempt
                     raise
-                self._limiter.settle(
-                    estimate, int(usage.get("total_tokens") or 0) or estimate
-                )
+                self._limiter.settle(estimate, int(usage.get("total_tokens") or 0) or estimate)
                 self.usage.add(usage)
                 return ChatResult(content, finish, usage, data, attempt)
 

@@ -68,15 +68,11 @@ def _load_json(path: str) -> dict:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
-        raise ValueError(
-            f"{path} is not a COCO annotation file (needs 'images' and 'annotations')"
-        )
+        raise ValueError(f"{path} is not a COCO annotation file (needs 'images' and 'annotations')")
     return data
 
 
-def load_coco(
-    captions_path: str, instances_path: str | None = None
-) -> list[Annotation]:
+def load_coco(captions_path: str, instances_path: str | None = None) -> list[Annotation]:
     """COCO captions (+ instances) files -> annotations, in the captions file's image order."""
     caps = _load_json(captions_path)
     captions: dict[int, list[str]] = {}
@@ -90,13 +86,7 @@ def load_coco(
         inst = _load_json(instances_path)
         names = {c["id"]: c["name"] for c in inst.get("categories", [])}
         sizes = {im["id"]: (im["width"], im["height"]) for im in inst["images"]}
-        sizes.update(
-            {
-                i: (im["width"], im["height"])
-                for i, im in images.items()
-                if "width" in im
-            }
-        )
+        sizes.update({i: (im["width"], im["height"]) for i, im in images.items() if "width" in im})
         for a in inst["annotations"]:
             image_id = a["image_id"]
             if image_id not in sizes:
@@ -134,11 +124,7 @@ def load_coco(
 
 
 def _jsonl_annotation(raw: dict, where: str) -> Annotation:
-    if (
-        not isinstance(raw, dict)
-        or not isinstance(raw.get("image"), str)
-        or not raw["image"]
-    ):
+    if not isinstance(raw, dict) or not isinstance(raw.get("image"), str) or not raw["image"]:
         raise ValueError(f"{where}: needs an 'image' file name")
     captions = raw.get("captions")
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
@@ -155,12 +141,7 @@ def _jsonl_annotation(raw: dict, where: str) -> Annotation:
             raise ValueError(
                 f"{where}: box {i} must be {{'category': str, 'bbox': [x1, y1, x2, y2]}}, got {b!r:.80}"
             ) from None
-        if (
-            len(bbox) != 4
-            or not all(-0.01 <= v <= 1.01 for v in bbox)
-            or bbox[2] < bbox[0]
-            or bbox[3] < bbox[1]
-        ):
+        if len(bbox) != 4 or not all(-0.01 <= v <= 1.01 for v in bbox) or bbox[2] < bbox[0] or bbox[3] < bbox[1]:
             raise ValueError(
                 f"{where}: box {i} {list(bbox)} is not a normalized [x1, y1, x2, y2] box (0-1, top-left then "
                 "bottom-right); divide pixel coordinates by the image width and height"

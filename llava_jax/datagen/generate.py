@@ -52,15 +52,11 @@ def parse_kinds(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise ValueError(
-            f"--kinds: unknown {bad or text!r}; choose from {','.join(KINDS)}"
-        )
+        raise ValueError(f"--kinds: unknown {bad or text!r}; choose from {','.join(KINDS)}")
     return list(dict.fromkeys(kinds))
 
 
-def pending_requests(
-    annotations: list[Annotation], kinds: list[str], done: set
-) -> list[tuple[Annotation, str]]:
+def pending_requests(annotations: list[Annotation], kinds: list[str], done: set) -> list[tuple[Annotation, str]]:
     """(annotation, kind) pairs not yet in the raw log, kind-major in input order."""
     return [(a, k) for k in kinds for a in annotations if (a.image, k) not in done]
 
@@ -146,9 +142,7 @@ async def run(
             )
 
     try:
-        await asyncio.gather(
-            *(worker() for _ in range(min(config.concurrency, max(1, len(todo)))))
-        )
+        await asyncio.gather(*(worker() for _ in range(min(config.concurrency, max(1, len(todo))))))
     finally:
         bar.close()
         if own_client:
@@ -208,12 +202,8 @@ def parse_args(argv):
         default=1.0,
         help="seconds; doubled per retry, with full jitter",
     )
-    p.add_argument(
-        "--max-tokens", type=int, default=1024, help="completion budget per request"
-    )
-    p.add_argument(
-        "--temperature", type=float, help="sampling temperature (default: the server's)"
-    )
+    p.add_argument("--max-tokens", type=int, default=1024, help="completion budget per request")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
     p.add_argument(
         "--price-input",
         type=float,
@@ -241,32 +231,20 @@ def parse_args(argv):
 
 
 def load_annotations(args) -> list[Annotation]:
-    annotations = (
-        load_jsonl(args.input)
-        if args.input
-        else load_coco(args.captions, args.instances)
-    )
+    annotations = load_jsonl(args.input) if args.input else load_coco(args.captions, args.instances)
     unique = unique_images(annotations)
     if len(unique) < len(annotations):
         log.warning(
             "%d repeated images in the input: the first record of each is used",
             len(annotations) - len(unique),
         )
-    if (
-        any(k != "conversation" for k in args.kinds)
-        and not any(a.boxes for a in unique)
-        and args.captions
-    ):
-        log.warning(
-            "no boxes in the input: detail/complex contexts will hold captions only (pass --instances)"
-        )
+    if any(k != "conversation" for k in args.kinds) and not any(a.boxes for a in unique) and args.captions:
+        log.warning("no boxes in the input: detail/complex contexts will hold captions only (pass --instances)")
     return unique[: args.limit] if args.limit is not None else unique
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     annotations = load_annotations(args)
     prompt_sets = {k: load_prompt_set(args.prompts, k) for k in args.kinds}
@@ -301,11 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if args.dry_run:
-            est = sum(
-                estimate_tokens(prompt_sets[k].messages(format_context(a, k)), None)
-                - 1024
-                for a, k in todo
-            )
+            est = sum(estimate_tokens(prompt_sets[k].messages(format_context(a, k)), None) - 1024 for a, k in todo)
             pin, pout = config.prices()
             print(
                 f"estimated prompt tokens {est} (~{est * pin / 1e6:.2f} USD) + completions up to "

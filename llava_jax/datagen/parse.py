@@ -96,20 +96,14 @@ def parse_qa(text: str) -> list[tuple[str, str]]:
     if not blocks:
         raise Rejected("no_blocks")
     if outside:
-        raise Rejected(
-            "text_outside_blocks", f"text outside the blocks: {outside[0]!r:.80}"
-        )
+        raise Rejected("text_outside_blocks", f"text outside the blocks: {outside[0]!r:.80}")
     labels = [b[0] for b in blocks]
-    if len(labels) % 2 or any(
-        lab != ("question", "answer")[i % 2] for i, lab in enumerate(labels)
-    ):
-        raise Rejected(
-            "unpaired", f"block order {'/'.join(lab[0].upper() for lab in labels)}"
-        )
+    if len(labels) % 2 or any(lab != ("question", "answer")[i % 2] for i, lab in enumerate(labels)):
+        raise Rejected("unpaired", f"block order {'/'.join(lab[0].upper() for lab in labels)}")
     turns = ["\n".join(lines).strip() for _, lines in blocks]
     for i, turn in enumerate(turns):
         check_text(turn, labels[i])
-    return list(zip(turns[0::2], turns[1::2]))
+    return list(zip(turns[0::2], turns[1::2], strict=False))
 
 
 def parse_detail(text: str) -> str:
@@ -123,9 +117,7 @@ def parse_detail(text: str) -> str:
     return text
 
 
-def parse_response(
-    kind: str, content: str, finish_reason: str | None
-) -> list[tuple[str, str]]:
+def parse_response(kind: str, content: str, finish_reason: str | None) -> list[tuple[str, str]]:
     """(question, answer) pairs for a raw response (detail: one pair with an empty question)."""
     if finish_reason == "length":
         raise Rejected("cut_off")

@@ -54,9 +54,7 @@ class PromptSet:
     @property
     def fingerprint(self) -> str:
         """sha256 (first 16 hex digits) of the system message and examples: names the prompt version in raw records."""
-        blob = json.dumps([self.system, self.examples], ensure_ascii=False).encode(
-            "utf-8"
-        )
+        blob = json.dumps([self.system, self.examples], ensure_ascii=False).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -80,9 +78,7 @@ def load_prompt_set(root: str | os.PathLike | None, kind: str) -> PromptSet:
         )
     system_path = folder / "system_message.txt"
     if not system_path.is_file():
-        raise FileNotFoundError(
-            f"{system_path} not found (each prompt folder needs a system_message.txt)"
-        )
+        raise FileNotFoundError(f"{system_path} not found (each prompt folder needs a system_message.txt)")
     found: dict[str, dict[str, pathlib.Path]] = {}
     for path in folder.iterdir():
         m = _PAIR.match(path.name)

@@ -103,9 +103,7 @@ class RawLog:
         key = (record["image"], record["kind"])
         if key in self.done:
             raise ValueError(f"{key} is already in {self.path}")
-        data = (
-            json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-        ).encode("utf-8")
+        data = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)

@@ -30,8 +30,14 @@ def answer_id(model_id: str, question_id: Any, text: str) -> str:
 
 
 def answer_record(question_id, prompt: str, text: str, model_id: str, metadata: dict | None = None) -> dict:
-    return {"question_id": question_id, "prompt": prompt, "text": text,
-            "answer_id": answer_id(model_id, question_id, text), "model_id": model_id, "metadata": metadata or {}}
+    return {
+        "question_id": question_id,
+        "prompt": prompt,
+        "text": text,
+        "answer_id": answer_id(model_id, question_id, text),
+        "model_id": model_id,
+        "metadata": metadata or {},
+    }
 
 
 def read_answers(path) -> list[dict]:

@@ -84,11 +84,13 @@ def context_text(entry: Mapping, bench: str) -> str:
 
 def review_prompt(context: str, question: str, answer1: str, answer2: str, rule: Mapping) -> str:
     role, prompt = rule["role"], rule["prompt"]
-    return (f"[Context]\n{context}\n\n"
-            f"[Question]\n{question}\n\n"
-            f"[{role} 1]\n{answer1}\n\n[End of {role} 1]\n\n"
-            f"[{role} 2]\n{answer2}\n\n[End of {role} 2]\n\n"
-            f"[System]\n{prompt}\n\n")
+    return (
+        f"[Context]\n{context}\n\n"
+        f"[Question]\n{question}\n\n"
+        f"[{role} 1]\n{answer1}\n\n[End of {role} 1]\n\n"
+        f"[{role} 2]\n{answer2}\n\n[End of {role} 2]\n\n"
+        f"[System]\n{prompt}\n\n"
+    )
 
 
 def _jsonl(path) -> list[dict]:
@@ -109,8 +111,9 @@ def detect_bench(contexts: Sequence[Mapping]) -> str:
         return "coco"
     if "caption" in first:
         return "wild"
-    raise ValueError(f"context entries have neither captions+instances (COCO) nor caption (In-the-Wild): keys "
-                     f"{sorted(first)}")
+    raise ValueError(
+        f"context entries have neither captions+instances (COCO) nor caption (In-the-Wild): keys {sorted(first)}"
+    )
 
 
 def build_jobs(questions, contexts, answers1, answers2, rules, bench: str) -> list[dict]:
@@ -128,14 +131,21 @@ def build_jobs(questions, contexts, answers1, answers2, rules, bench: str) -> li
             raise ValueError(f"question_id {q['question_id']!r}: image {q['image']!r} has no entry in the context file")
         category = q["category"] if bench == "coco" else "llava_bench_" + q["category"]
         if category not in rules:
-            raise ValueError(f"category {category!r} (question_id {q['question_id']!r}) is not in the rule file "
-                             f"(has {sorted(rules)})")
+            raise ValueError(
+                f"category {category!r} (question_id {q['question_id']!r}) is not in the rule file "
+                f"(has {sorted(rules)})"
+            )
         ans1, ans2 = a1[key], a2[key]
-        record = {"id": idx + 1, "question_id": q["question_id"],
-                  "answer1_id": ans1.get("answer_id", ans1["question_id"]),
-                  "answer2_id": ans2.get("answer_id", ans2["question_id"]), "category": category}
-        prompt = review_prompt(context_text(by_image[q["image"]], bench), q["text"], ans1["text"], ans2["text"],
-                               rules[category])
+        record = {
+            "id": idx + 1,
+            "question_id": q["question_id"],
+            "answer1_id": ans1.get("answer_id", ans1["question_id"]),
+            "answer2_id": ans2.get("answer_id", ans2["question_id"]),
+            "category": category,
+        }
+        prompt = review_prompt(
+            context_text(by_image[q["image"]], bench), q["text"], ans1["text"], ans2["text"], rules[category]
+        )
         jobs.append({"record": record, "prompt": prompt})
     return jobs
 
@@ -148,18 +158,43 @@ def judge_one(client: JudgeClient, prompt: str, *, max_tokens: int, parse_retrie
         try:
             reply = client.complete(messages, temperature=0.2, max_tokens=max_tokens, variant=variant)
         except JudgeError as err:
-            return {"content": f"JUDGE REQUEST FAILED: {err}", "tuple": FAILED_TUPLE, "failed": True,
-                    "judge_model": client.model, "judge_model_version": None}
+            return {
+                "content": f"JUDGE REQUEST FAILED: {err}",
+                "tuple": FAILED_TUPLE,
+                "failed": True,
+                "judge_model": client.model,
+                "judge_model_version": None,
+            }
         scores = parse_score(reply.content)
         if scores is not None:
-            return {"content": reply.content, "tuple": scores, "judge_model": client.model,
-                    "judge_model_version": reply.model}
-    return {"content": reply.content, "tuple": FAILED_TUPLE, "failed": True, "judge_model": client.model,
-            "judge_model_version": reply.model}
+            return {
+                "content": reply.content,
+                "tuple": scores,
+                "judge_model": client.model,
+                "judge_model_version": reply.model,
+            }
+    return {
+        "content": reply.content,
+        "tuple": FAILED_TUPLE,
+        "failed": True,
+        "judge_model": client.model,
+        "judge_model_version": reply.model,
+    }
 
 
-def review(questions, contexts, answers1, answers2, rules, output, client: JudgeClient, *, bench: str = "auto",
-           max_tokens: int = 1024, parse_retries: int = 2) -> dict:
+def review(
+    questions,
+    contexts,
+    answers1,
+    answers2,
+    rules,
+    output,
+    client: JudgeClient,
+    *,
+    bench: str = "auto",
+    max_tokens: int = 1024,
+    parse_retries: int = 2,
+) -> dict:
     """Review every question not yet in `output`; returns counts. Lines are written as reviews finish,
     and the file is rewritten in question order at the end."""
     bench = detect_bench(contexts) if bench == "auto" else bench
@@ -192,8 +227,11 @@ def review(questions, contexts, answers1, answers2, rules, output, client: Judge
 
             with ThreadPoolExecutor(client.concurrency) as pool:
                 list(pool.map(one, todo))
-    ordered = [existing[json.dumps(j["record"]["question_id"])] for j in jobs
-               if json.dumps(j["record"]["question_id"]) in existing]
+    ordered = [
+        existing[json.dumps(j["record"]["question_id"])]
+        for j in jobs
+        if json.dumps(j["record"]["question_id"]) in existing
+    ]
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered), encoding="utf-8")
     os.replace(tmp, output)
@@ -215,13 +253,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llava_jax.eval.gpt_review", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--question", required=True, help="questions JSONL (question_id, image, text, category)")
     p.add_argument("-c", "--context", required=True, help="context JSONL: COCO captions+boxes or In-the-Wild captions")
-    p.add_argument("-a", "--answer-list", nargs=2, required=True, metavar=("REFERENCE", "MODEL"),
-                   help="the reference (GPT-4) answers, then the model's")
+    p.add_argument(
+        "-a",
+        "--answer-list",
+        nargs=2,
+        required=True,
+        metavar=("REFERENCE", "MODEL"),
+        help="the reference (GPT-4) answers, then the model's",
+    )
     p.add_argument("-r", "--rule", required=True, help="rule.json (role and prompt per category)")
     p.add_argument("-o", "--output", required=True, help="reviews JSONL")
     p.add_argument("--max-tokens", type=int, default=1024, help="maximum number of tokens produced in the output")
-    p.add_argument("--bench", choices=("auto", "coco", "wild"), default="auto",
-                   help="COCO (captions + boxes, categories as is) or In-the-Wild (caption, llava_bench_ categories)")
+    p.add_argument(
+        "--bench",
+        choices=("auto", "coco", "wild"),
+        default="auto",
+        help="COCO (captions + boxes, categories as is) or In-the-Wild (caption, llava_bench_ categories)",
+    )
     g = p.add_argument_group("judge")
     g.add_argument("--judge-model", default=None, help="default: $LLAVA_JUDGE_MODEL")
     g.add_argument("--base-url", default=None, help="default: $OPENAI_BASE_URL or the OpenAI API")
@@ -237,20 +285,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cache = None if args.cache == "none" else (args.cache or args.output + ".cache.jsonl")
-    client = JudgeClient.from_env(model=args.judge_model, base_url=args.base_url, concurrency=args.concurrency,
-                                  rpm=args.rpm, retries=args.retries, timeout=args.timeout, cache_path=cache)
+    client = JudgeClient.from_env(
+        model=args.judge_model,
+        base_url=args.base_url,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        retries=args.retries,
+        timeout=args.timeout,
+        cache_path=cache,
+    )
     rules = json.loads(pathlib.Path(args.rule).read_text())
     questions = _jsonl(args.question)
     try:
-        counts = review(questions, _jsonl(args.context), _jsonl(args.answer_list[0]), _jsonl(args.answer_list[1]),
-                        rules, args.output, client, bench=args.bench, max_tokens=args.max_tokens,
-                        parse_retries=args.parse_retries)
+        counts = review(
+            questions,
+            _jsonl(args.context),
+            _jsonl(args.answer_list[0]),
+            _jsonl(args.answer_list[1]),
+            rules,
+            args.output,
+            client,
+            bench=args.bench,
+            max_tokens=args.max_tokens,
+            parse_retries=args.parse_retries,
+        )
     finally:
         client.close()
     u = client.usage
-    print(f"\nreviewed {counts['reviewed']} ({counts['failed']} failed to give scores), {counts['skipped']} already "
-          f"done; judge {client.model}: {u['requests']} requests, {u['retries']} retries, {u['cache_hits']} from cache, "
-          f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens -> {args.output}")
+    print(
+        f"\nreviewed {counts['reviewed']} ({counts['failed']} failed to give scores), {counts['skipped']} already "
+        f"done; judge {client.model}: {u['requests']} requests, {u['retries']} retries, {u['cache_hits']} from cache, "
+        f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens -> {args.output}"
+    )
     return 0
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from llava_jax.data.image import load_image
 from llava_jax.data.conversation_tokens import tokenize_prompt
+from llava_jax.data.image import load_image
 from llava_jax.inference import generate
 from llava_jax.paths import Path, as_path
 
@@ -21,9 +21,18 @@ def _norm(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
-def qa_accuracy(model, json_path: str | Path, *, tokenizer, template: str, image_folder: str | None = None,
-                max_examples: int = 200, batch_size: int = 32, max_new_tokens: int = 8,
-                aspect_ratio: str = "square") -> dict[str, Any]:
+def qa_accuracy(
+    model,
+    json_path: str | Path,
+    *,
+    tokenizer,
+    template: str,
+    image_folder: str | None = None,
+    max_examples: int = 200,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    aspect_ratio: str = "square",
+) -> dict[str, Any]:
     """Exact-match accuracy overall and per `category`; `chance` from the records' `choices`."""
     json_path = as_path(json_path)
     folder = as_path(image_folder) if image_folder else json_path.parent
@@ -35,17 +44,26 @@ def qa_accuracy(model, json_path: str | Path, *, tokenizer, template: str, image
     chance = []
     examples = []
     for start in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", leave=False):
-        chunk = records[start:start + batch_size]
-        prompts = [tokenize_prompt([r["conversations"][0]["value"]], template, tokenizer, cfg.num_image_tokens)
-                   for r in chunk]
-        images = np.stack([
-            load_image(str(folder / r["image"]), cfg.vision.image_size, aspect_ratio, record_id=r.get("id"))
-            if r.get("image") else np.zeros((cfg.vision.image_size,) * 2 + (3,), np.uint8)
-            for r in chunk
-        ])[:, None]
-        outs = generate(model, [p.tolist() for p in prompts], images, max_new_tokens=max_new_tokens,
-                        eos_ids=(tokenizer.eos_token_id,))
-        for r, out in zip(chunk, outs):
+        chunk = records[start : start + batch_size]
+        prompts = [
+            tokenize_prompt([r["conversations"][0]["value"]], template, tokenizer, cfg.num_image_tokens) for r in chunk
+        ]
+        images = np.stack(
+            [
+                load_image(str(folder / r["image"]), cfg.vision.image_size, aspect_ratio, record_id=r.get("id"))
+                if r.get("image")
+                else np.zeros((cfg.vision.image_size,) * 2 + (3,), np.uint8)
+                for r in chunk
+            ]
+        )[:, None]
+        outs = generate(
+            model,
+            [p.tolist() for p in prompts],
+            images,
+            max_new_tokens=max_new_tokens,
+            eos_ids=(tokenizer.eos_token_id,),
+        )
+        for r, out in zip(chunk, outs, strict=True):
             text = tokenizer.decode(out, skip_special_tokens=True)
             ok = _norm(text) == _norm(r["answer"])
             hits[r.get("category", "all")].append(ok)

@@ -83,9 +83,21 @@ class JudgeClient:
     cache_path: JSONL reply cache (None = no cache).
     """
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, concurrency: int = 8,
-                 rpm: float | None = None, retries: int = 6, timeout: float = 120.0, backoff: float = 1.0,
-                 max_backoff: float = 60.0, cache_path=None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 8,
+        rpm: float | None = None,
+        retries: int = 6,
+        timeout: float = 120.0,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        cache_path=None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
         self.base_url = base_url.rstrip("/")
@@ -93,8 +105,7 @@ class JudgeClient:
         self.concurrency, self.retries, self.backoff, self.max_backoff = concurrency, retries, backoff, max_backoff
         self.sleep = sleep
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(timeout=timeout, headers=headers,
-                                 limits=httpx.Limits(max_connections=concurrency))
+        self.http = httpx.Client(timeout=timeout, headers=headers, limits=httpx.Limits(max_connections=concurrency))
         self.rate = _RateLimit(rpm, sleep=sleep)
         self.lock = threading.Lock()
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0, "cache_hits": 0}
@@ -113,8 +124,12 @@ class JudgeClient:
         model = model or os.environ.get("LLAVA_JUDGE_MODEL")
         if not model:
             raise ValueError("no judge model: pass --judge-model or set LLAVA_JUDGE_MODEL")
-        return cls(base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL, model,
-                   os.environ.get("OPENAI_API_KEY"), **kwargs)
+        return cls(
+            base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+            model,
+            os.environ.get("OPENAI_API_KEY"),
+            **kwargs,
+        )
 
     # ----------------------------------------------------------------------------------------
     def request_body(self, messages: Sequence[dict], *, temperature: float, max_tokens: int) -> dict:
@@ -124,8 +139,9 @@ class JudgeClient:
     def cache_key(body: dict, variant: int = 0) -> str:
         return hashlib.sha256(json.dumps([body, variant], sort_keys=True).encode()).hexdigest()
 
-    def complete(self, messages: Sequence[dict], *, temperature: float = 0.2, max_tokens: int = 1024,
-                 variant: int = 0) -> Reply:
+    def complete(
+        self, messages: Sequence[dict], *, temperature: float = 0.2, max_tokens: int = 1024, variant: int = 0
+    ) -> Reply:
         """One chat completion (cached). `variant` > 0 asks again for an otherwise identical request."""
         body = self.request_body(messages, temperature=temperature, max_tokens=max_tokens)
         key = self.cache_key(body, variant)
@@ -144,8 +160,9 @@ class JudgeClient:
                     f.write(json.dumps({"key": key, "reply": entry}) + "\n")
         return reply
 
-    def complete_many(self, requests: Sequence[dict], on_done: Callable[[int, Reply | Exception], None] | None = None
-                      ) -> list[Reply | Exception]:
+    def complete_many(
+        self, requests: Sequence[dict], on_done: Callable[[int, Reply | Exception], None] | None = None
+    ) -> list[Reply | Exception]:
         """Run `complete(**request)` for each request concurrently. Returns replies in request order; a
         request that failed for good gives its exception in its place. `on_done(i, result)` is called
         as each finishes (from worker threads)."""
@@ -196,8 +213,13 @@ class JudgeClient:
         except (ValueError, KeyError, IndexError, TypeError):
             raise JudgeError(f"judge reply is not a chat completion: {response.text[:300]}") from None
         usage = data.get("usage") or {}
-        reply = Reply(content or "", data.get("model") or self.model, data.get("system_fingerprint"),
-                      int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        reply = Reply(
+            content or "",
+            data.get("model") or self.model,
+            data.get("system_fingerprint"),
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+        )
         with self.lock:
             self.usage["requests"] += 1
             self.usage["prompt_tokens"] += reply.prompt_tokens

@@ -75,8 +75,18 @@ class Answerer:
     the file (to fix the prompt width); any_image: whether any question has an image.
     """
 
-    def __init__(self, chat, *, batch_size: int, max_new_tokens: int, sampling, seed: int = 0,
-                 prompt_lengths: Sequence[int] = (), any_image: bool = True, devices=None):
+    def __init__(
+        self,
+        chat,
+        *,
+        batch_size: int,
+        max_new_tokens: int,
+        sampling,
+        seed: int = 0,
+        prompt_lengths: Sequence[int] = (),
+        any_image: bool = True,
+        devices=None,
+    ):
         import jax
         from flax import nnx
 
@@ -88,8 +98,13 @@ class Answerer:
         context = chat.context_length
         self.max_new_tokens = max(1, min(max_new_tokens, context - self.width))
         if self.max_new_tokens < max_new_tokens:
-            log.warning("max_new_tokens %d -> %d: the longest prompt of the file has %d tokens and the context is %d",
-                        max_new_tokens, self.max_new_tokens, self.width, context)
+            log.warning(
+                "max_new_tokens %d -> %d: the longest prompt of the file has %d tokens and the context is %d",
+                max_new_tokens,
+                self.max_new_tokens,
+                self.width,
+                context,
+            )
         self.any_image = any_image
         self.place = None
         if len(devices) > 1:
@@ -128,9 +143,19 @@ class Answerer:
                     hits.append(b)
             return hits
 
-        out = generate(self.chat.model, [p.tolist() for p in prompts], pixels, max_new_tokens=self.max_new_tokens,
-                       sampling=self.sampling, eos_ids=self.chat.eos_ids, seed=self.seed, stream=stream,
-                       min_prompt_length=self.width, rows=self.rows, place=self.place)
+        out = generate(
+            self.chat.model,
+            [p.tolist() for p in prompts],
+            pixels,
+            max_new_tokens=self.max_new_tokens,
+            sampling=self.sampling,
+            eos_ids=self.chat.eos_ids,
+            seed=self.seed,
+            stream=stream,
+            min_prompt_length=self.width,
+            rows=self.rows,
+            place=self.place,
+        )
         texts = []
         for ids in out:
             text = tok.decode(ids, skip_special_tokens=True)
@@ -173,13 +198,22 @@ def run(args) -> dict:
     done = {json.dumps(r["question_id"]) for f in files for r in read_answers(f)}
     todo = [q for q in own if json.dumps(q.question_id) not in done]
     if process == 0:
-        print(f"{len(questions)} questions, {len(done)} already answered; this process: {len(todo)} of {len(own)} "
-              f"(process {process} of {count})", flush=True)
+        print(
+            f"{len(questions)} questions, {len(done)} already answered; this process: {len(todo)} of {len(own)} "
+            f"(process {process} of {count})",
+            flush=True,
+        )
 
-    answerer = Answerer(chat, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                        sampling=Sampling(args.temperature, args.top_p), seed=args.seed,
-                        prompt_lengths=[len(p) for p in prompts.values()],
-                        any_image=any(q.image for q in questions), devices=_devices(args.devices))
+    answerer = Answerer(
+        chat,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        sampling=Sampling(args.temperature, args.top_p),
+        seed=args.seed,
+        prompt_lengths=[len(p) for p in prompts.values()],
+        any_image=any(q.image for q in questions),
+        devices=_devices(args.devices),
+    )
     out_file = answers_file if count == 1 else part_path(answers_file, process, count)
     counts = {"answered": 0, "errors": 0, "skipped": len(own) - len(todo)}
     from tqdm import tqdm
@@ -188,25 +222,27 @@ def run(args) -> dict:
     start = time.perf_counter()
     with AnswerWriter(out_file) as writer:
         for lo in range(0, len(todo), args.batch_size):
-            batch = todo[lo:lo + args.batch_size]
+            batch = todo[lo : lo + args.batch_size]
             records, ready = {}, []
             for q in batch:
                 if q.question_id in errors:
-                    records[q.question_id] = answer_record(q.question_id, q.prompt, "", model_id,
-                                                           {"error": errors[q.question_id]})
+                    records[q.question_id] = answer_record(
+                        q.question_id, q.prompt, "", model_id, {"error": errors[q.question_id]}
+                    )
                     continue
                 image = None
                 if q.image is not None:
                     try:
                         image = chat.load_image(str(pathlib.Path(args.image_folder) / q.image))
                     except (BadSample, OSError) as err:
-                        records[q.question_id] = answer_record(q.question_id, q.prompt, "", model_id,
-                                                               {"error": f"image {q.image!r}: {err}"})
+                        records[q.question_id] = answer_record(
+                            q.question_id, q.prompt, "", model_id, {"error": f"image {q.image!r}: {err}"}
+                        )
                         continue
                 ready.append((q, image))
             if ready:
                 texts = answerer.generate([prompts[q.question_id] for q, _ in ready], [img for _, img in ready])
-                for (q, _), text in zip(ready, texts):
+                for (q, _), text in zip(ready, texts, strict=True):
                     records[q.question_id] = answer_record(q.question_id, q.prompt, text, model_id)
             writer.write(records[q.question_id] for q in batch)
             counts["answered"] += len(ready)
@@ -222,9 +258,12 @@ def run(args) -> dict:
     if process == 0:
         merge(answers_file, questions, count)
         all_errors = sum(1 for r in read_answers(answers_file) if r.get("metadata", {}).get("error"))
-        print(f"answered {counts['answered']} questions ({counts['questions_per_s']:.2f} questions/s), "
-              f"{counts['errors']} recorded as errors this run ({all_errors} in the file), "
-              f"{counts['skipped']} already done -> {answers_file}", flush=True)
+        print(
+            f"answered {counts['answered']} questions ({counts['questions_per_s']:.2f} questions/s), "
+            f"{counts['errors']} recorded as errors this run ({all_errors} in the file), "
+            f"{counts['skipped']} already done -> {answers_file}",
+            flush=True,
+        )
     if count > 1:
         from jax.experimental import multihost_utils
 
@@ -260,8 +299,9 @@ def _devices(n: int | None):
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llava_jax.eval.model_vqa", description=__doc__.split("\n")[0])
     p.add_argument("--model-path", required=True, help="run directory, stage directory or llava-hf directory")
-    p.add_argument("--model-base", default=None, help="accepted for compatibility; not used (the model path "
-                   "holds the whole model)")
+    p.add_argument(
+        "--model-base", default=None, help="accepted for compatibility; not used (the model path holds the whole model)"
+    )
     p.add_argument("--question-file", required=True)
     p.add_argument("--image-folder", default="")
     p.add_argument("--answers-file", required=True)

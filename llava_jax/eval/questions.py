@@ -50,16 +50,19 @@ def _jsonl(path: pathlib.Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}); a question file has one JSON object per "
-                             "line (use --science for the ScienceQA JSON list)") from None
+            raise ValueError(
+                f"{path}:{n}: not valid JSON ({err.msg}); a question file has one JSON object per "
+                "line (use --science for the ScienceQA JSON list)"
+            ) from None
     return rows
 
 
 def _from_vqa(row: dict, where: str, single_pred_prompt: bool) -> Question:
     for key in ("question_id", "text"):
         if key not in row:
-            raise ValueError(f"{where}: question has no {key!r} (keys: {sorted(row)}); expected question_id, "
-                             "image, text")
+            raise ValueError(
+                f"{where}: question has no {key!r} (keys: {sorted(row)}); expected question_id, image, text"
+            )
     text = row["text"]
     if single_pred_prompt:
         text = text + "\n" + SINGLE_PRED_PROMPT
@@ -71,8 +74,10 @@ def _from_science(row: dict, where: str, single_pred_prompt: bool) -> Question:
         first = row["conversations"][0]["value"]
         qid = row["id"]
     except (KeyError, IndexError, TypeError):
-        raise ValueError(f"{where}: not a LLaVA record with id and conversations[0].value (keys: "
-                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__})") from None
+        raise ValueError(
+            f"{where}: not a LLaVA record with id and conversations[0].value (keys: "
+            f"{sorted(row) if isinstance(row, dict) else type(row).__name__})"
+        ) from None
     text = first.replace(IMAGE_PLACEHOLDER, "").strip()
     image = row.get("image") if "image" in row else None
     prompt = (IMAGE_PLACEHOLDER + "\n" + text) if image else text
@@ -93,8 +98,10 @@ def read_questions(path, *, science: bool = False, single_pred_prompt: bool = Fa
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not a JSON list ({err.msg}); --science expects the converted ScienceQA "
-                             "JSON (python -m llava_jax.data.scienceqa)") from None
+            raise ValueError(
+                f"{path}: not a JSON list ({err.msg}); --science expects the converted ScienceQA "
+                "JSON (python -m llava_jax.data.scienceqa)"
+            ) from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: --science expects a JSON list of records, got {type(rows).__name__}")
         questions = [_from_science(r, f"{path}[{i}]", single_pred_prompt) for i, r in enumerate(rows)]
@@ -103,7 +110,9 @@ def read_questions(path, *, science: bool = False, single_pred_prompt: bool = Fa
     seen: set = set()
     for q in questions:
         if q.question_id in seen:
-            raise ValueError(f"{path}: question_id {q.question_id!r} appears more than once; ids must be unique "
-                             "(answers are matched by id)")
+            raise ValueError(
+                f"{path}: question_id {q.question_id!r} appears more than once; ids must be unique "
+                "(answers are matched by id)"
+            )
         seen.add(q.question_id)
     return questions

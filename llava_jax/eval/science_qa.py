@@ -57,8 +57,9 @@ def parse_answer(text: str, options: Sequence[str] = OPTIONS) -> str:
     return found[0] if len(found) == 1 else FAILED
 
 
-def choice_index(letter: str, num_choices: int, options: Sequence[str] = OPTIONS, rng: random.Random | None = None
-                 ) -> int:
+def choice_index(
+    letter: str, num_choices: int, options: Sequence[str] = OPTIONS, rng: random.Random | None = None
+) -> int:
     """Letter -> choice index; a letter that is not among the problem's choices gives -1, or with `rng`
     a random choice (the paper-era fallback)."""
     if letter in options[:num_choices]:
@@ -100,8 +101,9 @@ def load_split(base_dir, split: str) -> dict[str, dict]:
     base = pathlib.Path(base_dir)
     for name in ("problems.json", "pid_splits.json"):
         if not (base / name).exists():
-            raise FileNotFoundError(f"{base / name} not found: --base-dir must hold ScienceQA's problems.json and "
-                                    "pid_splits.json")
+            raise FileNotFoundError(
+                f"{base / name} not found: --base-dir must hold ScienceQA's problems.json and pid_splits.json"
+            )
     splits = json.loads((base / "pid_splits.json").read_text())
     if split not in splits:
         raise ValueError(f"split {split!r} is not in {base / 'pid_splits.json'} (has {sorted(splits)})")
@@ -125,8 +127,14 @@ def read_predictions(path) -> dict[str, dict]:
     return out
 
 
-def score(split_problems: Mapping[str, Mapping], predictions: Mapping[str, Mapping], *,
-          failed: str = "wrong", seed: int = 0, options: Sequence[str] = OPTIONS) -> tuple[dict, dict, dict]:
+def score(
+    split_problems: Mapping[str, Mapping],
+    predictions: Mapping[str, Mapping],
+    *,
+    failed: str = "wrong",
+    seed: int = 0,
+    options: Sequence[str] = OPTIONS,
+) -> tuple[dict, dict, dict]:
     """Score predictions against the split's problems.
 
     Returns (output_file, output_result, table) as the module docstring describes.
@@ -140,8 +148,14 @@ def score(split_problems: Mapping[str, Mapping], predictions: Mapping[str, Mappi
         text = pred["text"]
         letter = parse_answer(text, options)
         index = choice_index(letter, len(prob["choices"]), options, rng)
-        analysis = {"question_id": pid, "parsed_ans": letter, "ground_truth": options[prob["answer"]],
-                    "question": pred["prompt"], "pred": text, "is_multimodal": "<image>" in pred["prompt"]}
+        analysis = {
+            "question_id": pid,
+            "parsed_ans": letter,
+            "ground_truth": options[prob["answer"]],
+            "question": pred["prompt"],
+            "pred": text,
+            "is_multimodal": "<image>" in pred["prompt"],
+        }
         sqa["results"][pid] = index
         sqa["outputs"][pid] = text
         correct[pid] = index == prob["answer"]
@@ -179,10 +193,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--result-file", required=True, help="answers JSONL")
     p.add_argument("--output-file", required=True, help="per-question analysis (correct / incorrect lists)")
     p.add_argument("--output-result", required=True, help="acc, correct, count, results, outputs")
-    p.add_argument("--output-table", default=None, help="the paper's table as JSON (default: <output-result>_table.json)")
+    p.add_argument(
+        "--output-table", default=None, help="the paper's table as JSON (default: <output-result>_table.json)"
+    )
     p.add_argument("--split", default="test")
-    p.add_argument("--failed", choices=("wrong", "random"), default="wrong",
-                   help="unparsed answers: wrong (default) or a seeded random choice (paper-era behaviour)")
+    p.add_argument(
+        "--failed",
+        choices=("wrong", "random"),
+        default="wrong",
+        help="unparsed answers: wrong (default) or a seeded random choice (paper-era behaviour)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --failed random")
     return p.parse_args(argv)
 

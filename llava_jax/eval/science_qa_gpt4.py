@@ -50,14 +50,15 @@ REQUERY_TEMPLATE = (
     "Answer 1:\n{first}\n\n"
     "Answer 2:\n{second}\n\n"
     "Weigh the question and both answers, then give your own final answer. "
-    "End with \"The answer is X.\" where X is the letter of the option you choose."
+    'End with "The answer is X." where X is the letter of the option you choose.'
 )
 
 
 def requery_prompt(question: str, gpt4_text: str, our_text: str) -> str:
     """The re-query message: the question (without the image marker), GPT-4's answer, then LLaVA's."""
-    return REQUERY_TEMPLATE.format(question=question.replace("<image>\n", "").replace("<image>", "").strip(),
-                                   first=gpt4_text, second=our_text)
+    return REQUERY_TEMPLATE.format(
+        question=question.replace("<image>\n", "").replace("<image>", "").strip(), first=gpt4_text, second=our_text
+    )
 
 
 def disagreements(split: Mapping[str, Mapping], ours: Mapping[str, Mapping], gpt4: Mapping[str, str]) -> list[str]:
@@ -71,13 +72,31 @@ def disagreements(split: Mapping[str, Mapping], ours: Mapping[str, Mapping], gpt
     return out
 
 
-def ensemble(split: Mapping[str, Mapping], ours: Mapping[str, Mapping], gpt4: Mapping[str, str], mode: str,
-             requery: Mapping[str, Mapping] | None = None, *, failed: str = "wrong", seed: int = 0
-             ) -> tuple[dict, dict, dict]:
+def ensemble(
+    split: Mapping[str, Mapping],
+    ours: Mapping[str, Mapping],
+    gpt4: Mapping[str, str],
+    mode: str,
+    requery: Mapping[str, Mapping] | None = None,
+    *,
+    failed: str = "wrong",
+    seed: int = 0,
+) -> tuple[dict, dict, dict]:
     """Returns (counts, output_result, table) for `mode` ``complement`` or ``judge``."""
     rng = random.Random(seed) if failed == "random" else None
-    counts = dict.fromkeys(("total", "our_correct", "gpt4_correct", "gpt4_failed", "requeried", "requery_failed",
-                            "correct", "correct_upperbound"), 0)
+    counts = dict.fromkeys(
+        (
+            "total",
+            "our_correct",
+            "gpt4_correct",
+            "gpt4_failed",
+            "requeried",
+            "requery_failed",
+            "correct",
+            "correct_upperbound",
+        ),
+        0,
+    )
     result = {"acc": None, "correct": None, "count": None, "results": {}, "outputs": {}}
     correct = {}
     for pid, prob in split.items():
@@ -119,16 +138,28 @@ def run_requeries(split, ours, gpt4, path, client, *, max_tokens: int) -> dict[s
     path = pathlib.Path(path)
     done = read_predictions(path) if path.exists() else {}
     todo = [pid for pid in disagreements(split, ours, gpt4) if pid not in done]
-    prompts = [requery_prompt(ours[pid]["prompt"] if pid in ours else split[pid].get("question", ""),
-                              gpt4.get(pid, FAILED), ours[pid]["text"] if pid in ours else FAILED) for pid in todo]
-    replies = client.complete_many([{"messages": [{"role": "user", "content": p}], "temperature": 0.2,
-                                     "max_tokens": max_tokens} for p in prompts])
+    prompts = [
+        requery_prompt(
+            ours[pid]["prompt"] if pid in ours else split[pid].get("question", ""),
+            gpt4.get(pid, FAILED),
+            ours[pid]["text"] if pid in ours else FAILED,
+        )
+        for pid in todo
+    ]
+    replies = client.complete_many(
+        [{"messages": [{"role": "user", "content": p}], "temperature": 0.2, "max_tokens": max_tokens} for p in prompts]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for pid, prompt, reply in zip(todo, prompts, replies):
+        for pid, prompt, reply in zip(todo, prompts, replies, strict=True):
             ok = not isinstance(reply, Exception)
-            rec = {"question_id": pid, "prompt": prompt, "text": reply.content if ok else f"{FAILED}: {reply}",
-                   "judge_model": client.model, "judge_model_version": reply.model if ok else None}
+            rec = {
+                "question_id": pid,
+                "prompt": prompt,
+                "text": reply.content if ok else f"{FAILED}: {reply}",
+                "judge_model": client.model,
+                "judge_model_version": reply.model if ok else None,
+            }
             f.write(json.dumps(rec) + "\n")
             done[pid] = rec
     return done
@@ -140,9 +171,14 @@ def report(counts: Mapping[str, int], mode: str) -> str:
     def line(name, k):
         return f"Total: {counts['total']}, {name}: {counts[k]}, Accuracy: {100.0 * counts[k] / total:.2f}%"
 
-    lines = [line("Our-Correct", "our_correct"), line("GPT-4-Correct", "gpt4_correct"),
-             (f"Total: {counts['total']}, GPT-4 NO-ANS: {counts['gpt4_failed']}, "
-             f"Percentage: {100.0 * counts['gpt4_failed'] / total:.2f}%")]
+    lines = [
+        line("Our-Correct", "our_correct"),
+        line("GPT-4-Correct", "gpt4_correct"),
+        (
+            f"Total: {counts['total']}, GPT-4 NO-ANS: {counts['gpt4_failed']}, "
+            f"Percentage: {100.0 * counts['gpt4_failed'] / total:.2f}%"
+        ),
+    ]
     if mode == "judge":
         lines.append(f"Re-queried: {counts['requeried']} ({counts['requery_failed']} without a parsable answer)")
     lines += [line(f"Ensemble ({mode})-Correct", "correct"), line("Correct upper", "correct_upperbound")]
@@ -187,9 +223,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "judge":
         from llava_jax.eval.judge_client import JudgeClient
 
-        client = JudgeClient.from_env(model=args.judge_model, base_url=args.base_url, concurrency=args.concurrency,
-                                      rpm=args.rpm, retries=args.retries, timeout=args.timeout,
-                                      cache_path=args.cache or args.requery_result + ".cache.jsonl")
+        client = JudgeClient.from_env(
+            model=args.judge_model,
+            base_url=args.base_url,
+            concurrency=args.concurrency,
+            rpm=args.rpm,
+            retries=args.retries,
+            timeout=args.timeout,
+            cache_path=args.cache or args.requery_result + ".cache.jsonl",
+        )
         try:
             requery = run_requeries(split, ours, gpt4, args.requery_result, client, max_tokens=args.max_tokens)
         finally:

@@ -55,8 +55,11 @@ def review_files(args) -> list[str]:
         return list(args.files)
     if not args.dir:
         raise SystemExit("error: give review files with -f, or a folder with -d")
-    return [x for x in os.listdir(args.dir) if x.endswith(".jsonl") and (
-        x.startswith(("gpt4_text", "reviews_", "review_")) or "review" in args.dir)]
+    return [
+        x
+        for x in os.listdir(args.dir)
+        if x.endswith(".jsonl") and (x.startswith(("gpt4_text", "reviews_", "review_")) or "review" in args.dir)
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

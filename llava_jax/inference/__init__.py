@@ -7,5 +7,14 @@ from llava_jax.checkpoint.stage_dir import Loaded, load_model
 from llava_jax.inference.generate import Chunk, generate, stream_generate
 from llava_jax.inference.sampling import GREEDY, Sampling, filter_logits, sample_tokens
 
-__all__ = ["GREEDY", "Chunk", "Loaded", "Sampling", "filter_logits", "generate", "load_model", "sample_tokens",
-           "stream_generate"]
+__all__ = [
+    "GREEDY",
+    "Chunk",
+    "Loaded",
+    "Sampling",
+    "filter_logits",
+    "generate",
+    "load_model",
+    "sample_tokens",
+    "stream_generate",
+]

@@ -17,7 +17,7 @@ before it is all that is released.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
 
@@ -45,22 +45,22 @@ class IncrementalDecoder:
         self.ids.extend(int(t) for t in ids)
         if len(self.ids) == self._read:
             return ""
-        shown = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
+        shown = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
         if len(text) <= len(shown) or text.endswith(REPLACEMENT):
             return ""
         self._prefix = max(self._prefix, self._read - self.context)
         self._read = len(self.ids)
-        return text[len(shown):]
+        return text[len(shown) :]
 
     def flush(self) -> str:
         """The text still held back (an unfinished character at the very end is emitted as U+FFFD)."""
         if len(self.ids) == self._read:
             return ""
-        shown = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
+        shown = self._decode(self.ids[self._prefix : self._read])
+        text = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return text[len(shown):]
+        return text[len(shown) :]
 
 
 class StopMatcher:
@@ -83,15 +83,15 @@ class StopMatcher:
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if cuts:
             self.stopped, self._held = True, ""
-            return text[:min(cuts)]
+            return text[: min(cuts)]
         keep = 0  # longest tail of `text` that is a proper prefix of a stop string
         for s in self.stops:
             for n in range(min(len(s) - 1, len(text)), keep, -1):
                 if text.endswith(s[:n]):
                     keep = n
                     break
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
 
     def flush(self) -> str:
         held, self._held = ("" if self.stopped else self._held), ""

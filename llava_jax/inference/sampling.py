@@ -36,7 +36,7 @@ class Sampling:
             raise ValueError(f"top_k={self.top_k} must be an integer >= 1, or None to disable it")
 
     @property
-    def mode(self) -> "SamplingMode":
+    def mode(self) -> SamplingMode:
         """Static part: what the compiled program does."""
         if self.temperature == 0.0:
             return SamplingMode(greedy=True, top_k=False, top_p=False)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 import urllib.error
 import urllib.request
-from typing import Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from llava_jax.inference.sampling import Sampling
 MAX_URL_BYTES = 20 * 2**20  # largest image the CLI downloads
 URL_TIMEOUT_S = 30.0
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
+DEFAULT_SAMPLING = Sampling(0.2)  # the original CLI's temperature
 
 
 class ContextFull(ValueError):
@@ -44,8 +46,9 @@ def fetch_image(source: str, *, max_bytes: int = MAX_URL_BYTES, timeout: float =
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 declared = response.headers.get("Content-Length")
                 if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                    raise ValueError(f"image at {source} is {int(declared)} bytes, more than the {max_bytes}-byte "
-                                     "limit")
+                    raise ValueError(
+                        f"image at {source} is {int(declared)} bytes, more than the {max_bytes}-byte limit"
+                    )
                 data = response.read(max_bytes + 1)
         except urllib.error.URLError as e:
             raise ValueError(f"cannot download the image {source}: {getattr(e, 'reason', e)}") from None
@@ -77,11 +80,21 @@ class ChatSession:
       chunk_size: tokens per device call (1 = every token is shown as soon as it exists).
     """
 
-    def __init__(self, chat: ChatModel, image: np.ndarray | None = None, *, sampling: Sampling = Sampling(0.2),
-                 max_new_tokens: int = 512, seed: int = 0, chunk_size: int = 1):
+    def __init__(
+        self,
+        chat: ChatModel,
+        image: np.ndarray | None = None,
+        *,
+        sampling: Sampling = DEFAULT_SAMPLING,
+        max_new_tokens: int = 512,
+        seed: int = 0,
+        chunk_size: int = 1,
+    ):
         if chat.template.style == PLAIN:
-            raise ValueError(f"template {chat.template.name!r} is the stage-1 captioning format and holds no "
-                             "conversation; pick a chat template (e.g. --template v1)")
+            raise ValueError(
+                f"template {chat.template.name!r} is the stage-1 captioning format and holds no "
+                "conversation; pick a chat template (e.g. --template v1)"
+            )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         self.chat = chat
@@ -115,7 +128,8 @@ class ChatSession:
             raise ContextFull(
                 f"the message makes a {len(ids)}-token prompt"
                 f"{' with the image' if self.image is not None else ''}, but the model's context is {context} "
-                "tokens; send a shorter message")
+                "tokens; send a shorter message"
+            )
         return ids, min(self.max_new_tokens, room), dropped
 
     def reply(self, message: str) -> Iterator[str]:
@@ -130,8 +144,16 @@ class ChatSession:
         images = None if self.image is None else self.image[None, None]
         decoder = IncrementalDecoder(self.chat.tokenizer)
         stops = StopMatcher(self.chat.stop_strings())
-        gen = stream_generate(self.chat.model, [ids.tolist()], images, max_new_tokens=budget, sampling=self.sampling,
-                              eos_ids=self.chat.eos_ids, seed=self.seed + self.turns, chunk_size=self.chunk_size)
+        gen = stream_generate(
+            self.chat.model,
+            [ids.tolist()],
+            images,
+            max_new_tokens=budget,
+            sampling=self.sampling,
+            eos_ids=self.chat.eos_ids,
+            seed=self.seed + self.turns,
+            chunk_size=self.chunk_size,
+        )
         text, self.finish = "", "interrupted"
         try:
             for chunk in gen:
@@ -151,7 +173,7 @@ class ChatSession:
         finally:
             gen.close()
             self.turns += 1
-            self.messages = self.messages[2 * dropped:] + [message, text.strip()]
+            self.messages = self.messages[2 * dropped :] + [message, text.strip()]
 
 
 def run_terminal(session: ChatSession, *, read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
@@ -186,8 +208,10 @@ def run_terminal(session: ChatSession, *, read: Callable[[str], str] = input, ou
         print(file=out, flush=True)
         notes = []
         if session.dropped_turns:
-            notes.append(f"dropped the {session.dropped_turns} oldest turn(s) to fit the "
-                         f"{session.chat.context_length}-token context")
+            notes.append(
+                f"dropped the {session.dropped_turns} oldest turn(s) to fit the "
+                f"{session.chat.context_length}-token context"
+            )
         if session.finish == "length":
             notes.append("reply cut at the token limit")
         if notes:

@@ -243,7 +243,9 @@ $("prompt").addEventListener("keydown", (e) => {
 
 def render_page(model_name: str, *, max_tokens: int = 1024, default_tokens: int = 512) -> str:
     """The chat page for a server that serves `model_name`."""
-    return (PAGE.replace("__MODEL_JSON__", json.dumps(model_name).replace("<", "\\u003c"))
-            .replace("__MODEL__", html.escape(model_name))
-            .replace("__MAX_TOKENS__", str(int(max_tokens)))
-            .replace("__DEFAULT_TOKENS__", str(int(min(default_tokens, max_tokens)))))
+    return (
+        PAGE.replace("__MODEL_JSON__", json.dumps(model_name).replace("<", "\\u003c"))
+        .replace("__MODEL__", html.escape(model_name))
+        .replace("__MAX_TOKENS__", str(int(max_tokens)))
+        .replace("__DEFAULT_TOKENS__", str(int(min(default_tokens, max_tokens))))
+    )

@@ -9,7 +9,19 @@ from llava_jax.models.presets import PRESETS, get_preset
 from llava_jax.models.projector import Projector
 
 __all__ = [
-    "IMAGE_TOKEN_ID", "PAD_TOKEN_ID", "PRESETS", "ClipVisionTower", "KVCache", "Llama", "LlamaConfig",
-    "Llava", "LlavaConfig", "Projector", "VisionConfig", "attend", "get_preset", "make_mask",
+    "IMAGE_TOKEN_ID",
+    "PAD_TOKEN_ID",
+    "PRESETS",
+    "ClipVisionTower",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "Llava",
+    "LlavaConfig",
+    "Projector",
+    "VisionConfig",
+    "attend",
+    "get_preset",
+    "make_mask",
     "merge_image_features",
 ]

@@ -51,9 +51,7 @@ def make_mask(
     return same & (kv_slot <= q_slot)[None]
 
 
-def choose(
-    implementation: str, q: jax.Array, k: jax.Array, *, masked: bool, backend: str | None = None
-) -> str:
+def choose(implementation: str, q: jax.Array, k: jax.Array, *, masked: bool, backend: str | None = None) -> str:
     """The kernel `attend` runs: `implementation` itself, or for `auto` a decision from static facts
     only (platform, dtype, shapes, and whether a mask beyond causality is given)."""
     if implementation not in IMPLEMENTATIONS:

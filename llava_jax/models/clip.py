@@ -20,9 +20,14 @@ from llava_jax.parallel.rules import constrain
 
 def _dense(cfg: VisionConfig, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
-        din, dout, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        din,
+        dout,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
         kernel_init=nnx.initializers.normal(0.02),
-        kernel_metadata={"axes": axes}, bias_metadata={"axes": (axes[1],)},
+        kernel_metadata={"axes": axes},
+        bias_metadata={"axes": (axes[1],)},
     )
 
 
@@ -64,8 +69,15 @@ class ClipVisionTower(nnx.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         self.patch_embedding = nnx.Conv(
-            3, d, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=False,
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+            3,
+            d,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
             kernel_init=nnx.initializers.normal(0.02),
             kernel_metadata={"axes": (None, None, None, "embed")},
         )
@@ -97,6 +109,7 @@ class ClipVisionTower(nnx.Module):
 
     def hidden_states(self, pixels: jax.Array, num_layers: int | None = None) -> list[jax.Array]:
         """All hidden states up to block `num_layers` (default all): list of num_layers + 1 [B, P+1, D]."""
+
         def body(blk, c, _):
             y = blk(c)
             return y, y
@@ -109,6 +122,7 @@ class ClipVisionTower(nnx.Module):
         """LLaVA features: hidden_states[select_layer] with `select_feature` applied. [B, P(+1), D]."""
         cfg = self.cfg
         x = self.embed(pixels)
+
         def body(blk, c, _):
             return constrain(blk(c), ("batch", "length", "act_embed")), None
 

@@ -125,7 +125,7 @@ class LlavaConfig:
     def num_image_tokens(self) -> int:
         return self.vision.num_image_tokens
 
-    def with_runtime(self, **kw) -> "LlavaConfig":
+    def with_runtime(self, **kw) -> LlavaConfig:
         """Set runtime fields (dtype, param_dtype, attention, remat) on both towers."""
         allowed = {"dtype", "param_dtype", "attention", "remat"}
         if bad := set(kw) - allowed:
@@ -166,8 +166,11 @@ def config_to_dict(cfg: LlavaConfig) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = {k.name: _encode(k.name, getattr(v, k.name)) for k in dataclasses.fields(v)} \
-            if dataclasses.is_dataclass(v) else v
+        out[f.name] = (
+            {k.name: _encode(k.name, getattr(v, k.name)) for k in dataclasses.fields(v)}
+            if dataclasses.is_dataclass(v)
+            else v
+        )
     return out
 
 
@@ -186,5 +189,8 @@ def config_from_dict(d: dict) -> LlavaConfig:
             kw[k] = v
         return cls(**kw)
 
-    return LlavaConfig(vision=part(VisionConfig, d["vision"]), llm=part(LlamaConfig, d["llm"]),
-                       **{k: v for k, v in d.items() if k not in ("vision", "llm")})
+    return LlavaConfig(
+        vision=part(VisionConfig, d["vision"]),
+        llm=part(LlamaConfig, d["llm"]),
+        **{k: v for k, v in d.items() if k not in ("vision", "llm")},
+    )

@@ -26,7 +26,6 @@ from llava_jax.parallel.rules import constrain
 _ACT = ("batch", "length", "act_embed")
 
 
-
 class KVCache(NamedTuple):
     """Preallocated keys/values of every layer.
 
@@ -40,19 +39,27 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @classmethod
-    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.dtype
         return cls(
-            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-            jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32),
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, length), jnp.int32),
+            jnp.zeros((), jnp.int32),
         )
 
 
 def _dense(cfg: LlamaConfig, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
-        din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-        kernel_init=nnx.initializers.normal(0.02), kernel_metadata={"axes": axes},
+        din,
+        dout,
+        use_bias=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata={"axes": axes},
     )
 
 
@@ -110,20 +117,31 @@ class Llama(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = nnx.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
-            embedding_init=nnx.initializers.normal(0.02), embedding_metadata={"axes": ("vocab", "embed")},
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata={"axes": ("vocab", "embed")},
         )
         self.layers = stacked(lambda r: LlamaBlock(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _dense(
-            cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else _dense(cfg, cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs)
         )
 
     def inverse_frequencies(self, positions: jax.Array) -> jax.Array:
         """RoPE inverse frequencies [head_dim // 2] for a call at `positions` [B, T] (see `rope`)."""
         cfg = self.cfg
-        return inverse_frequencies(cfg.head_dim, cfg.rope_theta, positions, rope_type=cfg.rope_type,
-                                   factor=cfg.rope_factor, max_position_embeddings=cfg.max_position_embeddings)
+        return inverse_frequencies(
+            cfg.head_dim,
+            cfg.rope_theta,
+            positions,
+            rope_type=cfg.rope_type,
+            factor=cfg.rope_factor,
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype."""
@@ -164,8 +182,9 @@ class Llama(nnx.Module):
                 y, (ks, vs) = blk(c, rope, mask, (ks, vs, layer, cache.index))
                 return (constrain(y, _ACT), ks, vs, layer + 1), None
 
-            (x, ks, vs, _), _ = scan(self.layers, body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)),
-                                     policy=cfg.remat)
+            (x, ks, vs, _), _ = scan(
+                self.layers, body, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)), policy=cfg.remat
+            )
             cache = KVCache(ks, vs, kv_seg, cache.index + t)
         return self.norm(x), cache
 

@@ -35,8 +35,12 @@ class Llava(nnx.Module):
         self.cfg = cfg
         self.vision_tower = ClipVisionTower(cfg.vision, rngs=rngs)
         self.multi_modal_projector = Projector(
-            cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size,
-            dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, rngs=rngs,
+            cfg.projector,
+            cfg.vision.hidden_size,
+            cfg.llm.hidden_size,
+            dtype=cfg.llm.dtype,
+            param_dtype=cfg.llm.param_dtype,
+            rngs=rngs,
         )
         self.language_model = Llama(cfg.llm, rngs=rngs)
 

@@ -16,15 +16,18 @@ import dataclasses
 
 from llava_jax.models.config import LlamaConfig, LlavaConfig, VisionConfig
 
-VIT_L14_224 = VisionConfig(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                           num_layers=24, num_heads=16)
+VIT_L14_224 = VisionConfig(
+    image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16
+)
 VIT_L14_336 = dataclasses.replace(VIT_L14_224, image_size=336)
 
 VOCAB = 32064
-_LLAMA_7B = dict(vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                 num_kv_heads=32)
-_LLAMA_13B = dict(vocab_size=VOCAB, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                  num_kv_heads=40)
+_LLAMA_7B = dict(
+    vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
+)
+_LLAMA_13B = dict(
+    vocab_size=VOCAB, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
+)
 _LLAMA1 = dict(rms_norm_eps=1e-6, max_position_embeddings=2048)
 _LLAMA2 = dict(rms_norm_eps=1e-5, max_position_embeddings=4096)
 
@@ -34,10 +37,17 @@ PRESETS: dict[str, LlavaConfig] = {
     "llava-v1.5-7b": LlavaConfig(VIT_L14_336, LlamaConfig(**_LLAMA_7B, **_LLAMA2), "mlp2x_gelu"),
     "llava-v1.5-13b": LlavaConfig(VIT_L14_336, LlamaConfig(**_LLAMA_13B, **_LLAMA2), "mlp2x_gelu"),
     "tiny": LlavaConfig(
-        VisionConfig(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=3,
-                     num_heads=4),
-        LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-                    num_kv_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024),
+        VisionConfig(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4),
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=128,
+            intermediate_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=1024,
+        ),
         "mlp2x_gelu",
     ),
 }

@@ -5,7 +5,7 @@ matmul outputs without a batch dimension (weights-times-activations), the usual 
 `qkv_proj` / `qkv_mlp` save only the tensors tagged with `checkpoint_name` in the blocks.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -33,20 +33,27 @@ def check_rope_type(rope_type: str, factor: float) -> None:
         raise ValueError(f"RoPE scaling {rope_type!r} needs factor >= 1, got {factor!r}")
 
 
-def inverse_frequencies(head_dim: int, theta: float, positions: jax.Array, *, rope_type: str = "default",
-                        factor: float = 1.0, max_position_embeddings: int = 2048) -> jax.Array:
+def inverse_frequencies(
+    head_dim: int,
+    theta: float,
+    positions: jax.Array,
+    *,
+    rope_type: str = "default",
+    factor: float = 1.0,
+    max_position_embeddings: int = 2048,
+) -> jax.Array:
     """[head_dim // 2] float32 inverse frequencies for a call whose positions are `positions` [B, T]."""
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
     if rope_type == "default":
-        return 1.0 / (theta ** exponents)
+        return 1.0 / (theta**exponents)
     if rope_type == "linear":
-        return 1.0 / (theta ** exponents) / factor
+        return 1.0 / (theta**exponents) / factor
     if rope_type == "dynamic":
         seq_len = jnp.max(positions).astype(jnp.float32) + 1.0
         grown = seq_len > max_position_embeddings
         ratio = factor * jnp.maximum(seq_len, max_position_embeddings) / max_position_embeddings - (factor - 1)
         base = jnp.where(grown, theta * ratio ** (head_dim / (head_dim - 2)), jnp.float32(theta))
-        return 1.0 / (base ** exponents)
+        return 1.0 / (base**exponents)
     check_rope_type(rope_type, factor)
     raise AssertionError("unreachable")
 

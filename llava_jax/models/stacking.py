@@ -6,7 +6,8 @@ Scanning keeps compile time flat in depth. The body sees one block at a time as 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx

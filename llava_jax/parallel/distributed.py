@@ -31,13 +31,17 @@ def initialize(cfg=None) -> bool:
 
     if _is_worker_process():
         return False
-    get = (cfg.get if cfg is not None else {}.get)
+    get = cfg.get if cfg is not None else {}.get
     address = get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     if address:
-        n = int(get("num_processes", -1) if get("num_processes", -1) not in (None, -1)
-                else os.environ.get("JAX_NUM_PROCESSES", -1))
-        pid = int(get("process_id", -1) if get("process_id", -1) not in (None, -1)
-                  else os.environ.get("JAX_PROCESS_ID", -1))
+        n = int(
+            get("num_processes", -1)
+            if get("num_processes", -1) not in (None, -1)
+            else os.environ.get("JAX_NUM_PROCESSES", -1)
+        )
+        pid = int(
+            get("process_id", -1) if get("process_id", -1) not in (None, -1) else os.environ.get("JAX_PROCESS_ID", -1)
+        )
         if n < 1 or pid < 0:
             raise ValueError(
                 f"coordinator_address={address!r} needs num_processes and process_id "
@@ -50,8 +54,13 @@ def initialize(cfg=None) -> bool:
         jax.distributed.initialize()
     else:
         return False
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 

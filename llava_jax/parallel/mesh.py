@@ -11,6 +11,7 @@ XLA's partitioner propagates them (the model code never handles explicit shardin
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -54,19 +55,16 @@ def make_mesh(ici: Sequence[int] = (1, -1, 1), dcn: Sequence[int] = (1, 1, 1), d
         if devices[0].platform == "tpu":  # e.g. compile-only TPU devices: follow the physical torus
             from jax.experimental import mesh_utils
 
-            try:
+            # A shape the helper cannot lay out on this torus keeps the plain device order.
+            with contextlib.suppress(ValueError, NotImplementedError, AssertionError):
                 grid = mesh_utils.create_device_mesh(ici, devices)
-            except (ValueError, NotImplementedError, AssertionError):
-                pass  # a shape the helper cannot lay out on this torus: plain device order
         return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     from jax.experimental import mesh_utils
 
     if len(devices) % num_granules:
         raise ValueError(f"mesh.dcn {dcn}: {len(devices)} devices do not split into {num_granules} slices/nodes")
     ici = resolve_shape(ici, len(devices) // num_granules, "mesh.ici")
-    grid = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=devices[0].platform != "tpu"
-    )
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=devices[0].platform != "tpu")
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

@@ -52,8 +52,9 @@ def _mesh_axes(name: str | None, rules: Rules) -> tuple[str, ...]:
     raise KeyError(f"logical axis {name!r} has no rule; add it to LOGICAL_RULES")
 
 
-def spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Rules = LOGICAL_RULES
-         ) -> PartitionSpec:
+def spec(
+    axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Rules = LOGICAL_RULES
+) -> PartitionSpec:
     """PartitionSpec for an array of `shape` whose dimensions have logical names `axes`."""
     if axes is None:
         return PartitionSpec()

@@ -94,7 +94,5 @@ def devices(name: str, slices: int = 1) -> list:
     devs = list(desc.devices)
     want = num_chips(name, slices)
     if len(devs) != want:
-        raise RuntimeError(
-            f"TPU topology {name!r} x {slices} slices: libtpu gave {len(devs)} devices, expected {want}"
-        )
+        raise RuntimeError(f"TPU topology {name!r} x {slices} slices: libtpu gave {len(devs)} devices, expected {want}")
     return devs

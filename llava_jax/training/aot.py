@@ -54,8 +54,13 @@ def _flops(compiled) -> float | None:
 def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     """Compile stage `name`'s train step for `mesh`; per-device memory (GiB) and FLOPs."""
     stage = config[name]
-    setup = build_stage(stage, spec, mesh, total_steps=max(stage.num_steps, 1000),
-                        frozen_dtype=dtype_of(config.frozen_dtype, "frozen_dtype"))
+    setup = build_stage(
+        stage,
+        spec,
+        mesh,
+        total_steps=max(stage.num_steps, 1000),
+        frozen_dtype=dtype_of(config.frozen_dtype, "frozen_dtype"),
+    )
     cfg = spec.cfg
     b, length = stage.batch_size, stage.data.max_length
     m = stage.data.max_images_per_row or 1
@@ -63,11 +68,17 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     state = abstract_with_shardings(setup.abstract, setup.state_shardings)
     n = mesh.size
     out = {
-        "stage": name, "mesh": describe(mesh), "devices": n, "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
-        "remat": cfg.llm.remat, "frozen_dtype": config.frozen_dtype,
-        "params_GiB": _bytes(setup.abstract.params) / n / GiB, "opt_state_GiB": _bytes(setup.abstract.opt_state) / n / GiB,
-        "model_flops": metrics.step_flops(cfg, tokens=b * length, images=b * m, seq_len=length,
-                                          llm_trainable="llm" in stage.trainable),
+        "stage": name,
+        "mesh": describe(mesh),
+        "devices": n,
+        "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
+        "remat": cfg.llm.remat,
+        "frozen_dtype": config.frozen_dtype,
+        "params_GiB": _bytes(setup.abstract.params) / n / GiB,
+        "opt_state_GiB": _bytes(setup.abstract.opt_state) / n / GiB,
+        "model_flops": metrics.step_flops(
+            cfg, tokens=b * length, images=b * m, seq_len=length, llm_trainable="llm" in stage.trainable
+        ),
     }
     # With targets_per_row the run also compiles the full-logits step, for batches with a longer row.
     prefixes = {"capped": "", "full": "full_logits_" if stage.targets_per_row else ""}
@@ -95,8 +106,13 @@ def _record_oom(out: dict, prefix: str, e: Exception) -> bool:
     m_ = _OOM.search(str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or m_ is None:
         return False
-    out.update({f"{prefix}oom": str(e).splitlines()[0], f"{prefix}temps_GiB": float(m_.group(1)),
-                f"{prefix}hbm_available_GiB": float(m_.group(2))})
+    out.update(
+        {
+            f"{prefix}oom": str(e).splitlines()[0],
+            f"{prefix}temps_GiB": float(m_.group(1)),
+            f"{prefix}hbm_available_GiB": float(m_.group(2)),
+        }
+    )
     return True
 
 
@@ -106,8 +122,12 @@ def _memory_row(compiled, prefix: str) -> dict:
         return {}
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-    return {f"{prefix}arguments_GiB": args / GiB, f"{prefix}outputs_GiB": outs / GiB,
-            f"{prefix}temps_GiB": temp / GiB, f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB}
+    return {
+        f"{prefix}arguments_GiB": args / GiB,
+        f"{prefix}outputs_GiB": outs / GiB,
+        f"{prefix}temps_GiB": temp / GiB,
+        f"{prefix}peak_GiB": (args + outs + temp - alias) / GiB,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +140,10 @@ class Setting:
     remat: str
 
     def describe(self, name: str) -> str:
-        return (f"--config.frozen_dtype={self.frozen_dtype} --config.mesh.ici='{self.ici}' "
-                f"--config.{name}.micro_batches={self.micro_batches} --config.remat={self.remat}")
+        return (
+            f"--config.frozen_dtype={self.frozen_dtype} --config.mesh.ici='{self.ici}' "
+            f"--config.{name}.micro_batches={self.micro_batches} --config.remat={self.remat}"
+        )
 
     def apply(self, config, name: str):
         c = config.copy_and_resolve_references()
@@ -167,8 +189,10 @@ def _fits(row: dict, hbm_gib: float) -> bool:
 
 def _verdict(row: dict, hbm_gib: float) -> str:
     if "oom" in row:
-        return (f"does not fit: the TPU compiler needs {row['temps_GiB']:.2f} GiB of temporaries, "
-                f"{row['hbm_available_GiB']:.2f} GiB of HBM is available")
+        return (
+            f"does not fit: the TPU compiler needs {row['temps_GiB']:.2f} GiB of temporaries, "
+            f"{row['hbm_available_GiB']:.2f} GiB of HBM is available"
+        )
     if "full_logits_oom" in row:
         return "does not fit: the full-logits fall-back step exceeds HBM"
     peak = row.get("peak_GiB")
@@ -181,8 +205,10 @@ def _verdict(row: dict, hbm_gib: float) -> str:
 
 
 def _print_row(row: dict, chip: topo.Chip | None) -> None:
-    print(f"  {row['stage']}: batch {row['batch']}, remat {row['remat']}, frozen {row['frozen_dtype']}, "
-          f"mesh {row['mesh']}")
+    print(
+        f"  {row['stage']}: batch {row['batch']}, remat {row['remat']}, frozen {row['frozen_dtype']}, "
+        f"mesh {row['mesh']}"
+    )
     line = "    per device: params {params_GiB:.2f} GiB, optimizer {opt_state_GiB:.2f} GiB".format(**row)
     if "peak_GiB" in row:
         line += ", temps {temps_GiB:.2f} GiB, peak {peak_GiB:.2f} GiB".format(**row)
@@ -192,8 +218,10 @@ def _print_row(row: dict, chip: topo.Chip | None) -> None:
         line += f": {_verdict(row, chip.hbm_gib)}"
     print(line)
     if "full_logits_peak_GiB" in row:
-        print("    full-logits fall-back step (a row with more than targets_per_row targets): temps "
-              "{full_logits_temps_GiB:.2f} GiB, peak {full_logits_peak_GiB:.2f} GiB".format(**row))
+        print(
+            "    full-logits fall-back step (a row with more than targets_per_row targets): temps "
+            "{full_logits_temps_GiB:.2f} GiB, peak {full_logits_peak_GiB:.2f} GiB".format(**row)
+        )
     elif "full_logits_oom" in row:
         print("    full-logits fall-back step: temps over {full_logits_temps_GiB:.2f} GiB (does not fit)".format(**row))
     # XLA's cost analysis counts a while-loop body once, so with scanned layers the compiled figure
@@ -206,7 +234,9 @@ def _print_row(row: dict, chip: topo.Chip | None) -> None:
         msg += f"; compiled cost analysis {f * row['devices']:.3e} (scanned layer stacks counted once)"
     print(msg)
     if chip is not None:
-        print(f"    >= {model / row['devices'] / (chip.bf16_tflops * 1e12):.2f} s per step at the chip's peak bf16 rate")
+        print(
+            f"    >= {model / row['devices'] / (chip.bf16_tflops * 1e12):.2f} s per step at the chip's peak bf16 rate"
+        )
 
 
 def fit(config, name: str, chip: topo.Chip, devices: list, slices: int, tries: int) -> dict | None:
@@ -219,14 +249,19 @@ def fit(config, name: str, chip: topo.Chip, devices: list, slices: int, tries: i
         mesh = make_mesh(c.mesh.ici, c.mesh.dcn, devices=devices)
         row = compile_stage(c, name, ModelSpec.create(model_config(c)), mesh)
         peak = row.get("peak_GiB")
-        print(f"      {setting.describe(name)}: " + (f"peak {peak:.2f} GiB" if peak is not None else _verdict(row, chip.hbm_gib)))
+        print(
+            f"      {setting.describe(name)}: "
+            + (f"peak {peak:.2f} GiB" if peak is not None else _verdict(row, chip.hbm_gib))
+        )
         if _fits(row, chip.hbm_gib):
             print(f"    cheapest setting that fits: {setting.describe(name)}")
             return {**row, "setting": setting.describe(name)}
         if row["params_GiB"] + row["opt_state_GiB"] > chip.hbm_gib:
             break
-    print(f"    no tried setting fits {chip.name} ({chip.hbm_gib:g} GiB); use more chips (a larger topology or "
-          "more slices)")
+    print(
+        f"    no tried setting fits {chip.name} ({chip.hbm_gib:g} GiB); use more chips (a larger topology or "
+        "more slices)"
+    )
     return None
 
 
@@ -246,8 +281,10 @@ def report(config, topology: str = "", slices: int = 1, fit_tries: int = 8) -> l
     mesh = make_mesh(config.mesh.ici, dcn, devices=devices)
     spec = ModelSpec.create(model_config(config))
     where = f"{topology} x {slices} slice(s), {chip.name}, {chip.hbm_gib:g} GiB HBM per chip; " if chip else ""
-    print(f"model {config.model}: {spec.num_params():,} parameters; {where}mesh {describe(mesh)}; "
-          f"compute {config.dtype}, frozen weights {config.frozen_dtype}")
+    print(
+        f"model {config.model}: {spec.num_params():,} parameters; {where}mesh {describe(mesh)}; "
+        f"compute {config.dtype}, frozen weights {config.frozen_dtype}"
+    )
     rows = []
     for name in [s.strip() for s in config.stages.split(",") if s.strip()]:
         row = compile_stage(config, name, spec, mesh)

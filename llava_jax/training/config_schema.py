@@ -14,10 +14,19 @@ from llava_jax.data.settings import DataSettings
 
 def optim_config(lr: float) -> mlc.ConfigDict:
     """AdamW with HF Trainer defaults (the original's optimizer), warmup 3 % then cosine."""
-    return mlc.ConfigDict(dict(
-        lr=lr, schedule="cosine", warmup_ratio=0.03, end_lr_ratio=0.0,
-        b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-    ))
+    return mlc.ConfigDict(
+        dict(
+            lr=lr,
+            schedule="cosine",
+            warmup_ratio=0.03,
+            end_lr_ratio=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=1.0,
+        )
+    )
 
 
 def data_config(json_path: str = "", template: str = "v1") -> mlc.ConfigDict:
@@ -26,27 +35,30 @@ def data_config(json_path: str = "", template: str = "v1") -> mlc.ConfigDict:
     return mlc.ConfigDict(DataSettings.config_defaults(json_path=json_path, template=template))
 
 
-def stage_config(*, trainable: str, lr: float, batch_size: int, epochs: float, template: str,
-                 json_path: str = "") -> mlc.ConfigDict:
-    return mlc.ConfigDict(dict(
-        trainable=trainable,  # parts that learn: 'projector' (stage 1) or 'projector,llm' (stage 2)
-        batch_size=batch_size,  # global rows per optimizer step
-        micro_batches=1,  # gradient accumulation: batch_size is split into this many passes
-        # >0: compute logits only at up to this many target tokens per row (most LLaVA positions
-        # are image tokens or prompt and have none); a row with more targets stops the run. 0: all.
-        targets_per_row=0,
-        # 'global_token_mean': sum of target NLL / target tokens of the global batch. 'original': the
-        # original's HF Trainer + DeepSpeed reduction, the mean over (micro-batch, device) groups of each
-        # group's token mean (see llava_jax/training/loss.py).
-        loss_reduction="global_token_mean",
-        loss_devices=0,  # with 'original': data-parallel devices to reproduce; 0 = this mesh's data*fsdp
-        epochs=epochs,
-        num_steps=-1,  # -1: derived from epochs and the dataset size
-        optim=optim_config(lr),
-        data=data_config(json_path, template),
-        checkpoint_every=500,
-        keep_checkpoints=3,
-    ))
+def stage_config(
+    *, trainable: str, lr: float, batch_size: int, epochs: float, template: str, json_path: str = ""
+) -> mlc.ConfigDict:
+    return mlc.ConfigDict(
+        dict(
+            trainable=trainable,  # parts that learn: 'projector' (stage 1) or 'projector,llm' (stage 2)
+            batch_size=batch_size,  # global rows per optimizer step
+            micro_batches=1,  # gradient accumulation: batch_size is split into this many passes
+            # >0: compute logits only at up to this many target tokens per row (most LLaVA positions
+            # are image tokens or prompt and have none); a row with more targets stops the run. 0: all.
+            targets_per_row=0,
+            # 'global_token_mean': sum of target NLL / target tokens of the global batch. 'original': the
+            # original's HF Trainer + DeepSpeed reduction, the mean over (micro-batch, device) groups of each
+            # group's token mean (see llava_jax/training/loss.py).
+            loss_reduction="global_token_mean",
+            loss_devices=0,  # with 'original': data-parallel devices to reproduce; 0 = this mesh's data*fsdp
+            epochs=epochs,
+            num_steps=-1,  # -1: derived from epochs and the dataset size
+            optim=optim_config(lr),
+            data=data_config(json_path, template),
+            checkpoint_every=500,
+            keep_checkpoints=3,
+        )
+    )
 
 
 def base_config() -> mlc.ConfigDict:
@@ -60,25 +72,42 @@ def base_config() -> mlc.ConfigDict:
     c.stages = "stage1,stage2"  # which of the stage dicts below run, in order
     c.stage1 = stage_config(trainable="projector", lr=2e-3, batch_size=128, epochs=1, template="plain")
     c.stage2 = stage_config(trainable="projector,llm", lr=2e-5, batch_size=32, epochs=3, template="v1")
-    c.init = mlc.ConfigDict(dict(
-        vision="",  # HF CLIP directory (e.g. openai/clip-vit-large-patch14); '' = random init
-        llm="",  # HF LLaMA/Vicuna directory; '' = random init
-        llava="",  # a complete llava-hf / original LLaVA directory (instead of vision + llm)
-        stage1="",  # stage 2's projector: a stage-1 dir (or its final_params) or an mm_projector.bin/.safetensors
-    ))
+    c.init = mlc.ConfigDict(
+        dict(
+            vision="",  # HF CLIP directory (e.g. openai/clip-vit-large-patch14); '' = random init
+            llm="",  # HF LLaMA/Vicuna directory; '' = random init
+            llava="",  # a complete llava-hf / original LLaVA directory (instead of vision + llm)
+            stage1="",  # stage 2's projector: a stage-1 dir (or its final_params) or an mm_projector.bin/.safetensors
+        )
+    )
     c.mesh = mlc.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))  # (data, fsdp, tensor); -1 = fill
     c.log_every = 10
-    c.eval = mlc.ConfigDict(dict(
-        json_path="",  # held-out Q&A with exact answers; '' = no evaluation
-        max_examples=200, max_new_tokens=8, batch_size=32,
-    ))
-    c.synthetic = mlc.ConfigDict(dict(  # generate the synthetic shapes data before training (demo)
-        enabled=False, out="{workdir}/data", image_size=64, num_pretrain=2000, num_instruct=2000, num_eval=400,
-        seed=0,
-    ))
+    c.eval = mlc.ConfigDict(
+        dict(
+            json_path="",  # held-out Q&A with exact answers; '' = no evaluation
+            max_examples=200,
+            max_new_tokens=8,
+            batch_size=32,
+        )
+    )
+    c.synthetic = mlc.ConfigDict(
+        dict(  # generate the synthetic shapes data before training (demo)
+            enabled=False,
+            out="{workdir}/data",
+            image_size=64,
+            num_pretrain=2000,
+            num_instruct=2000,
+            num_eval=400,
+            seed=0,
+        )
+    )
     c.arg = ""  # the config file's argument (e.g. the model preset), kept for naming runs
-    c.distributed = mlc.ConfigDict(dict(
-        coordinator_address="", num_processes=-1, process_id=-1,  # '' / -1: detect (TPU, SLURM) or single process
-    ))
+    c.distributed = mlc.ConfigDict(
+        dict(
+            coordinator_address="",
+            num_processes=-1,
+            process_id=-1,  # '' / -1: detect (TPU, SLURM) or single process
+        )
+    )
     c.lock()
     return c

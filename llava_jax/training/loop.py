@@ -1,10 +1,10 @@
 """The training loop: run the configured stages in order, each resumable.
 
-    for each stage (stage1: projector; stage2: projector + LLM):
-        setup     = mask, optimizer, shardings, jitted steps      (stage_setup.build_stage)
-        state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
-        loop:       global batch -> jitted step -> metrics, NaN check, checkpoint, hooks
-        final     = final_params/ for the next stage, chat and export
+for each stage (stage1: projector; stage2: projector + LLM):
+    setup     = mask, optimizer, shardings, jitted steps      (stage_setup.build_stage)
+    state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
+    loop:       global batch -> jitted step -> metrics, NaN check, checkpoint, hooks
+    final     = final_params/ for the next stage, chat and export
 """
 
 from __future__ import annotations
@@ -57,9 +57,15 @@ def data_iterator(config, stage, cfg: LlavaConfig):
 
     settings = DataSettings.from_mapping(stage.data)
     source = pipeline.source_from_config(settings)
-    it = pipeline.from_config(settings, source=source, image_size=cfg.vision.image_size,
-                              num_image_tokens=cfg.num_image_tokens, global_batch_size=stage.batch_size,
-                              seed=config.seed, num_epochs=None)
+    it = pipeline.from_config(
+        settings,
+        source=source,
+        image_size=cfg.vision.image_size,
+        num_image_tokens=cfg.num_image_tokens,
+        global_batch_size=stage.batch_size,
+        seed=config.seed,
+        num_epochs=None,
+    )
     return it, len(source)
 
 
@@ -76,6 +82,7 @@ def total_steps(stage, num_records: int) -> int:
 
 def _place(arrays: dict[str, np.ndarray], target: Any, shardings: Any) -> Any:
     """Put host arrays (by '/'-path) into a params tree, each directly into its shards."""
+
     def put(path, a, sh):
         key = path_str(path)
         if key not in arrays:
@@ -106,16 +113,20 @@ def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
     elif d.get("model_type") == "llava":
         theirs = hf_config.llava_config_from_hf(d)
     else:
-        raise ValueError(f"config.init.llava={path}: config.json has model_type={d.get('model_type')!r}; it takes a "
-                         "llava-hf or original LLaVA directory (use init.vision / init.llm for CLIP and LLaMA)")
+        raise ValueError(
+            f"config.init.llava={path}: config.json has model_type={d.get('model_type')!r}; it takes a "
+            "llava-hf or original LLaVA directory (use init.vision / init.llm for CLIP and LLaMA)"
+        )
     diffs = architecture_differences(cfg, theirs)
     if diffs:
         from llava_jax.models.presets import PRESETS
 
         match = [name for name, c in PRESETS.items() if not architecture_differences(c, theirs)]
         fix = f"set config.model={match[0]!r}" if match else "no preset has this architecture"
-        raise ValueError(f"config.init.llava={path} does not have the architecture of config.model={preset!r} "
-                         f"(model != checkpoint): {'; '.join(diffs)}; {fix}")
+        raise ValueError(
+            f"config.init.llava={path} does not have the architecture of config.model={preset!r} "
+            f"(model != checkpoint): {'; '.join(diffs)}; {fix}"
+        )
 
 
 def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None) -> Any:
@@ -138,9 +149,13 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
             return _place(load_projector(prev, cfg=spec.cfg), params, shardings)
         prev = prev / "final_params" if (prev / "final_params").exists() else prev
         log.info("projector from %s", prev)
-        target = {"multi_modal_projector": jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            params["multi_modal_projector"], shardings["multi_modal_projector"])}
+        target = {
+            "multi_modal_projector": jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                params["multi_modal_projector"],
+                shardings["multi_modal_projector"],
+            )
+        }
         params = {**params, **restore_params(prev, target, partial=True)}
     return params
 
@@ -164,7 +179,7 @@ def _memory_note(compiled) -> str:
     if mem is None:
         return ""
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return f" (peak {peak / 1024 ** 3:.2f} GiB per device)"
+    return f" (peak {peak / 1024**3:.2f} GiB per device)"
 
 
 @dataclasses.dataclass
@@ -180,8 +195,15 @@ class StageResult:
 StepHook = Callable[[int, Checkpointer], None]
 
 
-def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path, previous_stage: str | None,
-                hooks: Sequence[StepHook] = ()) -> StageResult:
+def train_stage(
+    config,
+    name: str,
+    spec: ModelSpec,
+    mesh: Mesh,
+    workdir: Path,
+    previous_stage: str | None,
+    hooks: Sequence[StepHook] = (),
+) -> StageResult:
     """Train one stage to its last step (resuming from its latest checkpoint) and write its final weights."""
     stage, stage_dir = config[name], workdir / name
     if (stage_dir / "DONE").exists():
@@ -192,9 +214,16 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path, p
     steps = total_steps(stage, num_records)
     frozen_dtype = dtype_of(config.frozen_dtype, "frozen_dtype")
     setup = build_stage(stage, spec, mesh, total_steps=steps, frozen_dtype=frozen_dtype)
-    log.info("%s: %d steps of %d rows (%d records), mesh %s, trainable %s / %s params", name, steps,
-             stage.batch_size, num_records, describe(mesh), f"{spec.num_params(setup.mask):,}",
-             f"{spec.num_params():,}")
+    log.info(
+        "%s: %d steps of %d rows (%d records), mesh %s, trainable %s / %s params",
+        name,
+        steps,
+        stage.batch_size,
+        num_records,
+        describe(mesh),
+        f"{spec.num_params(setup.mask):,}",
+        f"{spec.num_params():,}",
+    )
     ckpt = Checkpointer(stage_dir / "checkpoints", every=stage.checkpoint_every, keep=stage.keep_checkpoints)
     state = _restore_or_init(config, name, setup, ckpt, data_iter, previous_stage)
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
@@ -205,13 +234,28 @@ def train_stage(config, name: str, spec: ModelSpec, mesh: Mesh, workdir: Path, p
     finally:
         writer.close()
         ckpt.close()
-    log.info("%s: done, %d steps in %.0fs, final loss %s; weights in %s", name, steps, time.time() - t_start,
-             f"{last:.4g}" if last is not None else "n/a", stage_dir / "final_params")
+    log.info(
+        "%s: done, %d steps in %.0fs, final loss %s; weights in %s",
+        name,
+        steps,
+        time.time() - t_start,
+        f"{last:.4g}" if last is not None else "n/a",
+        stage_dir / "final_params",
+    )
     return StageResult(name, steps, last, time.time() - t_start, state.params)
 
 
-def _run_steps(config, name: str, setup: StageSetup, state, data_iter, steps: int, ckpt: Checkpointer,
-               writer: MetricWriter, hooks: Sequence[StepHook]) -> tuple[Any, float | None]:
+def _run_steps(
+    config,
+    name: str,
+    setup: StageSetup,
+    state,
+    data_iter,
+    steps: int,
+    ckpt: Checkpointer,
+    writer: MetricWriter,
+    hooks: Sequence[StepHook],
+) -> tuple[Any, float | None]:
     """The step loop: batch -> step -> (metrics, finiteness check) -> checkpoint -> hooks."""
     train_step = CompiledSteps(setup, name)
     meter = Throughput(setup)
@@ -246,8 +290,7 @@ def _finished_before(name: str, stage_dir: Path) -> StageResult:
     return StageResult(name, json.loads(done_marker.read_text())["steps"], None, 0.0)
 
 
-def _restore_or_init(config, name: str, setup: StageSetup, ckpt: Checkpointer, data_iter,
-                     previous_stage: str | None):
+def _restore_or_init(config, name: str, setup: StageSetup, ckpt: Checkpointer, data_iter, previous_stage: str | None):
     """The latest checkpoint of this stage (with the data position), or step 0 from the initial weights."""
     latest = ckpt.latest_step()
     if latest is not None:
@@ -273,7 +316,7 @@ def _memory_note(compiled) -> str:
     if mem is None:
         return ""
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return f" (peak {peak / 1024 ** 3:.2f} GiB per device)"
+    return f" (peak {peak / 1024**3:.2f} GiB per device)"
 
 
 class CompiledSteps:
@@ -297,8 +340,9 @@ class CompiledSteps:
             t = time.time()
             self.compiled[key] = self.jitted[variant].lower(state, batch).compile()
             what = "full-logits fallback step" if variant == "full" and self.cap else "train step"
-            log.info("%s: compiled the %s in %.1fs%s", self.name, what, time.time() - t,
-                     _memory_note(self.compiled[key]))
+            log.info(
+                "%s: compiled the %s in %.1fs%s", self.name, what, time.time() - t, _memory_note(self.compiled[key])
+            )
         return self.compiled[key]
 
     def compile_all(self, state, batch) -> None:
@@ -311,8 +355,12 @@ class CompiledSteps:
         if not _over_cap(labels, self.cap):
             return "capped"
         if not self.warned:
-            log.warning("%s: a batch has rows with more than targets_per_row=%d targets; such batches use full "
-                        "logits (slower; raise targets_per_row)", self.name, self.cap)
+            log.warning(
+                "%s: a batch has rows with more than targets_per_row=%d targets; such batches use full "
+                "logits (slower; raise targets_per_row)",
+                self.name,
+                self.cap,
+            )
             self.warned = True
         return "full"
 
@@ -334,9 +382,13 @@ class Throughput:
     def figures(self, step: int, tokens: float, local: dict, skipped: int) -> dict:
         dt = (time.time() - self.t) / max(step - self.step, 1)
         self.restart(step)
-        flops = step_flops(self.cfg, tokens=local["input_ids"].size * jax.process_count(),
-                           seq_len=local["input_ids"].shape[1], llm_trainable=self.llm_trains,
-                           images=int(np.prod(local["images"].shape[:2])) * jax.process_count())
+        flops = step_flops(
+            self.cfg,
+            tokens=local["input_ids"].size * jax.process_count(),
+            seq_len=local["input_ids"].shape[1],
+            llm_trainable=self.llm_trains,
+            images=int(np.prod(local["images"].shape[:2])) * jax.process_count(),
+        )
         out = dict(step_time=dt, tokens_per_s=tokens / dt, skipped_samples=skipped, flops_per_step=flops)
         if peak_flops():
             out["mfu"] = flops / dt / (peak_flops() * self.devices)
@@ -348,16 +400,27 @@ def check_finite(name: str, step: int, m: dict, ckpt: Checkpointer) -> None:
     if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
         return
     good = ckpt.latest_step()
-    where = (f"The last good checkpoint is step {good} in {ckpt.directory}." if good is not None
-             else "No checkpoint of this stage was written.")
+    where = (
+        f"The last good checkpoint is step {good} in {ckpt.directory}."
+        if good is not None
+        else "No checkpoint of this stage was written."
+    )
     raise NonFiniteLoss(
         f"{name}: loss {m['loss']}, gradient norm {m['grad_norm']} at step {step}; stopping "
         f"without saving. {where} Lower optim.lr, raise warmup, or check the data."
     )
 
 
-def _write_metrics(name: str, step: int, metrics, local: dict, skipped: int, meter: Throughput,
-                   ckpt: Checkpointer, writer: MetricWriter) -> float:
+def _write_metrics(
+    name: str,
+    step: int,
+    metrics,
+    local: dict,
+    skipped: int,
+    meter: Throughput,
+    ckpt: Checkpointer,
+    writer: MetricWriter,
+) -> float:
     """Wait for this step, check it is finite, and write its metrics row; returns its loss."""
     m = jax.device_get(metrics)
     check_finite(name, step, m, ckpt)

@@ -70,8 +70,9 @@ def group_mean_sums(row_nll: jax.Array, row_count: jax.Array, groups: int) -> tu
     return jnp.sum(means), jnp.asarray(groups, jnp.float32)
 
 
-def reduce_sums(logits: jax.Array, targets: jax.Array, reduction: str = "global_token_mean", groups: int = 1
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def reduce_sums(
+    logits: jax.Array, targets: jax.Array, reduction: str = "global_token_mean", groups: int = 1
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [B, K, V], shifted targets [B, K] -> (numerator, denominator, target count) of one
     micro-batch; the loss of a global batch is sum(numerators) / sum(denominators) over its micro-batches."""
     row_nll, row_count = row_loss_sums(logits, targets)

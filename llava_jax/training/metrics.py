@@ -14,8 +14,16 @@ from llava_jax.paths import PathLike, as_path, open_append
 
 # Dense bf16 peak FLOP/s per device, by device_kind substring (vendor datasheets).
 PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
-    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
 }
 
 
@@ -40,7 +48,7 @@ def step_flops(cfg, *, tokens: int, images: int, llm_trainable: bool, seq_len: i
     attn = layers * 2 * seq_len * d  # per token: QK^T and AV, causal half of 2 * 2 * L * d
     passes = 3 if llm_trainable else 2
     llm_flops = passes * tokens * (2 * n_llm + 2 * attn)
-    n_vis = vis.layers_needed() * (4 * vis.hidden_size ** 2 + 2 * vis.hidden_size * vis.intermediate_size)
+    n_vis = vis.layers_needed() * (4 * vis.hidden_size**2 + 2 * vis.hidden_size * vis.intermediate_size)
     p = vis.num_positions
     vis_flops = images * (2 * n_vis * p + vis.layers_needed() * 4 * p * p * vis.hidden_size)
     proj = 2 * vis.hidden_size * d + (2 * d * d if cfg.projector == "mlp2x_gelu" else 0)

@@ -28,13 +28,20 @@ def schedule(optim, total_steps: int) -> optax.Schedule:
     total_steps = max(int(total_steps), 1)
     warmup = warmup_steps(optim.warmup_ratio, total_steps)
     if optim.schedule == "constant":
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)], [warmup]
-        ) if warmup else optax.constant_schedule(optim.lr)
+        return (
+            optax.join_schedules(
+                [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), optax.constant_schedule(optim.lr)], [warmup]
+            )
+            if warmup
+            else optax.constant_schedule(optim.lr)
+        )
     if optim.schedule != "cosine":
         raise ValueError(f"optim.schedule={optim.schedule!r}: use 'cosine' or 'constant'")
     return optax.warmup_cosine_decay_schedule(
-        0.0, optim.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+        0.0,
+        optim.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
         end_value=optim.lr * optim.end_lr_ratio,
     )
 
@@ -43,8 +50,16 @@ def make(optim, params: Any, mask: Any, total_steps: int) -> tuple[optax.Gradien
     """The optimizer for one stage. `mask`: True for trainable leaves (see trainable)."""
     lr = schedule(optim, total_steps)
     inner = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
-    inner.append(optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                             mask=trainable.decay_mask(params, mask)))
+    inner.append(
+        optax.adamw(
+            lr,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=trainable.decay_mask(params, mask),
+        )
+    )
     tx = optax.multi_transform(
         {"trainable": optax.chain(*inner), "frozen": optax.set_to_zero()}, trainable.labels(mask)
     )

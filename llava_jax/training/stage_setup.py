@@ -42,8 +42,9 @@ def dtype_of(name: str, key: str):
 
 def model_config(config) -> LlavaConfig:
     """The model of a run config: preset, compute dtype, attention kernel and remat policy."""
-    return get_preset(config.model, dtype=dtype_of(config.dtype, "dtype"), attention=config.attention,
-                      remat=config.remat)
+    return get_preset(
+        config.model, dtype=dtype_of(config.dtype, "dtype"), attention=config.attention, remat=config.remat
+    )
 
 
 def loss_groups(stage, mesh: Mesh) -> int:
@@ -56,8 +57,10 @@ def loss_groups(stage, mesh: Mesh) -> int:
         raise ValueError(f"loss_devices={stage.loss_devices}: use 0 (this mesh's data*fsdp) or the device count")
     groups = stage.loss_devices or rules.batch_shards(mesh)
     if stage.batch_size % (groups * stage.micro_batches):
-        raise ValueError(f"loss_reduction='original': batch_size={stage.batch_size} must be divisible by "
-                         f"micro_batches={stage.micro_batches} times {groups} devices (loss_devices)")
+        raise ValueError(
+            f"loss_reduction='original': batch_size={stage.batch_size} must be divisible by "
+            f"micro_batches={stage.micro_batches} times {groups} devices (loss_devices)"
+        )
     return groups
 
 
@@ -98,10 +101,22 @@ class StageSetup:
 
     def jitted_step(self, targets_per_row: int, donate: bool = True):
         """(state, batch) -> (state, metrics), jitted with this stage's shardings."""
-        step = make_train_step(self.spec.graphdef, self.tx, self.mask, self.lr, self.stage.micro_batches,
-                               targets_per_row, self.stage.loss_reduction, self.loss_groups)
-        return jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, None), donate_argnums=0 if donate else ())
+        step = make_train_step(
+            self.spec.graphdef,
+            self.tx,
+            self.mask,
+            self.lr,
+            self.stage.micro_batches,
+            targets_per_row,
+            self.stage.loss_reduction,
+            self.loss_groups,
+        )
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=0 if donate else (),
+        )
 
     def jitted_steps(self, donate: bool = True) -> dict:
         return {v: self.jitted_step(cap, donate) for v, cap in self.step_variants.items()}
@@ -110,8 +125,7 @@ class StageSetup:
         """A global batch as ShapeDtypeStructs (for AOT compilation): B = batch_size rows of `length`."""
         b, s = self.stage.batch_size, self.spec.cfg.vision.image_size
         shapes = dict(input_ids=(b, length), labels=(b, length), positions=(b, length), segment_ids=(b, length))
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-                 for k, shape in shapes.items()}
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k, shape in shapes.items()}
         batch["images"] = jax.ShapeDtypeStruct((b, images_per_row, s, s, 3), jnp.uint8, sharding=self.batch_sharding)
         return batch
 
@@ -124,5 +138,16 @@ def build_stage(stage, spec: ModelSpec, mesh: Mesh, *, total_steps: int, frozen_
     tx, lr = optimizer.make(stage.optim, spec.abstract, mask, total_steps)
     abstract = abstract_state(spec, mask, tx, frozen_dtype)
     psh = param_shardings(spec, mesh)
-    return StageSetup(stage, spec, mesh, mask, tx, lr, abstract, psh, state_shardings(abstract, psh, mesh),
-                      rules.batch_sharding(mesh), loss_groups(stage, mesh))
+    return StageSetup(
+        stage,
+        spec,
+        mesh,
+        mask,
+        tx,
+        lr,
+        abstract,
+        psh,
+        state_shardings(abstract, psh, mesh),
+        rules.batch_sharding(mesh),
+        loss_groups(stage, mesh),
+    )

@@ -53,14 +53,18 @@ class ModelSpec:
         return cls(cfg, graphdef, state.to_pure_dict(), axes)
 
     def num_params(self, mask: Any = None) -> int:
-        leaves = jax.tree.leaves(self.abstract) if mask is None else [
-            a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask), strict=True) if t]
+        leaves = (
+            jax.tree.leaves(self.abstract)
+            if mask is None
+            else [a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask), strict=True) if t]
+        )
         return int(sum(np.prod(a.shape) for a in leaves))
 
 
 def cast(params: Any, mask: Any, frozen_dtype, trainable_dtype=jnp.float32) -> Any:
     """Trainable leaves keep float32 masters; frozen leaves may be stored narrower (e.g. bf16).
     Works on arrays and on ShapeDtypeStructs."""
+
     def one(t, p):
         dtype = trainable_dtype if t else frozen_dtype
         if isinstance(p, jax.ShapeDtypeStruct):
@@ -71,8 +75,12 @@ def cast(params: Any, mask: Any, frozen_dtype, trainable_dtype=jnp.float32) -> A
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh) -> Any:
-    return jax.tree.map(lambda a, ax: rules.named(ax, a.shape, mesh), spec.abstract, spec.axes,
-                        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return jax.tree.map(
+        lambda a, ax: rules.named(ax, a.shape, mesh),
+        spec.abstract,
+        spec.axes,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
 
 
 def opt_state_shardings(abstract_opt_state: Any, params_sh: Any, mesh: Mesh) -> Any:
@@ -97,13 +105,16 @@ def opt_state_shardings(abstract_opt_state: Any, params_sh: Any, mesh: Mesh) -> 
 def state_shardings(abstract_state: TrainState, params_sh: Any, mesh: Mesh) -> TrainState:
     replicated = NamedSharding(mesh, PartitionSpec())
     return TrainState(
-        step=replicated, params=params_sh,
-        opt_state=opt_state_shardings(abstract_state.opt_state, params_sh, mesh), rng=replicated,
+        step=replicated,
+        params=params_sh,
+        opt_state=opt_state_shardings(abstract_state.opt_state, params_sh, mesh),
+        rng=replicated,
     )
 
 
 def init_params(spec: ModelSpec, seed: int, mask: Any, frozen_dtype, shardings: Any) -> Any:
     """Random init, computed directly into its shards (never materialised on one host)."""
+
     def init():
         params = nnx.state(Llava(spec.cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
         return cast(params, mask, frozen_dtype)
@@ -115,15 +126,18 @@ def abstract_state(spec: ModelSpec, mask: Any, tx, frozen_dtype) -> TrainState:
     """The train state as ShapeDtypeStructs (for shardings, restore targets and AOT compilation)."""
     params = cast(spec.abstract, mask, frozen_dtype)
     return TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-        opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
 
 
 def new_state(params: Any, tx, shardings: TrainState, seed: int) -> TrainState:
     """Step 0: given (sharded) parameters, a fresh optimizer state laid out like them."""
     return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+        params=params,
         opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
         rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng),
     )

@@ -36,6 +36,7 @@ def _join(mask, trainable, frozen):
 def _micro_batches(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...], micro-batch i = rows i, i+n, ...: every micro-batch spans all the
     devices the batch is sharded over."""
+
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
@@ -44,8 +45,14 @@ def _micro_batches(batch: dict, n: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0, reduction: str = "global_token_mean",
-            loss_groups: int = 1) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def loss_fn(
+    graphdef,
+    params: Any,
+    batch: dict,
+    targets_per_row: int = 0,
+    reduction: str = "global_token_mean",
+    loss_groups: int = 1,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(numerator, (denominator, number of target tokens)) of the loss of one (micro-)batch, see
     `loss.reduce_sums`; `loss_groups` device groups per micro-batch for the original's reduction.
 
@@ -54,8 +61,7 @@ def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0, reduct
     model = nnx.merge(graphdef, params)
     batch = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
     embeddings = model.embed(batch["input_ids"], batch["images"])
-    hidden, _ = model.language_model.hidden(embeddings, positions=batch["positions"],
-                                            segment_ids=batch["segment_ids"])
+    hidden, _ = model.language_model.hidden(embeddings, positions=batch["positions"], segment_ids=batch["segment_ids"])
     targets = shifted_targets(batch["labels"])
     if 0 < targets_per_row < targets.shape[1]:
         hidden, targets = gather_targets(hidden, targets, targets_per_row)
@@ -63,9 +69,16 @@ def loss_fn(graphdef, params: Any, batch: dict, targets_per_row: int = 0, reduct
     return num, (denom, count)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, mask: Any, lr_schedule: Callable,
-                    micro_batches: int = 1, targets_per_row: int = 0, loss_reduction: str = "global_token_mean",
-                    loss_groups: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    mask: Any,
+    lr_schedule: Callable,
+    micro_batches: int = 1,
+    targets_per_row: int = 0,
+    loss_reduction: str = "global_token_mean",
+    loss_groups: int = 1,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics). `batch` holds the MODEL_KEYS arrays.
 
     loss_reduction / loss_groups: see `loss.reduce_sums`; with "original", each micro-batch's rows
@@ -84,6 +97,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mask: Any, lr_sc
         if micro_batches == 1:
             g, total, denom, count = grads_and_sums(trainable, frozen, batch)
         else:
+
             def body(acc, mb):
                 return jax.tree.map(jnp.add, acc, grads_and_sums(trainable, frozen, mb)), None
 

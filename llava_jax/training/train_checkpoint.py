@@ -33,7 +33,8 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max(int(keep), 1),
-                enable_async_checkpointing=True, create=True,
+                enable_async_checkpointing=True,
+                create=True,
             ),
             item_names=("state", "data"),
         )
@@ -55,8 +56,10 @@ class Checkpointer:
 
     def data_process_count(self, step: int) -> int | None:
         """How many processes wrote the data-iterator state of `step` (one file each), if known."""
-        counts = {f.name.rsplit("-of-", 1)[-1].removesuffix(".json")
-                  for f in (self.directory / str(step) / "data").glob("process_*-of-*.json")}
+        counts = {
+            f.name.rsplit("-of-", 1)[-1].removesuffix(".json")
+            for f in (self.directory / str(step) / "data").glob("process_*-of-*.json")
+        }
         return int(counts.pop()) if len(counts) == 1 and next(iter(counts)).isdigit() else None
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
@@ -70,7 +73,8 @@ class Checkpointer:
                     f"checkpoint step {step} in {self.directory} was written by {saved} processes and this run has "
                     f"{jax.process_count()}: the data-iterator position is saved per process and cannot be split "
                     f"differently. Resume this stage with {saved} processes (the devices per process and the "
-                    "mesh may differ); the next stage starts a new data order and may use any number.")
+                    "mesh may differ); the next stage starts a new data order and may use any number."
+                )
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
@@ -80,4 +84,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-

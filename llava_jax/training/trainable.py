@@ -58,6 +58,7 @@ def labels(mask: Any) -> Any:
 
 def decay_mask(params: Any, mask: Any) -> Any:
     """True where weight decay applies: trainable matrices, not norms/biases/embedding vectors."""
+
     def decays(path, _, trains):
         s = path_str(path)
         return bool(trains) and not any(re.search(p, s) for p in NO_DECAY)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
 from hf_reference import clip_vision, llama
 
 from llava_jax.checkpoint import CheckpointMismatch, DictSource, detect_format, load_weights, open_checkpoint
@@ -67,8 +66,11 @@ def test_parts_load_into_a_llava_model(tmp_path):
 
     from llava_jax.checkpoint.hf_config import vision_config_from_hf
 
-    cfg = dataclasses.replace(get_preset("tiny"), vision=vision_config_from_hf(clip.config.to_dict()),
-                              llm=llama_config_from_hf(lm.config.to_dict()))
+    cfg = dataclasses.replace(
+        get_preset("tiny"),
+        vision=vision_config_from_hf(clip.config.to_dict()),
+        llm=llama_config_from_hf(lm.config.to_dict()),
+    )
     model = Llava(cfg, rngs=nnx.Rngs(0))
     load_weights(model, tmp_path / "clip")
     load_weights(model, tmp_path / "llm")
@@ -85,7 +87,9 @@ def test_sharded_safetensors_directory(tmp_path):
     src = open_checkpoint(tmp_path)
     assert detect_format(src.keys()) == "hf_llama"
     load_weights(ours, src)
-    assert np.array_equal(np.asarray(ours.embed_tokens.embedding[...]), ref.state_dict()["model.embed_tokens.weight"].numpy())
+    assert np.array_equal(
+        np.asarray(ours.embed_tokens.embedding[...]), ref.state_dict()["model.embed_tokens.weight"].numpy()
+    )
 
 
 def test_torch_bin_is_read_weights_only(tmp_path):

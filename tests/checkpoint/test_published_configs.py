@@ -45,13 +45,29 @@ def test_llava_15_7b_hf():
     assert cls is Llava
     v, t = cfg.vision, cfg.llm
     assert (v.image_size, v.patch_size, v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads) == (
-        336, 14, 1024, 4096, 24, 16)
+        336,
+        14,
+        1024,
+        4096,
+        24,
+        16,
+    )
     assert (v.select_layer, v.select_feature, cfg.num_image_tokens) == (-2, "patch", 576)
     assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads) == (
-        32064, 4096, 11008, 32, 32, 32)
+        32064,
+        4096,
+        11008,
+        32,
+        32,
+        32,
+    )
     assert (t.rms_norm_eps, t.max_position_embeddings, t.rope_theta, t.rope_type) == (1e-5, 4096, 10000.0, "default")
     assert (cfg.projector, cfg.image_token_id, cfg.pad_token_id, t.tie_word_embeddings) == (
-        "mlp2x_gelu", 32000, 32001, False)
+        "mlp2x_gelu",
+        32000,
+        32001,
+        False,
+    )
     assert architecture_differences(get_preset("llava-v1.5-7b"), cfg) == []
     ours = _count_ours(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     hf = _count_hf(lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(d)))
@@ -71,11 +87,17 @@ def test_original_llava_v15_7b():
     assert aspect == "pad" and cfg.projector == "mlp2x_gelu"
     assert (cfg.vision.image_size, cfg.vision.select_layer, cfg.vision.select_feature) == (336, -2, "patch")
     assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.rms_norm_eps) == (
-        4096, 11008, 32, 32, 1e-5)
+        4096,
+        11008,
+        32,
+        32,
+        1e-5,
+    )
     assert architecture_differences(get_preset("llava-v1.5-7b"), cfg) == []
     ours = _count_ours(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
-    hf_llava = _count_hf(lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(
-        _published("llava-1.5-7b-hf"))))
+    hf_llava = _count_hf(
+        lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(_published("llava-1.5-7b-hf")))
+    )
     assert ours == hf_llava
     # The language model alone: transformers' LLaMA from this very file, plus the 64 added rows of
     # the input and output embeddings.
@@ -101,10 +123,17 @@ def test_diff_format_directory_loads_everywhere(tmp_path):
     from llava_jax.inference import load_model
 
     torch.manual_seed(0)
-    text = tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                          max_position_embeddings=256, rms_norm_eps=1e-5)
-    vision = tf.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                                 image_size=56, patch_size=14)
+    text = tf.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+    vision = tf.CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14
+    )
     cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=500, image_seq_length=16)
     cfg._attn_implementation = "eager"
     ref = perturb_(tf.LlavaForConditionalGeneration(cfg), 0)

@@ -12,10 +12,10 @@ from flax import nnx
 from PIL import Image
 
 from llava_jax.checkpoint import from_pretrained, save_stage
+from llava_jax.checkpoint.shards import parse_size
 from llava_jax.convert import export_llama_hf, export_llava_hf
 from llava_jax.convert.__main__ import main
 from llava_jax.convert.hf_processor import write_processor, write_tokenizer
-from llava_jax.checkpoint.shards import parse_size
 from llava_jax.data.image import normalize, preprocess
 from llava_jax.data.templates import get_template
 from llava_jax.inference import generate, load_model
@@ -29,8 +29,17 @@ N_IMG = 16  # (56 / 14)^2
 def _config(projector: str) -> LlavaConfig:
     return LlavaConfig(
         VisionConfig(image_size=56, patch_size=14, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=4),
-        LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                    num_kv_heads=2, rms_norm_eps=1e-5, rope_theta=20000.0, max_position_embeddings=256),
+        LlamaConfig(
+            vocab_size=32064,
+            hidden_size=64,
+            intermediate_size=160,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=20000.0,
+            max_position_embeddings=256,
+        ),
         projector,
     )
 
@@ -62,8 +71,7 @@ def exported(request, tmp_path_factory):
     model = _perturb(Llava(_config(request.param), rngs=nnx.Rngs(0)), seed=1)
     out = tmp_path_factory.mktemp(f"hf_{request.param}")
     export_llava_hf(model, out, dtype="float32", max_shard_size="400KB", template="v1", image_aspect_ratio="pad")
-    ref = tf.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    ref = tf.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
     return model, out, ref
 
 
@@ -88,7 +96,7 @@ def test_logits_match_transformers(exported):
     model, _, ref = exported
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 32000, (2, 30), generator=g)
-    ids[0, 3:3 + N_IMG] = IMAGE
+    ids[0, 3 : 3 + N_IMG] = IMAGE
     pixels = torch.randn(1, 3, 56, 56, generator=g)
     with torch.no_grad():
         want = ref(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits.numpy()
@@ -105,19 +113,27 @@ def _hf_greedy(ref, prompts, max_new_tokens, pixel_values):
     ids = torch.full((len(prompts), t), PAD)
     mask = torch.zeros((len(prompts), t), dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, t - len(p):] = torch.tensor(p)
-        mask[b, t - len(p):] = 1
+        ids[b, t - len(p) :] = torch.tensor(p)
+        mask[b, t - len(p) :] = 1
     with torch.no_grad():
-        out = ref.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, do_sample=False,
-                           max_new_tokens=max_new_tokens, eos_token_id=EOS, pad_token_id=PAD, output_scores=True,
-                           return_dict_in_generate=True)
+        out = ref.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixel_values,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     scores = torch.stack(out.scores, 1)
     top2 = torch.topk(scores, 2, dim=-1).values
     margin = float((top2[..., 0] - top2[..., 1]).min())
     rows = []
     for b in range(len(prompts)):
         new = out.sequences[b, t:].tolist()
-        rows.append(new[:new.index(EOS)] if EOS in new else new)
+        rows.append(new[: new.index(EOS)] if EOS in new else new)
     return rows, margin
 
 
@@ -146,17 +162,21 @@ def test_cli_stage_to_hf_and_back(tmp_path):
     template and aspect ratio."""
     model = _perturb(Llava(_config("linear"), rngs=nnx.Rngs(2)), seed=2)
     save_stage(model, tmp_path / "stage", template="llava_v1", image_aspect_ratio="square")
-    assert main(["export", "--checkpoint", str(tmp_path / "stage"), "--out", str(tmp_path / "hf"),
-                 "--dtype", "float32"]) == 0
-    assert main(["import", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
-                 "--template", "llava_v1"]) == 0
+    assert (
+        main(["export", "--checkpoint", str(tmp_path / "stage"), "--out", str(tmp_path / "hf"), "--dtype", "float32"])
+        == 0
+    )
+    assert (
+        main(["import", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back"), "--template", "llava_v1"]) == 0
+    )
     loaded = load_model(tmp_path / "back")
     _assert_same_params(model, loaded.model)
     assert loaded.image_aspect_ratio == "square" and loaded.template == "llava_v1"
     proc = tf.AutoProcessor.from_pretrained(tmp_path / "hf")
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    assert proc.apply_chat_template(chat, add_generation_prompt=True) == \
-        get_template("llava_v1").prompt(["<image>\nWhat is it?"])
+    assert proc.apply_chat_template(chat, add_generation_prompt=True) == get_template("llava_v1").prompt(
+        ["<image>\nWhat is it?"]
+    )
 
 
 def test_bfloat16_export_rounds_once(tmp_path):
@@ -187,8 +207,17 @@ def test_processor_matches_our_preprocessing(tmp_path, aspect):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_llm_only_export_loads_in_llama(tmp_path, tied):
-    cfg = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                      num_kv_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
     model = _perturb(Llama(cfg, rngs=nnx.Rngs(5)), seed=5)
     export_llama_hf(model, tmp_path, dtype="float32")
     ref = tf.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()

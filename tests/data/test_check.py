@@ -27,9 +27,7 @@ def tokenizer():
 @pytest.fixture(autouse=True)
 def _shared_tokenizer(monkeypatch, tokenizer):
     """main() loads the tokenizer; reuse the module's (loading takes seconds)."""
-    monkeypatch.setattr(
-        "llava_jax.data.tokenizer.load_tokenizer", lambda path=None: tokenizer
-    )
+    monkeypatch.setattr("llava_jax.data.tokenizer.load_tokenizer", lambda path=None: tokenizer)
 
 
 @pytest.fixture
@@ -189,13 +187,9 @@ def test_agrees_with_the_training_pipeline(dataset, tokenizer):
             raised.add(i)
             continue
         n = result["lengths"][i]
-        assert len(sample["input_ids"]) == min(
-            n, 64
-        )  # lengths are the pipeline's, before the cut
+        assert len(sample["input_ids"]) == min(n, 64)  # lengths are the pipeline's, before the cut
     assert flagged == raised
-    assert 10 not in raised and (10, "cut", "text_cut") in {
-        b[:3] for b in result["bad"]
-    }  # trains, cut
+    assert 10 not in raised and (10, "cut", "text_cut") in {b[:3] for b in result["bad"]}  # trains, cut
 
 
 def test_truncated_image_needs_decode_mode(dataset, tokenizer):
@@ -219,9 +213,7 @@ def test_truncated_image_needs_decode_mode(dataset, tokenizer):
         "workers": 1,
         "progress": False,
     }
-    assert (
-        check.run_checks(str(path), str(folder), image_mode="header", **kw)["bad"] == []
-    )
+    assert check.run_checks(str(path), str(folder), image_mode="header", **kw)["bad"] == []
     (bad,) = check.run_checks(str(path), str(folder), image_mode="decode", **kw)["bad"]
     assert bad[2] == "unreadable_image" and "truncated.png" in bad[3]
 
@@ -253,6 +245,4 @@ def test_clean_data_exits_zero_and_strict_flags_cuts(dataset):
     report = folder / "r.jsonl"
     # the v1 system prompt alone is longer than 16 tokens: the image cannot fit
     assert check.main(argv + ["--max-length", "16", "--report", str(report)]) == 1
-    assert {json.loads(x)["reason"] for x in report.read_text().splitlines()} == {
-        "image_past_max_length"
-    }
+    assert {json.loads(x)["reason"] for x in report.read_text().splitlines()} == {"image_past_max_length"}

@@ -124,7 +124,13 @@ def test_transparency_composited_on_white():
 def test_mode_files_round_trip(tmp_path):
     """Non-RGB files (grey PNG, palette GIF, RGBA PNG, CMYK JPEG, 16-bit PNG) all load to RGB uint8."""
     cases = _mode_cases()
-    files = {"L.png": cases["L"], "P.gif": cases["P"], "RGBA.png": cases["RGBA"], "CMYK.jpg": cases["CMYK"], "I16.png": cases["I;16"]}
+    files = {
+        "L.png": cases["L"],
+        "P.gif": cases["P"],
+        "RGBA.png": cases["RGBA"],
+        "CMYK.jpg": cases["CMYK"],
+        "I16.png": cases["I;16"],
+    }
     for name, img in files.items():
         img.save(tmp_path / name)
         out = load_image(str(tmp_path / name), 16, "pad", record_id=name)
@@ -166,6 +172,7 @@ def test_fast_mode_is_close():
 
 def _png_header_only(width, height) -> bytes:
     """A PNG whose header claims width x height pixels (no pixel data): a decompression bomb stand-in."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -186,13 +193,16 @@ def _bad_files(tmp_path):
     return ["missing.jpg", *files]
 
 
-@pytest.mark.parametrize("name,reason", [
-    ("missing.jpg", "not found"),
-    ("zero.jpg", "empty"),
-    ("corrupt.jpg", "not a recognised image"),
-    ("truncated.jpg", "truncated"),
-    ("bomb.png", "decompression bomb"),
-])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("missing.jpg", "not found"),
+        ("zero.jpg", "empty"),
+        ("corrupt.jpg", "not a recognised image"),
+        ("truncated.jpg", "truncated"),
+        ("bomb.png", "decompression bomb"),
+    ],
+)
 def test_bad_files_raise_bad_sample(tmp_path, name, reason):
     _bad_files(tmp_path)
     path = str(tmp_path / name)
@@ -234,12 +244,15 @@ def test_work_pixels_of_thin_images():
     assert work_pixels(640, 480, 336, "pad") == 640 * 640
 
 
-@pytest.mark.parametrize("width,height,mode,limits,reason", [
-    (2, 3000, "square", dict(max_aspect_ratio=20), "aspect ratio 1500.0:1 is more than max_aspect_ratio=20"),
-    (1, 20_000, "pad", dict(max_aspect_ratio=20), "aspect ratio 20000.0:1"),
-    (2, 3000, "square", dict(max_work_pixels=2**26), "169344000-pixel intermediate image"),
-    (9000, 450, "pad", dict(max_aspect_ratio=20, max_work_pixels=2**26), "81000000-pixel intermediate"),
-])
+@pytest.mark.parametrize(
+    "width,height,mode,limits,reason",
+    [
+        (2, 3000, "square", dict(max_aspect_ratio=20), "aspect ratio 1500.0:1 is more than max_aspect_ratio=20"),
+        (1, 20_000, "pad", dict(max_aspect_ratio=20), "aspect ratio 20000.0:1"),
+        (2, 3000, "square", dict(max_work_pixels=2**26), "169344000-pixel intermediate image"),
+        (9000, 450, "pad", dict(max_aspect_ratio=20, max_work_pixels=2**26), "81000000-pixel intermediate"),
+    ],
+)
 def test_shape_limits_refuse_before_decoding(monkeypatch, width, height, mode, limits, reason):
     data = _solid_png(width, height)
     assert len(data) < 20_000  # a small file that would need hundreds of MB to preprocess

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from llava_jax.data import pack, pipeline, sources, synthetic
+from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import load_image
-from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, load_tokenizer
 
 S = 32  # image size
@@ -38,9 +38,15 @@ def data(tmp_path_factory, tokenizer):
     synthetic.generate(str(root), image_size=48, num_pretrain=0, num_instruct=40, num_eval=0, seed=3)
     records = json.loads((root / "instruct.json").read_text())
     for i in range(8):
-        records.append({"id": f"text-{i}", "conversations": [
-            {"from": "human", "value": "Count to " + " ".join(str(k) for k in range(i + 2)) + "."},
-            {"from": "gpt", "value": "Done" + "!" * i}]})
+        records.append(
+            {
+                "id": f"text-{i}",
+                "conversations": [
+                    {"from": "human", "value": "Count to " + " ".join(str(k) for k in range(i + 2)) + "."},
+                    {"from": "gpt", "value": "Done" + "!" * i},
+                ],
+            }
+        )
     records = _unique(records)
     path = root / "mixed.json"
     path.write_text(json.dumps(records))
@@ -55,9 +61,22 @@ def data(tmp_path_factory, tokenizer):
 
 
 def _make(src, tokenizer, **kw):
-    args = dict(tokenizer=tokenizer, template="v1", image_size=S, image_aspect_ratio="square", num_image_tokens=T,
-                max_length=320, global_batch_size=4, seed=0, num_epochs=1, packing=False, worker_count=0,
-                on_bad_sample="raise", shard_index=0, shard_count=1)
+    args = dict(
+        tokenizer=tokenizer,
+        template="v1",
+        image_size=S,
+        image_aspect_ratio="square",
+        num_image_tokens=T,
+        max_length=320,
+        global_batch_size=4,
+        seed=0,
+        num_epochs=1,
+        packing=False,
+        worker_count=0,
+        on_bad_sample="raise",
+        shard_index=0,
+        shard_count=1,
+    )
     args.update(kw)
     return pipeline.make_batches(src, **args)
 
@@ -163,7 +182,7 @@ def test_packing_invariants(data, tokenizer):
         for b in range(ids.shape[0]):
             # Segments are 1..k in order, padding only at the end.
             used = seg[b][seg[b] > 0]
-            assert (np.diff(used) >= 0).all() and (seg[b][len(used):] == 0).all()
+            assert (np.diff(used) >= 0).all() and (seg[b][len(used) :] == 0).all()
             # Labels never cross a segment: a target at t needs t-1 in the same segment.
             t = np.flatnonzero(labels[b] != IGNORE_INDEX)
             assert (t > 0).all() and (seg[b][t - 1] == seg[b][t]).all() and (seg[b][t] > 0).all()
@@ -181,7 +200,7 @@ def test_packing_invariants(data, tokenizer):
             assert len(segs_with_image) == len(starts)
             for slot, i in enumerate(segs_with_image):
                 np.testing.assert_array_equal(batch["images"][b, slot], data["pixels"][i])
-            assert not batch["images"][b, len(segs_with_image):].any()
+            assert not batch["images"][b, len(segs_with_image) :].any()
     assert sorted(order) == list(range(len(data["src"])))
 
 
@@ -200,6 +219,7 @@ def test_length_buckets(data, tokenizer):
 
 def _png_header_only(width, height) -> bytes:
     """A PNG header claiming width x height pixels, with no pixel data (a decompression-bomb stand-in)."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
@@ -231,11 +251,16 @@ def _bad_dataset(root, data):
         {"id": "bomb", "image": "images/bomb.png", "conversations": conv},
         {"id": "noconv", "image": "images/instruct_000001.png"},
         {"id": "text-with-placeholder", "conversations": q("hi")},
-        {"id": "image-without-placeholder", "image": "images/instruct_000001.png",
-         "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]},
+        {
+            "id": "image-without-placeholder",
+            "image": "images/instruct_000001.png",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}],
+        },
     ]
-    modes = [{"id": f"mode-{m}", "image": f"images/{f}", "conversations": q(f"mode {m}")}
-             for m, f in (("L", "grey.png"), ("P", "palette.gif"), ("CMYK", "cmyk.jpg"))]
+    modes = [
+        {"id": f"mode-{m}", "image": f"images/{f}", "conversations": q(f"mode {m}")}
+        for m, f in (("L", "grey.png"), ("P", "palette.gif"), ("CMYK", "cmyk.jpg"))
+    ]
     path = root / "bad.json"
     path.write_text(json.dumps(good + modes + bad))
     return path, len(good) + len(modes), bad
@@ -294,9 +319,20 @@ def test_array_record_source_gives_the_same_batches(tmp_path, data, tokenizer):
 def test_from_config(data, tokenizer):
     import ml_collections
 
-    cfg = ml_collections.ConfigDict(dict(json_path=str(data["path"]), template="v1", image_size=S,
-                                         num_image_tokens=T, max_length=320, global_batch_size=4, seed=2,
-                                         num_epochs=1, packing=True, max_images_per_row=2))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            json_path=str(data["path"]),
+            template="v1",
+            image_size=S,
+            num_image_tokens=T,
+            max_length=320,
+            global_batch_size=4,
+            seed=2,
+            num_epochs=1,
+            packing=True,
+            max_images_per_row=2,
+        )
+    )
     got = list(pipeline.from_config(cfg, tokenizer=tokenizer, shard_index=0, shard_count=1))
     want = list(_make(data["src"], tokenizer, seed=2, packing=True, max_images_per_row=2))
     _assert_same(got, want)
@@ -327,8 +363,11 @@ def test_decoded_array_source(tokenizer):
     arrays = [rng.integers(0, 256, (20 + i, 40, 3), dtype=np.uint8) for i in range(3)]
 
     def record_fn(a, i):
-        return {"id": i, "image_array": a, "conversations": [
-            {"from": "human", "value": f"<image>\nPicture {i}?"}, {"from": "gpt", "value": "Noise."}]}
+        return {
+            "id": i,
+            "image_array": a,
+            "conversations": [{"from": "human", "value": f"<image>\nPicture {i}?"}, {"from": "gpt", "value": "Noise."}],
+        }
 
     src = sources.MappedSource(arrays, record_fn)
     batch = next(_make(src, tokenizer, shuffle=False, global_batch_size=3, image_aspect_ratio="pad"))

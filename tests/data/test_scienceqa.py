@@ -128,19 +128,37 @@ def test_cli(tmp_path):
     (tmp_path / "problems.json").write_text(json.dumps(PROBLEMS))
     (tmp_path / "pid_splits.json").write_text(json.dumps(SPLITS))
     out = tmp_path / "out.json"
-    args = ["--problems", str(tmp_path / "problems.json"), "--splits", str(tmp_path / "pid_splits.json"),
-            "--split", "test", "--format", "QCM-LEPA", "--out", str(out), "--image-prefix", "test"]
+    args = [
+        "--problems",
+        str(tmp_path / "problems.json"),
+        "--splits",
+        str(tmp_path / "pid_splits.json"),
+        "--split",
+        "test",
+        "--format",
+        "QCM-LEPA",
+        "--out",
+        str(out),
+        "--image-prefix",
+        "test",
+    ]
     assert main(args) == 0
     records = json.loads(out.read_text())
     assert records == convert(PROBLEMS, ["40"], "QCM-LEPA", image_prefix="test")
     assert records[0]["image"] == "test/40/image.png"
     assert records[0]["conversations"][0]["value"].endswith("(B) a rock\n<image>")
-    assert convert_files(str(tmp_path / "problems.json"), str(tmp_path / "pid_splits.json"), "train", "QCM-A")[1]["id"] == "11"
+    assert (
+        convert_files(str(tmp_path / "problems.json"), str(tmp_path / "pid_splits.json"), "train", "QCM-A")[1]["id"]
+        == "11"
+    )
     with pytest.raises(SystemExit):
         main(args[:5] + ["--split", "nope", "--out", str(out)])
     # the module runs as a program
-    run = subprocess.run([sys.executable, "-m", "llava_jax.data.scienceqa", *args[:6], "--format", "QCM-A", "--out", str(out)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "llava_jax.data.scienceqa", *args[:6], "--format", "QCM-A", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert "1 samples (1 with an image)" in run.stderr
     assert json.loads(out.read_text())[0]["conversations"][1]["value"] == "The answer is B."

@@ -19,11 +19,19 @@ def _write_dataset(root, bad=True):
     for i in range(6):
         name = f"img/{i}.{'png' if i % 2 else 'jpg'}"
         Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(root / name)
-        records.append({"id": f"r{i}", "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\nWhat is in picture {i}?"},
-            {"from": "gpt", "value": f"Noise number {i}."}]})
-    records.append({"id": "text", "conversations": [
-        {"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]})
+        records.append(
+            {
+                "id": f"r{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nWhat is in picture {i}?"},
+                    {"from": "gpt", "value": f"Noise number {i}."},
+                ],
+            }
+        )
+    records.append(
+        {"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+    )
     if bad:
         (root / "img/zero.jpg").write_bytes(b"")
         (root / "img/corrupt.jpg").write_bytes(b"nope" * 20)
@@ -127,8 +135,23 @@ def test_pack_more_shards_than_records_and_decode_verify(tmp_path):
 
 def test_pack_cli_subprocess(tmp_path, repo_root):
     path, _ = _write_dataset(tmp_path / "in", bad=False)
-    res = subprocess.run([sys.executable, "-m", "llava_jax.data.pack", "--json", str(path), "--out", str(tmp_path / "o"),
-                          "--num-shards", "2"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.data.pack",
+            "--json",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+            "--num-shards",
+            "2",
+        ],
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "wrote 7 of 7 records into 2 shards" in res.stdout and "skipped 0 records" in res.stdout
     assert "pack data" in res.stderr  # the tqdm progress bar
@@ -146,7 +169,11 @@ def test_mapped_source_normalizes():
     data = [{"img": np.zeros((4, 4, 3), np.uint8), "q": "hi"}]
 
     def record_fn(ex, i):
-        return {"id": f"tf{i}", "image_array": ex["img"], "conversations": [{"from": "human", "value": "<image>\n" + ex["q"]}]}
+        return {
+            "id": f"tf{i}",
+            "image_array": ex["img"],
+            "conversations": [{"from": "human", "value": "<image>\n" + ex["q"]}],
+        }
 
     src = sources.MappedSource(data, record_fn)
     r = src[0]
@@ -164,8 +191,14 @@ def test_llava_tfds_record_of_another_dataset_names_the_fix():
     src = sources.MappedSource([{"image": np.zeros((4, 4, 3), np.uint8), "label": 3}], sources.llava_tfds_record)
     r = src[0]
     assert r["id"] == 0 and "tfds_record_fn" in r["_error"]
-    prepare = PrepareSample(tokenizer=load_tokenizer(), template="v1", image_size=8, image_aspect_ratio="square",
-                            num_image_tokens=4, max_length=64)
+    prepare = PrepareSample(
+        tokenizer=load_tokenizer(),
+        template="v1",
+        image_size=8,
+        image_aspect_ratio="square",
+        num_image_tokens=4,
+        max_length=64,
+    )
     with pytest.raises(BadSample, match="not a llava_json build"):
         prepare(r)
 

@@ -15,6 +15,7 @@ requests open at once.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import threading
@@ -37,9 +38,7 @@ def reply_for(messages: list[dict]) -> str:
     if kind == "detail":
         return f"The image shows this scene: {caption}"
     if kind == "complex":
-        return (
-            f"Question:\nWhy does this scene matter?\n===\nAnswer:\nBecause {caption}"
-        )
+        return f"Question:\nWhy does this scene matter?\n===\nAnswer:\nBecause {caption}"
     return (
         f"Question:\nWhat is happening?\n===\nAnswer:\n{caption}\n===\n"
         f"Question:\nIs it daytime?\n===\nAnswer:\nIt looks like daytime in: {caption}"
@@ -47,9 +46,7 @@ def reply_for(messages: list[dict]) -> str:
 
 
 class ApiStub:
-    def __init__(
-        self, script=(), default="ok", slow_s=5.0, hold_after=None, reply=reply_for
-    ):
+    def __init__(self, script=(), default="ok", slow_s=5.0, hold_after=None, reply=reply_for):
         self.script = list(script)
         self.default = default
         self.slow_s = slow_s
@@ -62,9 +59,7 @@ class ApiStub:
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self._release = threading.Event()
-        self._server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), self._handler()
-        )
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -104,10 +99,8 @@ class ApiStub:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
             def do_POST(self):
                 with stub._lock:
@@ -140,9 +133,7 @@ class ApiStub:
                 if action == "nochoices":
                     return self._send(200, b'{"id": "x", "choices": []}')
                 with stub._lock:
-                    hold = (
-                        stub.hold_after is not None and stub.ok_count >= stub.hold_after
-                    )
+                    hold = stub.hold_after is not None and stub.ok_count >= stub.hold_after
                 if hold:
                     stub._release.wait()
                 messages = body["messages"]

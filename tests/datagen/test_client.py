@@ -35,9 +35,7 @@ class Sleeps:
 
 def _complete(stub, sleeps=None, **config):
     async def go():
-        cfg = ClientConfig(
-            base_url=stub.base_url, model="m", api_key="k", **{"timeout": 0.5, **config}
-        )
+        cfg = ClientConfig(base_url=stub.base_url, model="m", api_key="k", **{"timeout": 0.5, **config})
         client = ChatClient(cfg, sleep=sleeps or Sleeps(), rng=random.Random(0))
         try:
             return await client.complete(MESSAGES, max_tokens=64), client
@@ -59,11 +57,7 @@ def test_retries_through_429_500_timeout_and_malformed_bodies():
     assert "A cat on a mat." in result.content
     assert result.attempts == 6
     assert stub.actions == script + ["ok"]
-    assert (
-        client.usage.retries == 5
-        and client.usage.requests == 1
-        and client.usage.failures == 0
-    )
+    assert client.usage.retries == 5 and client.usage.requests == 1 and client.usage.failures == 0
     assert len(sleeps.calls) == 5
     # full jitter: retry k sleeps at most base * 2**(k-1) seconds
     assert all(0 <= s <= 2.0**k for k, s in enumerate(sleeps.calls))
@@ -72,9 +66,7 @@ def test_retries_through_429_500_timeout_and_malformed_bodies():
 def test_client_error_is_not_retried():
     with ApiStub(script=["400"]) as stub:
         result, client = _complete(stub)
-    assert (
-        isinstance(result, ChatError) and result.status == 400 and result.attempts == 1
-    )
+    assert isinstance(result, ChatError) and result.status == 400 and result.attempts == 1
     assert "HTTP 400" in str(result) and "bad request" in str(result)
     assert stub.actions == ["400"] and client.usage.failures == 1
 
@@ -84,11 +76,7 @@ def test_gives_up_after_max_retries():
         result, client = _complete(stub, max_retries=2)
     assert isinstance(result, ChatError) and result.attempts == 3
     assert stub.actions == ["500"] * 3
-    assert (
-        client.usage.retries == 2
-        and client.usage.failures == 1
-        and client.usage.requests == 0
-    )
+    assert client.usage.retries == 2 and client.usage.failures == 1 and client.usage.requests == 0
 
 
 def test_backoff_grows_exponentially_to_the_cap():
@@ -146,9 +134,7 @@ def test_rate_limiter_requests_and_tokens_per_minute():
         for _ in range(60):
             await lim.acquire(10)
         assert sleeps == [] and now[0] == 0.0
-        await lim.acquire(
-            10
-        )  # the 61st request of the minute waits for one refill: 1 s
+        await lim.acquire(10)  # the 61st request of the minute waits for one refill: 1 s
         assert now[0] == pytest.approx(1.0)
 
         now[0], sleeps[:] = 0.0, []
@@ -165,9 +151,7 @@ def test_rate_limiter_requests_and_tokens_per_minute():
 
 def test_concurrency_is_bounded():
     async def go(stub):
-        client = ChatClient(
-            ClientConfig(base_url=stub.base_url, model="m", concurrency=3)
-        )
+        client = ChatClient(ClientConfig(base_url=stub.base_url, model="m", concurrency=3))
         tasks = [asyncio.create_task(client.complete(MESSAGES)) for _ in range(10)]
         deadline = time.monotonic() + 60
         while stub.in_flight < 3 and time.monotonic() < deadline:
@@ -209,9 +193,5 @@ def test_a_completion_without_text_is_a_result_not_a_retry():
 
     with ApiStub(reply=refuse) as stub:
         result, _ = _complete(stub)
-    assert (
-        not isinstance(result, ChatError)
-        and result.content == ""
-        and result.attempts == 1
-    )
+    assert not isinstance(result, ChatError) and result.content == "" and result.attempts == 1
     assert stub.actions == ["ok"]

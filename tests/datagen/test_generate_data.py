@@ -42,9 +42,7 @@ def test_coco_context_as_in_the_paper(tmp_path):
     inst = _write(
         tmp_path / "inst.json",
         {
-            "images": [
-                {"id": 7, "file_name": "000000000007.jpg", "width": 640, "height": 480}
-            ],
+            "images": [{"id": 7, "file_name": "000000000007.jpg", "width": 640, "height": 480}],
             "categories": [{"id": 1, "name": "person"}, {"id": 32, "name": "tie"}],
             "annotations": [
                 {
@@ -61,14 +59,9 @@ def test_coco_context_as_in_the_paper(tmp_path):
     assert a.image == "000000000007.jpg"
     # 367.36/640 = 0.574, 143.04/480 = 0.298, 481.28/640 = 0.752, 337.92/480 = 0.704
     boxes = "tie: [0.574, 0.298, 0.752, 0.704]\nperson: [0.0, 0.0, 1.0, 1.0]"
-    assert (
-        format_context(a, "detail")
-        == "A man wearing ties.\nA young man smiles.\n\n" + boxes
-    )
+    assert format_context(a, "detail") == "A man wearing ties.\nA young man smiles.\n\n" + boxes
     assert format_context(a, "complex") == format_context(a, "detail")
-    assert (
-        format_context(a, "conversation") == "A man wearing ties.\nA young man smiles."
-    )
+    assert format_context(a, "conversation") == "A man wearing ties.\nA young man smiles."
 
 
 def test_jsonl_input_and_its_errors(tmp_path):
@@ -85,18 +78,13 @@ def test_jsonl_input_and_its_errors(tmp_path):
         "captions": ["Two."],
         "boxes": [{"category": "cat", "bbox": [10, 20, 300, 400]}],
     }
-    (tmp_path / "bad.jsonl").write_text(
-        json.dumps(good) + "\n" + json.dumps(pixel) + "\n"
-    )
+    (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(pixel) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: box 0 .* not a normalized"):
         load_jsonl(str(tmp_path / "bad.jsonl"))
 
 
 def test_vendored_prompt_sets_and_custom_folders(tmp_path):
-    sizes = {
-        k: len(load_prompt_set(None, k).examples)
-        for k in ("conversation", "detail", "complex")
-    }
+    sizes = {k: len(load_prompt_set(None, k).examples) for k in ("conversation", "detail", "complex")}
     assert sizes == {
         "conversation": 2,
         "detail": 3,
@@ -104,12 +92,8 @@ def test_vendored_prompt_sets_and_custom_folders(tmp_path):
     }  # docs/Data.md of the original
     ps = load_prompt_set(None, "complex")
     msgs = ps.messages("QUERY")
-    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 3 + [
-        "user"
-    ]
-    assert msgs[-1]["content"] == "QUERY" and msgs[1]["content"].startswith(
-        "A man wearing multiple neck ties"
-    )
+    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert msgs[-1]["content"] == "QUERY" and msgs[1]["content"].startswith("A man wearing multiple neck ties")
     assert msgs[2]["content"].startswith("Question:\nWhat is unusual about this photo?")
 
     own = tmp_path / "prompts" / "conversation"
@@ -175,37 +159,23 @@ def test_generate_end_to_end_with_failures_and_rerun(tmp_path, capsys):
         assert stub.ok_count == 7
     keys = _keys(out)
     assert len(keys) == 7 == len(set(keys))
-    errors = [
-        json.loads(line)
-        for line in (tmp_path / "gen" / "errors.jsonl").read_text().splitlines()
-    ]
+    errors = [json.loads(line) for line in (tmp_path / "gen" / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1 and errors[0]["status"] == 400
     assert (errors[0]["image"], errors[0]["kind"]) not in keys
     for r in read_raw(os.path.join(out, "raw.jsonl")):
         n = int(r["image"][:12])
-        assert r["request"]["query"].startswith(
-            f"Scene number {n}."
-        )  # reply matches its request
+        assert r["request"]["query"].startswith(f"Scene number {n}.")  # reply matches its request
         assert f"Scene number {n}." in r["content"]
         assert r["model"] == "stub-model-stub" and r["request"]["model"] == "stub-model"
-        assert ("dog: [0.1, 0.1, 0.5, 0.5]" in r["request"]["query"]) == (
-            r["kind"] == "detail"
-        )
+        assert ("dog: [0.1, 0.1, 0.5, 0.5]" in r["request"]["query"]) == (r["kind"] == "detail")
     usage = json.loads((tmp_path / "gen" / "usage.jsonl").read_text().splitlines()[-1])
-    assert (
-        usage["requests"] == 7
-        and usage["written"] == 7
-        and usage["errors"] == 1
-        and usage["retries"] == 3
-    )
+    assert usage["requests"] == 7 and usage["written"] == 7 and usage["errors"] == 1 and usage["retries"] == 3
     assert "estimated cost" in capsys.readouterr().out
 
     with ApiStub() as stub:  # the rerun sends only the missing request
         assert generate.main(argv + ["--base-url", stub.base_url]) == 0
         assert stub.ok_count == 1
-    assert sorted(_keys(out)) == sorted(
-        {(f"{i:012d}.jpg", k) for i in range(4) for k in ("conversation", "detail")}
-    )
+    assert sorted(_keys(out)) == sorted({(f"{i:012d}.jpg", k) for i in range(4) for k in ("conversation", "detail")})
 
 
 def test_dry_run_sends_nothing(tmp_path, capsys):
@@ -238,9 +208,7 @@ def test_raw_log_cuts_a_torn_line_and_refuses_a_second_writer(tmp_path):
         f.write(b'{"image": "b", "kind": "det')
     assert _keys(out) == [("a", "detail")]
     with RawLog(out) as raw:
-        assert raw.torn_bytes == len(b'{"image": "b", "kind": "det') and raw.done == {
-            ("a", "detail")
-        }
+        assert raw.torn_bytes == len(b'{"image": "b", "kind": "det') and raw.done == {("a", "detail")}
         raw.append({"image": "b", "kind": "detail", "content": "y"})
     lines = (tmp_path / "g" / "raw.jsonl").read_bytes().splitlines()
     assert [json.loads(x)["image"] for x in lines] == ["a", "b"]
@@ -286,11 +254,7 @@ def test_sigkill_and_resume_lose_only_in_flight_requests_and_duplicate_nothing(
         )
         deadline = time.monotonic() + 240
         # wait until `first` answers are written and every worker is waiting on a held answer
-        while not (
-            os.path.exists(raw_path)
-            and len(_keys(out)) == first
-            and stub.in_flight == concurrency
-        ):
+        while not (os.path.exists(raw_path) and len(_keys(out)) == first and stub.in_flight == concurrency):
             assert proc.poll() is None, "generator exited early"
             assert time.monotonic() < deadline, "generator did not reach the kill point"
             time.sleep(0.05)
@@ -298,9 +262,7 @@ def test_sigkill_and_resume_lose_only_in_flight_requests_and_duplicate_nothing(
         proc.wait()
         stub.release()
     assert len(_keys(out)) == first
-    with open(
-        raw_path, "ab"
-    ) as f:  # as if the kill had hit in the middle of writing a line
+    with open(raw_path, "ab") as f:  # as if the kill had hit in the middle of writing a line
         f.write(b'{"image": "000000000009.jpg", "kind": "complex", "content": "cut')
 
     with ApiStub() as stub:
@@ -314,14 +276,10 @@ def test_sigkill_and_resume_lose_only_in_flight_requests_and_duplicate_nothing(
         resent = stub.ok_count
     keys = _keys(out)
     expected = {(f"{i:012d}.jpg", k) for i in range(n_images) for k in kinds}
-    assert (
-        len(keys) == len(expected) and set(keys) == expected
-    )  # each (image, kind) exactly once
+    assert len(keys) == len(expected) and set(keys) == expected  # each (image, kind) exactly once
     assert resent == len(expected) - first  # the rerun asked only for what was missing
     lines = (tmp_path / "gen" / "raw.jsonl").read_bytes().split(b"\n")
-    assert lines[-1] == b"" and all(
-        json.loads(x) for x in lines[:-1]
-    )  # no torn line left
+    assert lines[-1] == b"" and all(json.loads(x) for x in lines[:-1])  # no torn line left
 
 
 def test_malformed_replies_are_kept_raw_and_rejected_by_build(tmp_path):
@@ -335,9 +293,7 @@ def test_malformed_replies_are_kept_raw_and_rejected_by_build(tmp_path):
         if n % 3 == 1:
             return "Sure! Here is a conversation about the image."  # no blocks
         if n % 3 == 2:
-            return reply_for(messages).replace(
-                "Answer:", "Answer:\nThe caption says that"
-            )
+            return reply_for(messages).replace("Answer:", "Answer:\nThe caption says that")
         return reply_for(messages)
 
     ann, out = _annotations_file(tmp_path, 9), str(tmp_path / "gen")

@@ -26,9 +26,7 @@ def _prompt_folder(root):
         d.mkdir(parents=True)
         (d / "system_message.txt").write_text("You describe images from captions.")
         (d / "000_caps.txt").write_text("A dog on grass.")
-        (d / "000_conv.txt").write_text(
-            "Question:\nWhat animal is it?\n===\nAnswer:\nA dog."
-        )
+        (d / "000_conv.txt").write_text("Question:\nWhat animal is it?\n===\nAnswer:\nA dog.")
     return root
 
 
@@ -115,14 +113,9 @@ def test_generate_and_build_against_llava_jax_serve(tmp_path, tmp_path_factory):
     )
     for r in records:
         assert r["model"] == "tiny-llava" and r["finish_reason"] in ("stop", "length")
-        assert (
-            r["usage"]["prompt_tokens"] > 20
-            and 1 <= r["usage"]["completion_tokens"] <= 8
-        )
+        assert r["usage"]["prompt_tokens"] > 20 and 1 <= r["usage"]["completion_tokens"] <= 8
     usage = json.loads((out / "usage.jsonl").read_text().splitlines()[-1])
     assert usage["prompt_tokens"] == sum(r["usage"]["prompt_tokens"] for r in records)
 
-    stats = build.build(
-        [str(out)], str(tmp_path / "data.json")
-    )  # random weights: mostly rejects, all counted
+    stats = build.build([str(out)], str(tmp_path / "data.json"))  # random weights: mostly rejects, all counted
     assert stats["kept_total"] + stats["rejected_total"] == 6

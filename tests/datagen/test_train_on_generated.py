@@ -18,18 +18,11 @@ pytestmark = pytest.mark.slow
 
 def test_generated_json_trains(tmp_path, repo_root):
     data = tmp_path / "data"
-    synthetic_images(
-        str(data), image_size=32, num_pretrain=48, num_instruct=0, num_eval=0
-    )
+    synthetic_images(str(data), image_size=32, num_pretrain=48, num_instruct=0, num_eval=0)
     shapes = json.loads((data / "pretrain.json").read_text())
     ann = tmp_path / "ann.jsonl"
     ann.write_text(
-        "\n".join(
-            json.dumps(
-                {"image": r["image"], "captions": [r["conversations"][1]["value"]]}
-            )
-            for r in shapes
-        )
+        "\n".join(json.dumps({"image": r["image"], "captions": [r["conversations"][1]["value"]]}) for r in shapes)
     )
 
     with ApiStub(script=["429", "500"]) as stub:
@@ -50,16 +43,10 @@ def test_generated_json_trains(tmp_path, repo_root):
             == 0
         )
     stats = build.build([str(tmp_path / "gen")], str(data / "instruct_gen.json"))
-    assert (
-        stats["kept"] == {"conversation": 48, "detail": 48, "complex": 48}
-        and stats["rejected_total"] == 0
-    )
+    assert stats["kept"] == {"conversation": 48, "detail": 48, "complex": 48} and stats["rejected_total"] == 0
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
-        "\n".join(
-            json.dumps({"image": r["image"], "caption": r["conversations"][1]["value"]})
-            for r in shapes
-        )
+        "\n".join(json.dumps({"image": r["image"], "caption": r["conversations"][1]["value"]}) for r in shapes)
     )
     assert captions.main(["--input", str(pairs), "--out", str(data / "chat.json")]) == 0
 
@@ -111,15 +98,9 @@ def test_generated_json_trains(tmp_path, repo_root):
         "--config.stage2.data.max_length=256",
         "--config.log_every=1",
     ]
-    proc = subprocess.run(
-        cmd, cwd=repo_root, capture_output=True, text=True, timeout=3000, check=False
-    )
+    proc = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=3000, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [
-        json.loads(x)
-        for p in workdir.rglob("metrics.jsonl")
-        for x in p.read_text().splitlines()
-    ]
+    rows = [json.loads(x) for p in workdir.rglob("metrics.jsonl") for x in p.read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 6 and all(math.isfinite(v) for v in losses)
     skipped = [r.get("skipped_samples", 0) for r in rows]

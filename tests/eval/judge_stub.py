@@ -48,10 +48,15 @@ def serve_stub(script: dict[str, list]):
                 time.sleep(value)
                 kind, value = 500, "late"
             if kind == "ok":
-                payload = {"id": "x", "object": "chat.completion", "model": VERSION,
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": value},
-                                        "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}
+                payload = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "model": VERSION,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": value}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+                }
                 data, status = json.dumps(payload).encode(), 200
             else:
                 data, status = json.dumps({"error": {"message": str(value)}}).encode(), int(kind)

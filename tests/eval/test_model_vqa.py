@@ -14,9 +14,23 @@ N = 12  # questions; 5 has a missing image, 9 a corrupt one
 
 
 def _run(ckpt, questions, answers, *extra):
-    args = model_vqa.parse_args(["--model-path", str(ckpt), "--question-file", str(questions), "--image-folder",
-                                 str(questions.parent / "images"), "--answers-file", str(answers),
-                                 "--temperature", "0", "--max_new_tokens", "10", *extra])
+    args = model_vqa.parse_args(
+        [
+            "--model-path",
+            str(ckpt),
+            "--question-file",
+            str(questions),
+            "--image-folder",
+            str(questions.parent / "images"),
+            "--answers-file",
+            str(answers),
+            "--temperature",
+            "0",
+            "--max_new_tokens",
+            "10",
+            *extra,
+        ]
+    )
     return model_vqa.run(args)
 
 

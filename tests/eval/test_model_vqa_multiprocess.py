@@ -17,9 +17,29 @@ LAUNCH = REPO / "launch" / "local_multiprocess.sh"
 def _answer(nproc: int, ckpt, questions, answers, logs):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["LOG_DIR"] = str(logs)
-    cmd = ["bash", str(LAUNCH), str(nproc), "2", "python", "-m", "llava_jax.eval.model_vqa", "--model-path", str(ckpt),
-           "--question-file", str(questions), "--image-folder", str(questions.parent / "images"),
-           "--answers-file", str(answers), "--temperature", "0", "--max_new_tokens", "8", "--batch-size", "4"]
+    cmd = [
+        "bash",
+        str(LAUNCH),
+        str(nproc),
+        "2",
+        "python",
+        "-m",
+        "llava_jax.eval.model_vqa",
+        "--model-path",
+        str(ckpt),
+        "--question-file",
+        str(questions),
+        "--image-folder",
+        str(questions.parent / "images"),
+        "--answers-file",
+        str(answers),
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "8",
+        "--batch-size",
+        "4",
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     text = "".join((logs / f"process_{i}.log").read_text() for i in range(nproc))
     assert proc.returncode == 0, text[-4000:]

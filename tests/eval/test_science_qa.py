@@ -11,20 +11,24 @@ from llava_jax.eval import science_qa
 from llava_jax.eval.science_qa import FAILED, choice_index, parse_answer
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("A", "A"), ("E", "E"),
-    ("F", FAILED),  # not an option letter, too short for the other rules
-    ("C. because ferns", "C"),  # letter + ". " prefix
-    ("C.because", FAILED),
-    ("B.", FAILED),
-    ("The answer is D.", "D"),
-    ("so The answer is B, clearly", "B"),  # the original's pattern: its dot matches any character
-    ("The answer is B", FAILED),  # nothing after the letter
-    ("The answer is A. Also, The answer is A.", FAILED),  # must occur exactly once
-    ("The answer is F.", "F"),
-    ("", FAILED),
-    ("b", FAILED),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("A", "A"),
+        ("E", "E"),
+        ("F", FAILED),  # not an option letter, too short for the other rules
+        ("C. because ferns", "C"),  # letter + ". " prefix
+        ("C.because", FAILED),
+        ("B.", FAILED),
+        ("The answer is D.", "D"),
+        ("so The answer is B, clearly", "B"),  # the original's pattern: its dot matches any character
+        ("The answer is B", FAILED),  # nothing after the letter
+        ("The answer is A. Also, The answer is A.", FAILED),  # must occur exactly once
+        ("The answer is F.", "F"),
+        ("", FAILED),
+        ("b", FAILED),
+    ],
+)
 def test_parse_answer(text, letter):
     assert parse_answer(text) == letter
 
@@ -38,8 +42,15 @@ def test_choice_index():
 
 
 def _problem(subject, hint, image, grade, n, answer):
-    return {"subject": subject, "hint": hint, "image": image, "grade": f"grade{grade}",
-            "choices": [f"c{i}" for i in range(n)], "answer": answer, "question": "q"}
+    return {
+        "subject": subject,
+        "hint": hint,
+        "image": image,
+        "grade": f"grade{grade}",
+        "choices": [f"c{i}" for i in range(n)],
+        "answer": answer,
+        "question": "q",
+    }
 
 
 PROBLEMS = {
@@ -67,16 +78,38 @@ ANSWERS = [  # (pid, prompt has an image, text); pid 6 has no answer line
 def base(tmp_path):
     (tmp_path / "problems.json").write_text(json.dumps(PROBLEMS))
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1", "2", "3", "4", "5", "6", "7"], "train": ["8"]}))
-    lines = [{"question_id": pid, "prompt": ("<image>\n" if img else "") + "Question: q", "text": text,
-              "answer_id": f"a{pid}", "model_id": "m", "metadata": {}} for pid, img, text in ANSWERS]
+    lines = [
+        {
+            "question_id": pid,
+            "prompt": ("<image>\n" if img else "") + "Question: q",
+            "text": text,
+            "answer_id": f"a{pid}",
+            "model_id": "m",
+            "metadata": {},
+        }
+        for pid, img, text in ANSWERS
+    ]
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return tmp_path
 
 
 def test_scores_files_and_table(base, capsys):
     out = base / "out"
-    assert science_qa.main(["--base-dir", str(base), "--result-file", str(base / "answers.jsonl"),
-                            "--output-file", str(out / "o.json"), "--output-result", str(out / "r.json")]) == 0
+    assert (
+        science_qa.main(
+            [
+                "--base-dir",
+                str(base),
+                "--result-file",
+                str(base / "answers.jsonl"),
+                "--output-file",
+                str(out / "o.json"),
+                "--output-result",
+                str(out / "r.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Total: 7, Correct: 3, Accuracy: 42.86%, IMG-Accuracy: 33.33%" in printed
     assert "| NAT | SOC | LAN | TXT | IMG | NO | G1-6 | G7-12 | Avg |" in printed
@@ -88,12 +121,26 @@ def test_scores_files_and_table(base, capsys):
     analysis = json.loads((out / "o.json").read_text())
     assert [a["question_id"] for a in analysis["correct"]] == ["1", "2", "3"]
     assert [a["parsed_ans"] for a in analysis["incorrect"]] == [FAILED, "C", FAILED, FAILED]
-    assert analysis["incorrect"][2] == {"question_id": "6", "parsed_ans": FAILED, "ground_truth": "A",
-                                        "question": "Unknown", "pred": FAILED, "is_multimodal": False}
+    assert analysis["incorrect"][2] == {
+        "question_id": "6",
+        "parsed_ans": FAILED,
+        "ground_truth": "A",
+        "question": "Unknown",
+        "pred": FAILED,
+        "is_multimodal": False,
+    }
     rows = json.loads((out / "r_table.json").read_text())
     assert {c: (rows[c]["correct"], rows[c]["count"]) for c in rows} == {
-        "NAT": (1, 3), "SOC": (1, 2), "LAN": (1, 2), "TXT": (1, 2), "IMG": (1, 3), "NO": (1, 3),
-        "G1-6": (1, 3), "G7-12": (2, 4), "Avg": (3, 7)}
+        "NAT": (1, 3),
+        "SOC": (1, 2),
+        "LAN": (1, 2),
+        "TXT": (1, 2),
+        "IMG": (1, 3),
+        "NO": (1, 3),
+        "G1-6": (1, 3),
+        "G7-12": (2, 4),
+        "Avg": (3, 7),
+    }
 
 
 def test_failed_random_is_seeded(base):

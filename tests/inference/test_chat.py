@@ -1,6 +1,7 @@
 """Terminal chat: incremental detokenization, stop strings, multi-turn sessions (history, image in the
 first turn only, context trimming and refusal), image fetching, and the CLI in a pseudo-terminal."""
 
+import contextlib
 import dataclasses
 import http.server
 import os
@@ -20,9 +21,9 @@ from serving_fixtures import png_bytes, shared_chat_model, shared_checkpoint
 from llava_jax.data import load_tokenizer
 from llava_jax.data.templates import get_template
 from llava_jax.inference import generate
-from llava_jax.inference.terminal_chat import ChatSession, ContextFull, fetch_image
 from llava_jax.inference.detokenize import IncrementalDecoder, StopMatcher
 from llava_jax.inference.sampling import GREEDY
+from llava_jax.inference.terminal_chat import ChatSession, ContextFull, fetch_image
 from llava_jax.models import Llava
 
 TEXTS = ["Hello wörld 日本 🙂 ### x\n\n  two  spaces", " leading space", "a\nb\n", "🙂🙂 🙂", "The cat sat.</s>USER:"]
@@ -39,7 +40,7 @@ def test_incremental_decoding_equals_full_decode(tokenizer, text, step):
     ids = tokenizer.encode(text, add_special_tokens=False)
     decoder, pieces = IncrementalDecoder(tokenizer), []
     for i in range(0, len(ids), step):
-        pieces.append(decoder.push(ids[i:i + step]))
+        pieces.append(decoder.push(ids[i : i + step]))
     pieces.append(decoder.flush())
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
     assert not any("\ufffd" in p for p in pieces)  # never half a character
@@ -88,8 +89,13 @@ def image(chat):
 
 def _greedy_text(chat, messages, image, max_new_tokens):
     ids = chat.prompt_ids(messages, image=image is not None)
-    tokens = generate(chat.model, [ids.tolist()], None if image is None else image[None, None],
-                      max_new_tokens=max_new_tokens, eos_ids=chat.eos_ids)[0]
+    tokens = generate(
+        chat.model,
+        [ids.tolist()],
+        None if image is None else image[None, None],
+        max_new_tokens=max_new_tokens,
+        eos_ids=chat.eos_ids,
+    )[0]
     return chat.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
@@ -112,10 +118,10 @@ def test_two_turns_stream_and_keep_history(chat, image):
 
 def test_reply_stops_at_the_template_stop_string(chat, image):
     full = _greedy_text(chat, ["Describe it."], image, 16)
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = dataclasses.replace(chat, template=dataclasses.replace(chat.template, sep2=stop))
     session = ChatSession(cut, image, sampling=GREEDY, max_new_tokens=16)
-    assert "".join(session.reply("Describe it.")) == full[:full.index(stop)]
+    assert "".join(session.reply("Describe it.")) == full[: full.index(stop)]
     assert session.finish == "stop"
 
 
@@ -200,10 +206,8 @@ class _Terminal:
             if left <= 0 or self.process.poll() is not None and not select.select([self.master], [], [], 0)[0]:
                 raise AssertionError(f"never saw {pattern!r}; screen:\n{self.screen[-3000:]}")
             if select.select([self.master], [], [], min(left, 0.5))[0]:
-                try:
+                with contextlib.suppress(OSError):  # OSError: the child closed the terminal
                     self.screen += os.read(self.master, 65536).decode(errors="replace").replace("\r\n", "\n")
-                except OSError:  # the child closed the terminal
-                    pass
         return match
 
     def type(self, line: str) -> None:
@@ -221,8 +225,22 @@ def test_cli_two_turns_in_a_terminal(tmp_path, tmp_path_factory):
     image = tmp_path / "photo.png"
     image.write_bytes(png_bytes(100, 80, seed=2))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    term = _Terminal([sys.executable, "-m", "llava_jax.chat", "--checkpoint", str(ckpt), "--image", str(image),
-                      "--temperature", "0", "--max-new-tokens", "6"], env)
+    term = _Terminal(
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.chat",
+            "--checkpoint",
+            str(ckpt),
+            "--image",
+            str(image),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+        ],
+        env,
+    )
     try:
         term.expect(r"template vicuna_v1, context 1024 tokens, image ")
         term.expect(r"USER: $")

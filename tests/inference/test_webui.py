@@ -3,6 +3,7 @@
 image, asks a question, waits for the streamed reply, and saves a screenshot."""
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -16,9 +17,18 @@ from serving_fixtures import png_bytes, running_server, shared_chat_model
 from llava_jax.inference.openai_protocol import Limits
 from llava_jax.inference.server import ServerConfig, create_app
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--remote-debugging-pipe"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-pipe",
+]
 
 
 class Browser:
@@ -31,7 +41,10 @@ class Browser:
         script = f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w} {to_chrome_r}<&- {from_chrome_w}>&-'
         self.process = subprocess.Popen(
             ["bash", "-c", script, executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}", "about:blank"],
-            pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            pass_fds=(to_chrome_r, from_chrome_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self.timeout = timeout
@@ -73,12 +86,15 @@ class Browser:
 
     def open(self, url: str) -> None:
         target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True},
-                                 session=False)["sessionId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
+            "sessionId"
+        ]
         self.send("Page.enable")
         self.send("Runtime.enable")
-        self.send("Emulation.setDeviceMetricsOverride", {"width": 1100, "height": 800, "deviceScaleFactor": 1,
-                                                         "mobile": False})
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1100, "height": 800, "deviceScaleFactor": 1, "mobile": False},
+        )
         self.send("Page.navigate", {"url": url})
         self.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
 
@@ -107,10 +123,8 @@ class Browser:
         path.write_bytes(base64.b64decode(data))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.send("Browser.close", session=False)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -132,8 +146,7 @@ def _chromium() -> str:
 def test_upload_image_ask_and_get_a_streamed_reply(tmp_path, tmp_path_factory):
     executable = _chromium()
     chat = shared_chat_model(tmp_path_factory)
-    app = create_app(chat, ServerConfig(model_name="tiny-llava", chunk_size=2,
-                                        limits=Limits(default_max_tokens=24)))
+    app = create_app(chat, ServerConfig(model_name="tiny-llava", chunk_size=2, limits=Limits(default_max_tokens=24)))
     image = tmp_path / "photo.png"
     image.write_bytes(png_bytes(320, 240, seed=7))
     with running_server(app) as url:
@@ -143,10 +156,12 @@ def test_upload_image_ask_and_get_a_streamed_reply(tmp_path, tmp_path_factory):
             assert browser.evaluate("document.getElementById('model').textContent") == "tiny-llava"
             browser.set_file("#image-input", image)
             browser.wait_for("document.getElementById('preview').style.display === 'block'")
-            browser.evaluate("document.getElementById('temperature').value = '0';"
-                             "document.getElementById('max-tokens').value = '12';"
-                             "document.getElementById('prompt').value = 'What is in this picture?';"
-                             "document.getElementById('send').click(); true")
+            browser.evaluate(
+                "document.getElementById('temperature').value = '0';"
+                "document.getElementById('max-tokens').value = '12';"
+                "document.getElementById('prompt').value = 'What is in this picture?';"
+                "document.getElementById('send').click(); true"
+            )
             browser.wait_for("!!document.querySelector('.msg.assistant[data-done]')", timeout=120)
             reply = browser.evaluate("document.querySelector('.msg.assistant .text').textContent")
             status = browser.evaluate("document.getElementById('status').className")

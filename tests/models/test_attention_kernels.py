@@ -103,9 +103,7 @@ def _llama(attn: str, dtype=jnp.float32) -> Llama:
 def _run(model, seg):
     seg = np.asarray(seg, np.int32)
     tokens = np.random.default_rng(0).integers(1, 128, seg.shape)
-    logits, _ = model(
-        jnp.asarray(tokens), positions=jnp.asarray(_positions(seg)), segment_ids=jnp.asarray(seg)
-    )
+    logits, _ = model(jnp.asarray(tokens), positions=jnp.asarray(_positions(seg)), segment_ids=jnp.asarray(seg))
     return np.asarray(logits.astype(jnp.float32))
 
 

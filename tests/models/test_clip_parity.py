@@ -26,7 +26,7 @@ def test_every_hidden_state_matches(image_size, positions):
         want = ref(pixel_values=pixels, output_hidden_states=True).hidden_states
     got = ours.hidden_states(jnp.asarray(pixels.permute(0, 2, 3, 1).numpy()))
     assert len(got) == len(want) == cfg.num_layers + 1
-    diffs = [float(np.abs(np.asarray(g) - np_(w)).max()) for g, w in zip(got, want)]
+    diffs = [float(np.abs(np.asarray(g) - np_(w)).max()) for g, w in zip(got, want, strict=True)]
     print(f"CLIP {image_size}px hidden states max-abs diff per layer: {[f'{d:.1e}' for d in diffs]}")
     for i, diff in enumerate(diffs):
         assert diff < 1e-4, f"hidden_states[{i}] max-abs diff {diff}"
@@ -35,8 +35,9 @@ def test_every_hidden_state_matches(image_size, positions):
 @pytest.mark.parametrize("select_layer,feature", [(-2, "patch"), (-1, "patch"), (-2, "cls_patch"), (1, "patch")])
 def test_selected_features(select_layer, feature):
     ref = clip_vision(224, seed=3)
-    cfg = dataclasses.replace(vision_config_from_hf(ref.config.to_dict()), select_layer=select_layer,
-                              select_feature=feature)
+    cfg = dataclasses.replace(
+        vision_config_from_hf(ref.config.to_dict()), select_layer=select_layer, select_feature=feature
+    )
     ours = load_weights(ClipVisionTower(cfg, rngs=nnx.Rngs(1)), DictSource(ref.state_dict()))
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -51,8 +51,9 @@ def test_padded_batch(side):
         pos[b, sl] = torch.arange(n)
     with torch.no_grad():
         want = np_(ref(input_ids=tokens, attention_mask=mask, position_ids=pos).logits)
-    got, _ = ours(jnp.asarray(tokens.numpy()), positions=jnp.asarray(pos.numpy()),
-                  segment_ids=jnp.asarray(mask.numpy()))
+    got, _ = ours(
+        jnp.asarray(tokens.numpy()), positions=jnp.asarray(pos.numpy()), segment_ids=jnp.asarray(mask.numpy())
+    )
     valid = mask.numpy().astype(bool)
     diff = np.abs(np.asarray(got) - want)[valid].max()
     print(f"LLaMA {side}-padded batch: logits max-abs diff {diff:.1e}")
@@ -60,7 +61,7 @@ def test_padded_batch(side):
     # Each row also equals the same sequence run alone, unpadded.
     for b, n in enumerate(lengths):
         sl = slice(0, n) if side == "right" else slice(t - n, t)
-        alone, _ = ours(jnp.asarray(tokens[b:b + 1, sl].numpy()))
+        alone, _ = ours(jnp.asarray(tokens[b : b + 1, sl].numpy()))
         assert np.abs(np.asarray(alone)[0] - np.asarray(got)[b, sl]).max() < 1e-4
 
 
@@ -92,12 +93,12 @@ def test_kv_cache_decode_equals_full_forward():
     seg = np.zeros((2, t), np.int32)
     pos = np.zeros((2, t), np.int32)
     for b, n in enumerate(lengths):
-        prompt[b, t - n:] = rng.integers(1, 512, n)
-        seg[b, t - n:] = 1
-        pos[b, t - n:] = np.arange(n)
+        prompt[b, t - n :] = rng.integers(1, 512, n)
+        seg[b, t - n :] = 1
+        pos[b, t - n :] = np.arange(n)
     cache = KVCache.init(ours.cfg, batch=2, length=t + steps)
     logits, cache = ours(jnp.asarray(prompt), positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg), cache=cache)
-    seq = [prompt[b, t - n:].tolist() for b, n in enumerate(lengths)]
+    seq = [prompt[b, t - n :].tolist() for b, n in enumerate(lengths)]
     step = jax.jit(lambda m, tok, p, c: m(tok, positions=p, segment_ids=jnp.ones_like(tok), cache=c))
     for s in range(steps):
         nxt = np.asarray(jnp.argmax(logits[:, -1], -1))

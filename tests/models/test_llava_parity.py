@@ -19,9 +19,9 @@ def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     length = 48
     ids = torch.randint(1, 400, (3, length), generator=g)
-    ids[0, 2:2 + P] = LLAVA_IMAGE_TOKEN
-    ids[0, 25:25 + P] = LLAVA_IMAGE_TOKEN
-    ids[2, 5:5 + P] = LLAVA_IMAGE_TOKEN
+    ids[0, 2 : 2 + P] = LLAVA_IMAGE_TOKEN
+    ids[0, 25 : 25 + P] = LLAVA_IMAGE_TOKEN
+    ids[2, 5 : 5 + P] = LLAVA_IMAGE_TOKEN
     pix = torch.randn(3, 3, 56, 56, generator=g)  # images a, b (row 0) and c (row 2), normalised
     ours = np.zeros((3, 2, 56, 56, 3), np.float32)
     nhwc = pix.permute(0, 2, 3, 1).numpy()
@@ -49,8 +49,9 @@ def test_logits_match(act, projector, layer, layout):
 
 def test_text_only_batch_needs_no_images():
     ref = llava()
-    ours = load_weights(Llava(llava_config_from_hf(ref.config.to_dict()), rngs=nnx.Rngs(0)),
-                        DictSource(ref.state_dict()))
+    ours = load_weights(
+        Llava(llava_config_from_hf(ref.config.to_dict()), rngs=nnx.Rngs(0)), DictSource(ref.state_dict())
+    )
     ids = torch.randint(1, 400, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = np_(ref(input_ids=ids).logits)
@@ -72,14 +73,15 @@ def test_from_pretrained_directory(tmp_path):
 
 def test_uint8_images_are_normalised_like_clip():
     ref = llava(seed=1)
-    ours = load_weights(Llava(llava_config_from_hf(ref.config.to_dict()), rngs=nnx.Rngs(0)),
-                        DictSource(ref.state_dict()))
+    ours = load_weights(
+        Llava(llava_config_from_hf(ref.config.to_dict()), rngs=nnx.Rngs(0)), DictSource(ref.state_dict())
+    )
     raw = np.random.default_rng(0).integers(0, 256, (1, 1, 56, 56, 3), dtype=np.uint8)
     mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
     std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
     normalised = (raw.astype(np.float32) / 255.0 - mean) / std
     ids = np.full((1, 20), 7)
-    ids[0, 2:2 + P] = LLAVA_IMAGE_TOKEN
+    ids[0, 2 : 2 + P] = LLAVA_IMAGE_TOKEN
     a, _ = ours(jnp.asarray(ids), jnp.asarray(raw))
     b, _ = ours(jnp.asarray(ids), jnp.asarray(normalised))
     assert np.abs(np.asarray(a) - np.asarray(b)).max() < 1e-5

@@ -17,15 +17,27 @@ def _ours_count(cfg) -> int:
 
 
 def _hf_vision(v):
-    return tf.CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                               num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                               image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu")
+    return tf.CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        hidden_act="quick_gelu",
+    )
 
 
 def _hf_text(t):
-    return tf.LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                          num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                          num_key_value_heads=t.num_kv_heads, tie_word_embeddings=t.tie_word_embeddings)
+    return tf.LlamaConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        tie_word_embeddings=t.tie_word_embeddings,
+    )
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -37,13 +49,19 @@ def test_parameter_count_equals_transformers(name):
     cfg = PRESETS[name]
     with torch.device("meta"):
         if cfg.projector == "mlp2x_gelu":  # llava-hf's own architecture
-            hf = _numel(tf.LlavaForConditionalGeneration(
-                tf.LlavaConfig(vision_config=_hf_vision(cfg.vision), text_config=_hf_text(cfg.llm),
-                               projector_hidden_act="gelu")))
+            hf = _numel(
+                tf.LlavaForConditionalGeneration(
+                    tf.LlavaConfig(
+                        vision_config=_hf_vision(cfg.vision), text_config=_hf_text(cfg.llm), projector_hidden_act="gelu"
+                    )
+                )
+            )
         else:  # the paper's single linear layer: CLIP tower + nn.Linear + LLaMA
-            hf = (_numel(tf.CLIPVisionModel(_hf_vision(cfg.vision)))
-                  + _numel(torch.nn.Linear(cfg.vision.hidden_size, cfg.llm.hidden_size))
-                  + _numel(tf.LlamaForCausalLM(_hf_text(cfg.llm))))
+            hf = (
+                _numel(tf.CLIPVisionModel(_hf_vision(cfg.vision)))
+                + _numel(torch.nn.Linear(cfg.vision.hidden_size, cfg.llm.hidden_size))
+                + _numel(tf.LlamaForCausalLM(_hf_text(cfg.llm)))
+            )
     assert _ours_count(cfg) == hf
 
 
@@ -67,7 +85,7 @@ def test_bf16_forward_close_to_fp32():
     m16 = Llava(cfg.with_runtime(dtype=jnp.bfloat16), rngs=nnx.Rngs(0))  # same seed, same weights
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 32000, (2, 96))
-    ids[0, 4:4 + cfg.num_image_tokens] = cfg.image_token_id
+    ids[0, 4 : 4 + cfg.num_image_tokens] = cfg.image_token_id
     images = rng.integers(0, 256, (2, 1, 64, 64, 3), dtype=np.uint8)
     a, _ = m32(jnp.asarray(ids), jnp.asarray(images))
     b, _ = m16(jnp.asarray(ids), jnp.asarray(images))

@@ -64,18 +64,26 @@ def _hf_greedy(ref, prompts, max_new_tokens):
     ids = torch.full((len(prompts), t), PAD)
     mask = torch.zeros((len(prompts), t), dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, t - len(p):] = torch.tensor(p)
-        mask[b, t - len(p):] = 1
+        ids[b, t - len(p) :] = torch.tensor(p)
+        mask[b, t - len(p) :] = 1
     with torch.no_grad():
-        out = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                           eos_token_id=EOS, pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+        out = ref.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     rows, margin = [], np.inf
     scores = torch.stack(out.scores, 1)
     for b in range(len(prompts)):
         new = out.sequences[b, t:].tolist()
         n = new.index(EOS) if EOS in new else len(new)
         rows.append(new[:n])
-        top2 = torch.topk(scores[b, :min(n + 1, len(new))], 2, dim=-1).values
+        top2 = torch.topk(scores[b, : min(n + 1, len(new))], 2, dim=-1).values
         margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
     return rows, margin
 
@@ -98,10 +106,19 @@ def test_greedy_generation_matches_transformers(kind):
 # As published: Qwen2.5 / DeepSeek (yarn), Llama-3.1 (llama3), Phi-3 (longrope, per-frequency factors).
 OTHER_SCALINGS = {
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32},
-    "longrope": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-                 "original_max_position_embeddings": 32},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "longrope": {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [2.0] * 8,
+        "original_max_position_embeddings": 32,
+    },
 }
 
 
@@ -122,8 +139,17 @@ def test_exported_config_declares_the_scaling(kind):
 
     from llava_jax.checkpoint.hf_config import llama_config_to_hf
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=MAX_POS, rope_type=kind, rope_factor=2.5)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=MAX_POS,
+        rope_type=kind,
+        rope_factor=2.5,
+    )
     params = tf.LlamaConfig.from_dict(llama_config_to_hf(cfg)).rope_parameters
     assert (params["rope_type"], params["factor"], params["rope_theta"]) == (kind, 2.5, 10000.0)
     assert cfg.context_length == int(MAX_POS * 2.5)

@@ -25,7 +25,7 @@ losses = []
 with jax.set_mesh(setup.mesh):
     for seed in range(3):
         full = random_batch(ROWS, seed=seed)
-        local = {k: v[i * ROWS // n:(i + 1) * ROWS // n] for k, v in full.items()}
+        local = {k: v[i * ROWS // n : (i + 1) * ROWS // n] for k, v in full.items()}
         state, m = setup.step(state, setup.put(local))
         losses.append(float(m["loss"]))
 from llava_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -33,5 +33,8 @@ from llava_jax.parallel.mesh import make_mesh  # noqa: E402
 # A DCN factor: the data axis across processes (slices / nodes), fsdp inside each.
 hybrid = make_mesh((1, jax.local_device_count(), 1), (n, 1, 1))
 owners = [[d.process_index for d in row] for row in hybrid.devices[:, :, 0]]
-print("LOSSES " + json.dumps({"process": i, "of": n, "devices": jax.device_count(), "losses": losses,
-                              "dcn_owners": owners}), flush=True)
+print(
+    "LOSSES "
+    + json.dumps({"process": i, "of": n, "devices": jax.device_count(), "losses": losses, "dcn_owners": owners}),
+    flush=True,
+)

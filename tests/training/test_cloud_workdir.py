@@ -53,8 +53,8 @@ def test_absolute_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):
 
 def test_checkpoint_metrics_and_model_json_go_to_the_bucket(gcs, tmp_path, monkeypatch):
     from llava_jax.checkpoint.params import restore_params, save_params
-    from llava_jax.training.train_checkpoint import Checkpointer
     from llava_jax.training.metrics import MetricWriter
+    from llava_jax.training.train_checkpoint import Checkpointer
 
     monkeypatch.chdir(tmp_path)
     stage = "gs://bucket/unit/stage1"

@@ -10,8 +10,13 @@ from llava_jax.training.config_schema import base_config
 
 
 def _train(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "llava_jax.train", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "XLA_FLAGS": ""})
+    return subprocess.run(
+        [sys.executable, "-m", "llava_jax.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
 
 
 def test_unknown_key_is_named():
@@ -34,11 +39,21 @@ def test_schema_is_locked_in_python_too():
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    r = _train(f"--workdir={tmp_path}", "--config.stages=stage1", "--config.stage1.optim.lr=1e38",
-               "--config.stage1.optim.warmup_ratio=0.0", "--config.stage1.optim.clip_norm=0.0",
-               "--config.synthetic.num_pretrain=64", "--config.synthetic.num_instruct=8",
-               "--config.synthetic.num_eval=4", "--config.stage1.batch_size=8", "--config.stage1.num_steps=6",
-               "--config.stage1.checkpoint_every=1", "--config.log_every=1", "--config.eval.json_path=")
+    r = _train(
+        f"--workdir={tmp_path}",
+        "--config.stages=stage1",
+        "--config.stage1.optim.lr=1e38",
+        "--config.stage1.optim.warmup_ratio=0.0",
+        "--config.stage1.optim.clip_norm=0.0",
+        "--config.synthetic.num_pretrain=64",
+        "--config.synthetic.num_instruct=8",
+        "--config.synthetic.num_eval=4",
+        "--config.stage1.batch_size=8",
+        "--config.stage1.num_steps=6",
+        "--config.stage1.checkpoint_every=1",
+        "--config.log_every=1",
+        "--config.eval.json_path=",
+    )
     assert r.returncode != 0
     assert "NonFiniteLoss" in r.stderr and "last good checkpoint is step 1" in r.stderr, r.stderr[-2000:]
     steps = sorted(int(p.name) for p in (tmp_path / "stage1" / "checkpoints").iterdir() if p.name.isdigit())

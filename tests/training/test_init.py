@@ -33,14 +33,18 @@ def test_original_mm_projector_file_starts_stage2(tmp_path):
     save_file(tensors, str(tmp_path / "mm_projector.safetensors"))
     params = loop.initial_params(config, spec, mask, sh, str(tmp_path))
     proj = params["multi_modal_projector"]
-    np.testing.assert_array_equal(np.asarray(proj["linear_1"]["kernel"]), tensors["model.mm_projector.0.weight"].numpy().T)
+    np.testing.assert_array_equal(
+        np.asarray(proj["linear_1"]["kernel"]), tensors["model.mm_projector.0.weight"].numpy().T
+    )
     np.testing.assert_array_equal(np.asarray(proj["linear_2"]["bias"]), tensors["model.mm_projector.2.bias"].numpy())
     # everything else is the seeded init, identical to a run without a stage-1 projector
     base = loop.initial_params(config, spec, mask, sh, None)
-    np.testing.assert_array_equal(np.asarray(params["language_model"]["norm"]["scale"]),
-                                  np.asarray(base["language_model"]["norm"]["scale"]))
-    assert not np.array_equal(np.asarray(base["multi_modal_projector"]["linear_1"]["kernel"]),
-                              np.asarray(proj["linear_1"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(params["language_model"]["norm"]["scale"]), np.asarray(base["language_model"]["norm"]["scale"])
+    )
+    assert not np.array_equal(
+        np.asarray(base["multi_modal_projector"]["linear_1"]["kernel"]), np.asarray(proj["linear_1"]["kernel"])
+    )
 
 
 def _diff_against_defaults(d: dict, defaults: dict) -> dict:
@@ -58,15 +62,30 @@ def test_init_llava_reads_a_diff_style_llava_hf_directory(tmp_path):
     config, spec, mask, sh = _setup()
     v, t = spec.cfg.vision, spec.cfg.llm
     torch.manual_seed(0)
-    hf = tf.LlavaForConditionalGeneration(tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                          num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-                                          image_size=v.image_size, patch_size=v.patch_size),
-        text_config=tf.LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                                   intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                   num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                                   rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings),
-        image_token_index=32000, pad_token_id=32001))
+    hf = tf.LlavaForConditionalGeneration(
+        tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(
+                hidden_size=v.hidden_size,
+                intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_layers,
+                num_attention_heads=v.num_heads,
+                image_size=v.image_size,
+                patch_size=v.patch_size,
+            ),
+            text_config=tf.LlamaConfig(
+                vocab_size=t.vocab_size,
+                hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size,
+                num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads,
+                num_key_value_heads=t.num_kv_heads,
+                rms_norm_eps=t.rms_norm_eps,
+                max_position_embeddings=t.max_position_embeddings,
+            ),
+            image_token_index=32000,
+            pad_token_id=32001,
+        )
+    )
     hf.save_pretrained(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
     d["text_config"] = _diff_against_defaults(d["text_config"], tf.LlamaConfig().to_dict())
@@ -77,10 +96,14 @@ def test_init_llava_reads_a_diff_style_llava_hf_directory(tmp_path):
     config.init.llava = str(tmp_path)
     params = loop.initial_params(config, spec, mask, sh, None)
     state = hf.state_dict()
-    np.testing.assert_array_equal(np.asarray(params["language_model"]["embed_tokens"]["embedding"]),
-                                  state["model.language_model.embed_tokens.weight"].numpy())
-    np.testing.assert_array_equal(np.asarray(params["vision_tower"]["class_embedding"]),
-                                  state["model.vision_tower.embeddings.class_embedding"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(params["language_model"]["embed_tokens"]["embedding"]),
+        state["model.language_model.embed_tokens.weight"].numpy(),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(params["vision_tower"]["class_embedding"]),
+        state["model.vision_tower.embeddings.class_embedding"].numpy(),
+    )
 
 
 def test_init_llava_of_another_architecture_names_the_fields(tmp_path, repo_root):

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 def _device_groups(rows: int, n: int, devices: int) -> list[list[list[int]]]:
     """groups[m][d] = global row indices of micro-batch m on device d."""
     per = rows // (n * devices)
-    return [[list(range(m, rows, n))[d * per:(d + 1) * per] for d in range(devices)] for m in range(n)]
+    return [[list(range(m, rows, n))[d * per : (d + 1) * per] for d in range(devices)] for m in range(n)]
 
 
 def torch_original(logits: np.ndarray, labels: np.ndarray, n: int, devices: int) -> tuple[float, np.ndarray]:
@@ -61,7 +61,7 @@ def _labels(rng, rows: int, length: int, vocab: int) -> np.ndarray:
     labels = np.full((rows, length), IGNORE_INDEX, np.int64)
     for r in range(rows):
         k = int(rng.integers(2, length + 1))
-        labels[r, length - k:] = rng.integers(0, vocab, k)
+        labels[r, length - k :] = rng.integers(0, vocab, k)
     return labels
 
 
@@ -107,24 +107,32 @@ def test_train_step_uses_the_original_reduction():
     (gradient through the model: jax.vjp with torch's d(loss)/d(logits))."""
     n, devices = 2, 2
     batch = _varied_batch(8, seed=3)
-    setups = [build((1, 2, 1), micro_batches=n, loss_reduction="original", loss_groups=devices),
-              build((1, 1, 1), micro_batches=n, loss_reduction="original", loss_groups=devices)]
+    setups = [
+        build((1, 2, 1), micro_batches=n, loss_reduction="original", loss_groups=devices),
+        build((1, 1, 1), micro_batches=n, loss_reduction="original", loss_groups=devices),
+    ]
     ref = setups[1]
     params = ref.state.params
 
     def logits_of(p):
         model = nnx.merge(ref.spec.graphdef, p)
         emb = model.embed(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["images"]))
-        hidden, _ = model.language_model.hidden(emb, positions=jnp.asarray(batch["positions"]),
-                                                segment_ids=jnp.asarray(batch["segment_ids"]))
+        hidden, _ = model.language_model.hidden(
+            emb, positions=jnp.asarray(batch["positions"]), segment_ids=jnp.asarray(batch["segment_ids"])
+        )
         return model.language_model.logits(hidden)
 
     with jax.set_mesh(ref.mesh):
         logits, vjp = jax.vjp(logits_of, params)
     ref_loss, dlogits = torch_original(np.asarray(logits, np.float64), batch["labels"].astype(np.int64), n, devices)
     (dparams,) = vjp(jnp.asarray(dlogits, jnp.float32))
-    ref_norm = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g, t in
-                           zip(jax.tree.leaves(dparams), jax.tree.leaves(ref.mask), strict=True) if t))
+    ref_norm = np.sqrt(
+        sum(
+            float(jnp.sum(jnp.square(g)))
+            for g, t in zip(jax.tree.leaves(dparams), jax.tree.leaves(ref.mask), strict=True)
+            if t
+        )
+    )
     for s in setups:
         with jax.set_mesh(s.mesh):
             _, m = s.step(s.state, s.put(batch))

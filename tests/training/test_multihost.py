@@ -16,8 +16,14 @@ LAUNCH = REPO / "launch" / "local_multiprocess.sh"
 def _run(nproc: int, ndev: int, log_dir: pathlib.Path) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["LOG_DIR"] = str(log_dir)
-    proc = subprocess.run(["bash", str(LAUNCH), str(nproc), str(ndev), "python", str(WORKER)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        ["bash", str(LAUNCH), str(nproc), str(ndev), "python", str(WORKER)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     logs = "".join((log_dir / f"process_{i}.log").read_text() for i in range(nproc))
     assert proc.returncode == 0, logs[-4000:]
     return [json.loads(line.split("LOSSES ", 1)[1]) for line in logs.splitlines() if line.startswith("LOSSES ")]
@@ -42,12 +48,25 @@ def test_full_job_under_the_launcher(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["LOG_DIR"] = str(tmp_path / "logs")
     work = tmp_path / "run"
-    args = ["--config.synthetic.num_pretrain=64", "--config.synthetic.num_instruct=64",
-            "--config.synthetic.num_eval=8", "--config.stage1.num_steps=2", "--config.stage2.num_steps=2",
-            "--config.stage1.batch_size=8", "--config.stage2.batch_size=8", "--config.stage2.targets_per_row=2",
-            "--config.eval.max_examples=8"]
-    proc = subprocess.run(["bash", str(LAUNCH), "2", "2", "python", "-m", "llava_jax.train", f"--workdir={work}",
-                           *args], env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    args = [
+        "--config.synthetic.num_pretrain=64",
+        "--config.synthetic.num_instruct=64",
+        "--config.synthetic.num_eval=8",
+        "--config.stage1.num_steps=2",
+        "--config.stage2.num_steps=2",
+        "--config.stage1.batch_size=8",
+        "--config.stage2.batch_size=8",
+        "--config.stage2.targets_per_row=2",
+        "--config.eval.max_examples=8",
+    ]
+    proc = subprocess.run(
+        ["bash", str(LAUNCH), "2", "2", "python", "-m", "llava_jax.train", f"--workdir={work}", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
     logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2))
     assert proc.returncode == 0, logs[-4000:]
     assert "use full logits" in logs

@@ -20,7 +20,8 @@ def test_restore_on_a_different_mesh(tmp_path):
     two = build((1, 2, 1), jax.devices()[6:8])
     abstract = abstract_state(two.spec, two.mask, two.tx, jax.numpy.float32)
     restored = Checkpointer(tmp_path / "ckpt", every=1, keep=2).restore(
-        2, abstract_with_shardings(abstract, two.shardings), None)
+        2, abstract_with_shardings(abstract, two.shardings), None
+    )
     q = restored.params["language_model"]["layers"]["q_proj"]["kernel"]
     assert set(q.sharding.device_set) == set(jax.devices()[6:8])
     assert int(restored.step) == 2

@@ -15,10 +15,16 @@ import pytest
 
 ARGS = [
     "--config.stages=stage1",
-    "--config.synthetic.num_pretrain=96", "--config.synthetic.num_instruct=8", "--config.synthetic.num_eval=4",
-    "--config.stage1.num_steps=6", "--config.stage1.batch_size=8", "--config.stage1.checkpoint_every=3",
-    "--config.stage1.data.max_length=96", "--config.stage1.targets_per_row=0",
-    "--config.log_every=1", "--config.eval.json_path=",
+    "--config.synthetic.num_pretrain=96",
+    "--config.synthetic.num_instruct=8",
+    "--config.synthetic.num_eval=4",
+    "--config.stage1.num_steps=6",
+    "--config.stage1.batch_size=8",
+    "--config.stage1.checkpoint_every=3",
+    "--config.stage1.data.max_length=96",
+    "--config.stage1.targets_per_row=0",
+    "--config.log_every=1",
+    "--config.eval.json_path=",
 ]
 
 
@@ -28,12 +34,19 @@ PREEMPTED = pathlib.Path(__file__).with_name("preempted_train.py")
 
 def _train(workdir, kill_after_step=0):
     """The entry point; with `kill_after_step`, the same run SIGKILLed after that step's checkpoint."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, str(PREEMPTED), str(kill_after_step)] if kill_after_step else [
-        sys.executable, "-m", "llava_jax.train"]
-    return subprocess.run([*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True,
-                          timeout=900)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    command = (
+        [sys.executable, str(PREEMPTED), str(kill_after_step)]
+        if kill_after_step
+        else [sys.executable, "-m", "llava_jax.train"]
+    )
+    return subprocess.run(
+        [*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -70,19 +83,34 @@ def test_stage2_starts_from_stage1_projector(tmp_path):
 
     from llava_jax.inference import load_model
 
-    args = ["--config.synthetic.num_pretrain=64", "--config.synthetic.num_instruct=32", "--config.synthetic.num_eval=4",
-            "--config.stage1.num_steps=3", "--config.stage1.batch_size=8", "--config.stage2.num_steps=1",
-            "--config.stage2.batch_size=8", "--config.stage2.optim.lr=0.0", "--config.eval.json_path="]
+    args = [
+        "--config.synthetic.num_pretrain=64",
+        "--config.synthetic.num_instruct=32",
+        "--config.synthetic.num_eval=4",
+        "--config.stage1.num_steps=3",
+        "--config.stage1.batch_size=8",
+        "--config.stage2.num_steps=1",
+        "--config.stage2.batch_size=8",
+        "--config.stage2.optim.lr=0.0",
+        "--config.eval.json_path=",
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    r = subprocess.run([sys.executable, "-m", "llava_jax.train", f"--workdir={tmp_path}", *args], env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "llava_jax.train", f"--workdir={tmp_path}", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s1 = load_model(tmp_path / "stage1").model
     s2 = load_model(tmp_path / "stage2").model
     k1 = np.asarray(s1.multi_modal_projector.linear_1.kernel[...])
     k2 = np.asarray(s2.multi_modal_projector.linear_1.kernel[...])
     np.testing.assert_array_equal(k1, k2)
-    np.testing.assert_array_equal(np.asarray(s1.language_model.layers.q_proj.kernel[...]),
-                                  np.asarray(s2.language_model.layers.q_proj.kernel[...]))
-    np.testing.assert_array_equal(np.asarray(s1.vision_tower.layers.fc1.kernel[...]),
-                                  np.asarray(s2.vision_tower.layers.fc1.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(s1.language_model.layers.q_proj.kernel[...]), np.asarray(s2.language_model.layers.q_proj.kernel[...])
+    )
+    np.testing.assert_array_equal(
+        np.asarray(s1.vision_tower.layers.fc1.kernel[...]), np.asarray(s2.vision_tower.layers.fc1.kernel[...])
+    )

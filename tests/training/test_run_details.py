@@ -24,14 +24,18 @@ ORIGINAL_PAD = (122, 116, 104)
 
 
 def test_evaluation_uses_the_stage_image_aspect_ratio(tmp_path, monkeypatch):
-    from llava_jax.models import Llava
     from llava_jax import experiment as job
     from llava_jax.eval import heldout as evaluate_mod
+    from llava_jax.models import Llava
     from llava_jax.training import loop
 
     Image.new("RGB", (64, 32), (255, 0, 0)).save(tmp_path / "wide.png")  # wide: pad adds bands top and bottom
-    record = {"id": "q0", "image": "wide.png", "answer": "red",
-              "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}]}
+    record = {
+        "id": "q0",
+        "image": "wide.png",
+        "answer": "red",
+        "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}],
+    }
     (tmp_path / "eval.json").write_text(json.dumps([record]))
     config = base_config()
     with config.unlocked():
@@ -78,10 +82,26 @@ def test_resume_with_another_process_count_is_refused_with_the_fix(tmp_path, mon
 def _train(workdir, *args, timeout=1200):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.run(
-        [sys.executable, "-m", "llava_jax.train", f"--workdir={workdir}", "--config.stages=stage1",
-         "--config.synthetic.num_pretrain=64", "--config.synthetic.num_instruct=8", "--config.synthetic.num_eval=4",
-         "--config.stage1.batch_size=8", "--config.stage1.data.max_length=96", "--config.eval.json_path=", *args],
-        check=False, env=env, capture_output=True, text=True, timeout=timeout)
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.train",
+            f"--workdir={workdir}",
+            "--config.stages=stage1",
+            "--config.synthetic.num_pretrain=64",
+            "--config.synthetic.num_instruct=8",
+            "--config.synthetic.num_eval=4",
+            "--config.stage1.batch_size=8",
+            "--config.stage1.data.max_length=96",
+            "--config.eval.json_path=",
+            *args,
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _checkpoints(workdir) -> list[int]:
@@ -94,8 +114,13 @@ LIBRARY_LINE = re.compile(r"^[IWE]\d{4} \d\d:\d\d:\d\d")  # absl's format, used 
 
 @pytest.mark.slow
 def test_checkpoint_every_zero_clean_console_and_full_logits_step_up_front(tmp_path):
-    r = _train(tmp_path, "--config.stage1.num_steps=3", "--config.stage1.checkpoint_every=0",
-               "--config.log_every=1", "--config.stage1.targets_per_row=90")
+    r = _train(
+        tmp_path,
+        "--config.stage1.num_steps=3",
+        "--config.stage1.checkpoint_every=0",
+        "--config.log_every=1",
+        "--config.stage1.targets_per_row=90",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert _checkpoints(tmp_path) == [3]  # only the final one
     console = (r.stdout + r.stderr).splitlines()
@@ -111,9 +136,15 @@ def test_checkpoint_every_zero_clean_console_and_full_logits_step_up_front(tmp_p
 
 @pytest.mark.slow
 def test_non_finite_loss_is_caught_before_the_first_checkpoint(tmp_path):
-    r = _train(tmp_path, "--config.stage1.optim.lr=1e38", "--config.stage1.optim.warmup_ratio=0.0",
-               "--config.stage1.optim.clip_norm=0.0", "--config.stage1.num_steps=6",
-               "--config.stage1.checkpoint_every=4", "--config.log_every=100")
+    r = _train(
+        tmp_path,
+        "--config.stage1.optim.lr=1e38",
+        "--config.stage1.optim.warmup_ratio=0.0",
+        "--config.stage1.optim.clip_norm=0.0",
+        "--config.stage1.num_steps=6",
+        "--config.stage1.checkpoint_every=4",
+        "--config.log_every=100",
+    )
     assert r.returncode != 0
     assert "NonFiniteLoss" in r.stderr and "No checkpoint of this stage was written" in r.stderr, r.stderr[-2000:]
     assert _checkpoints(tmp_path) == []

@@ -25,6 +25,9 @@ def test_parameters_are_actually_sharded():
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert q.addressable_shards[0].data.shape == (2, 32, 32)
     # Adam moments follow their parameter's layout
-    moments = [x for p, x in jax.tree_util.tree_leaves_with_path(s.state.opt_state)
-               if "['q_proj']['kernel']" in jax.tree_util.keystr(p)]
+    moments = [
+        x
+        for p, x in jax.tree_util.tree_leaves_with_path(s.state.opt_state)
+        if "['q_proj']['kernel']" in jax.tree_util.keystr(p)
+    ]
     assert len(moments) == 2 and all(x.sharding.spec == q.sharding.spec for x in moments)

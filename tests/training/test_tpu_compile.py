@@ -94,9 +94,7 @@ def _tpu_python() -> str:
 def _aot(repo_root, *args, timeout=3000) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     cmd = [_tpu_python(), "-m", "llava_jax.train", "--config", "configs/demo.py", "--aot", *args]
-    res = subprocess.run(
-        cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    res = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
 

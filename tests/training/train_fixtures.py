@@ -21,9 +21,19 @@ from llava_jax.training.trainable import trainable_mask
 IMAGE_TOKEN = 500
 SMALL = LlavaConfig(
     VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4),
-    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                rms_norm_eps=1e-5, max_position_embeddings=128),
-    "mlp2x_gelu", image_token_id=IMAGE_TOKEN, pad_token_id=501,
+    LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+    ),
+    "mlp2x_gelu",
+    image_token_id=IMAGE_TOKEN,
+    pad_token_id=501,
 )
 P = SMALL.num_image_tokens  # 16
 L = 40
@@ -38,12 +48,14 @@ def random_batch(rows: int, seed: int) -> dict[str, np.ndarray]:
     for r in range(rows):
         n = L - (r % 3) * 4  # row length
         if r % 2 == 0:
-            ids[r, 1:1 + P] = IMAGE_TOKEN
+            ids[r, 1 : 1 + P] = IMAGE_TOKEN
         seg[r, n:] = 0
         ids[r, n:] = 501
-        labels[r, n - 12:n] = ids[r, n - 12:n]
+        labels[r, n - 12 : n] = ids[r, n - 12 : n]
     return dict(
-        input_ids=ids, labels=labels, segment_ids=seg,
+        input_ids=ids,
+        labels=labels,
+        segment_ids=seg,
         positions=np.tile(np.arange(L, dtype=np.int32), (rows, 1)),
         images=rng.integers(0, 256, (rows, 1, 32, 32, 3), dtype=np.uint8),
     )
@@ -70,9 +82,21 @@ class Setup:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
 
-def build(mesh_shape=(1, 1, 1), devices=None, *, trainable="projector,llm", micro_batches=1, frozen_dtype=jnp.float32,
-          cfg: LlavaConfig = SMALL, total_steps=10, seed=0, targets_per_row=0, loss_reduction="global_token_mean",
-          loss_groups=1, **optim_kw) -> Setup:
+def build(
+    mesh_shape=(1, 1, 1),
+    devices=None,
+    *,
+    trainable="projector,llm",
+    micro_batches=1,
+    frozen_dtype=jnp.float32,
+    cfg: LlavaConfig = SMALL,
+    total_steps=10,
+    seed=0,
+    targets_per_row=0,
+    loss_reduction="global_token_mean",
+    loss_groups=1,
+    **optim_kw,
+) -> Setup:
     devices = devices if devices is not None else jax.devices()[: int(np.prod([max(s, 1) for s in mesh_shape]))]
     mesh = make_mesh(mesh_shape, devices=devices)
     spec = ModelSpec.create(cfg)
@@ -83,9 +107,11 @@ def build(mesh_shape=(1, 1, 1), devices=None, *, trainable="projector,llm", micr
     ssh = state_shardings(abstract, psh, mesh)
     state = new_state(init_params(spec, seed, mask, frozen_dtype, psh), tx, ssh, seed)
     batch_sh = batch_sharding(mesh)
-    step = jax.jit(make_train_step(spec.graphdef, tx, mask, lr, micro_batches, targets_per_row, loss_reduction,
-                                   loss_groups),
-                   in_shardings=(ssh, batch_sh), out_shardings=(ssh, None))
+    step = jax.jit(
+        make_train_step(spec.graphdef, tx, mask, lr, micro_batches, targets_per_row, loss_reduction, loss_groups),
+        in_shardings=(ssh, batch_sh),
+        out_shardings=(ssh, None),
+    )
     return Setup(spec, mesh, mask, tx, ssh, step, state, batch_sh)
 
 
