@@ -180,11 +180,17 @@ def _prod(xs) -> int:
     return p
 
 
-def _fits(row: dict, hbm_gib: float) -> bool:
-    """Both compiled steps (the capped one and, with targets_per_row, the full-logits one) fit."""
+def peak_of(row: dict) -> float | None:
+    """A stage's peak per device: the larger of its compiled steps (the capped one and, with
+    targets_per_row, the full-logits one); None when a step has no memory analysis or did not compile."""
     if "oom" in row or "full_logits_oom" in row or row.get("peak_GiB") is None:
-        return False
-    return max(row["peak_GiB"], row.get("full_logits_peak_GiB") or 0.0) <= hbm_gib
+        return None
+    return max(row["peak_GiB"], row.get("full_logits_peak_GiB") or 0.0)
+
+
+def _fits(row: dict, hbm_gib: float) -> bool:
+    peak = peak_of(row)
+    return peak is not None and peak <= hbm_gib
 
 
 def _verdict(row: dict, hbm_gib: float) -> str:
@@ -195,10 +201,9 @@ def _verdict(row: dict, hbm_gib: float) -> str:
         )
     if "full_logits_oom" in row:
         return "does not fit: the full-logits fall-back step exceeds HBM"
-    peak = row.get("peak_GiB")
+    peak = peak_of(row)
     if peak is None:
         return "no memory analysis"
-    peak = max(peak, row.get("full_logits_peak_GiB") or 0.0)
     if peak <= hbm_gib:
         return f"fits ({hbm_gib - peak:.1f} GiB free of {hbm_gib:g})"
     return f"does not fit, by {peak - hbm_gib:.1f} GiB ({hbm_gib:g} GiB HBM)"
@@ -248,7 +253,7 @@ def fit(config, name: str, chip: topo.Chip, devices: list, slices: int, tries: i
         c = setting.apply(config, name)
         mesh = make_mesh(c.mesh.ici, c.mesh.dcn, devices=devices)
         row = compile_stage(c, name, ModelSpec.create(model_config(c)), mesh)
-        peak = row.get("peak_GiB")
+        peak = peak_of(row)
         print(
             f"      {setting.describe(name)}: "
             + (f"peak {peak:.2f} GiB" if peak is not None else _verdict(row, chip.hbm_gib))
