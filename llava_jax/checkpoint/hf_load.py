@@ -118,35 +118,45 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
     for rule in rules:
         if rule.ours not in flat:
             raise CheckpointMismatch(f"mapping rule for {rule.theirs!r} targets {rule.ours!r}, not a model parameter")
-        want = tuple(flat[rule.ours].shape)
-        if rule.stacked:
-            arr = np.stack([to_ours(rule.kind, read(rule.theirs.format(i=i))) for i in range(want[0])])
-        else:
-            arr = read(rule.theirs)
-            axis = _vocab_axis(rule.ours) if fmt in _VOCAB_FIT_FORMATS else None
-            if axis is not None and vocab.needs_fit(arr.shape[0], want[axis]):
-                rows = arr.shape[0]
-                try:
-                    arr = vocab.fit_rows(arr, want[axis], key=rule.theirs)
-                except ValueError as e:
-                    raise CheckpointMismatch(str(e)) from None
-                log.info("%s: %s", rule.theirs, vocab.describe(rows, want[axis]))
-            arr = to_ours(rule.kind, arr)
-        if tuple(arr.shape) != want:
-            raise CheckpointMismatch(
-                f"{rule.theirs!r}: checkpoint shape {tuple(arr.shape)} (in llava_jax layout) does not match "
-                f"parameter {rule.ours!r} of shape {want}; is the config right for this checkpoint?"
-            )
-        out[rule.ours] = arr
+        out[rule.ours] = _rule_array(rule, tuple(flat[rule.ours].shape), fmt, read)
     _check_tied_head(module, f, keyset, used, read)
-    ignore = [re.compile(p) for p in f.ignore]
+    _check_all_used(keys, used, f.ignore, fmt)
+    return out
+
+
+def _rule_array(rule, want: tuple[int, ...], fmt: str, read) -> np.ndarray:
+    """The array of shape `want` (llava_jax layout) that `rule` makes of the checkpoint tensors `read` returns:
+    per-layer tensors stacked for a stacked rule, vocabulary rows fitted for the formats that allow it."""
+    if rule.stacked:
+        arr = np.stack([to_ours(rule.kind, read(rule.theirs.format(i=i))) for i in range(want[0])])
+    else:
+        arr = read(rule.theirs)
+        axis = _vocab_axis(rule.ours) if fmt in _VOCAB_FIT_FORMATS else None
+        if axis is not None and vocab.needs_fit(arr.shape[0], want[axis]):
+            rows = arr.shape[0]
+            try:
+                arr = vocab.fit_rows(arr, want[axis], key=rule.theirs)
+            except ValueError as e:
+                raise CheckpointMismatch(str(e)) from None
+            log.info("%s: %s", rule.theirs, vocab.describe(rows, want[axis]))
+        arr = to_ours(rule.kind, arr)
+    if tuple(arr.shape) != want:
+        raise CheckpointMismatch(
+            f"{rule.theirs!r}: checkpoint shape {tuple(arr.shape)} (in llava_jax layout) does not match "
+            f"parameter {rule.ours!r} of shape {want}; is the config right for this checkpoint?"
+        )
+    return arr
+
+
+def _check_all_used(keys, used: set[str], ignore_patterns, fmt: str) -> None:
+    """Raise `CheckpointMismatch` when a checkpoint key was neither read nor matches one of `ignore_patterns`."""
+    ignore = [re.compile(p) for p in ignore_patterns]
     unknown = [k for k in keys if k not in used and not any(p.search(k) for p in ignore)]
     if unknown:
         raise CheckpointMismatch(
             f"checkpoint ({fmt}) has {len(unknown)} key(s) the model does not use, e.g. {unknown[:5]}; "
             "the config (layer count, tied embeddings, projector) probably differs from the checkpoint's"
         )
-    return out
 
 
 def _vocab_axis(ours: str) -> int | None:

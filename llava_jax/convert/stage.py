@@ -53,6 +53,21 @@ def import_checkpoint(
     path = as_path(source)
     d = hf_config.read_config(path)
     log.info("importing %s", path)
+    model, info = _load_source(path, d, vision=vision, projector=projector, select_layer=select_layer)
+    return save_stage(
+        model,
+        out_dir,
+        template=template or info.template,
+        image_aspect_ratio=image_aspect_ratio or info.image_aspect_ratio,
+        source=info.source,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+
+
+def _load_source(path: Path, d: dict, *, vision, projector, select_layer: int | None):
+    """(model, `original.ImportInfo`) for the checkpoint directory `path` whose config is `d`: an original
+    LLaVA, a llava-hf or a LLaMA directory (+ CLIP + stage-1 projector); see `import_checkpoint`."""
     if hf_config.is_original_llava(d):
         if projector is not None:
             raise ValueError(
@@ -84,12 +99,4 @@ def import_checkpoint(
             f"{path}/config.json: model_type={d.get('model_type')!r} is not an original LLaVA, llava-hf "
             "or LLaMA checkpoint"
         )
-    return save_stage(
-        model,
-        out_dir,
-        template=template or info.template,
-        image_aspect_ratio=image_aspect_ratio or info.image_aspect_ratio,
-        source=info.source,
-        dtype=dtype,
-        overwrite=overwrite,
-    )
+    return model, info

@@ -225,36 +225,12 @@ def run_checks(
     n = len(source)
     chunks = [(i, min(n, i + _CHUNK)) for i in range(0, n, _CHUNK)]
     lengths = np.zeros(n, np.int32)
-    bad, record_images = [], []
-    fork = "fork" in multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    if fork:
-        state["source"] = source  # inherited, not pickled
     with tqdm(total=n, unit="sample", disable=not progress, desc="check") as bar:
-        if workers == 1:
-            _init_worker({**state, "source": source})
-            results = map(_check_records, chunks)
-            pool = None
-        else:
-            _STATE["source"] = source
-            pool = ctx.Pool(
-                workers,
-                initializer=_init_worker,
-                initargs=({**state, "source": None} if not fork else state,),
-            )
-            results = pool.imap_unordered(_check_records, chunks)
+        pool, results = _start_record_checks(state, source, workers, chunks)
         try:
-            for start, chunk_lengths, chunk_bad, chunk_images in results:
-                lengths[start : start + len(chunk_lengths)] = chunk_lengths
-                bad += chunk_bad
-                record_images += chunk_images
-                bar.update(len(chunk_lengths))
+            bad, record_images = _collect_record_checks(results, lengths, bar)
             if image_mode != "none":
-                paths = sorted({p for _, p in record_images})
-                groups = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-                image_results = pool.imap_unordered(_check_images, groups) if pool else map(_check_images, groups)
-                failed = {p: r for group in image_results for p, r in group if r is not None}
-                bad += [(i, source[i].get("id"), *failed[p]) for i, p in record_images if p in failed]
+                bad += _image_failures(pool, record_images, source)
         finally:
             if pool is not None:
                 pool.close()
@@ -267,6 +243,46 @@ def run_checks(
         "seconds": time.perf_counter() - t0,
         "workers": workers,
     }
+
+
+def _start_record_checks(state: dict, source, workers: int, chunks: list[tuple[int, int]]):
+    """(pool or None, iterator of `_check_records` results over `chunks`): in this process for one worker, else in
+    a fork (the source inherited) or spawn (each worker reopens it) pool that the caller closes."""
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
+    if fork:
+        state["source"] = source  # inherited, not pickled
+    if workers == 1:
+        _init_worker({**state, "source": source})
+        return None, map(_check_records, chunks)
+    _STATE["source"] = source
+    pool = ctx.Pool(
+        workers,
+        initializer=_init_worker,
+        initargs=({**state, "source": None} if not fork else state,),
+    )
+    return pool, pool.imap_unordered(_check_records, chunks)
+
+
+def _collect_record_checks(results, lengths: np.ndarray, bar) -> tuple[list, list]:
+    """Fill `lengths` (int32 [n]) from the chunk results; returns (bad records, [(index, image path)])."""
+    bad, record_images = [], []
+    for start, chunk_lengths, chunk_bad, chunk_images in results:
+        lengths[start : start + len(chunk_lengths)] = chunk_lengths
+        bad += chunk_bad
+        record_images += chunk_images
+        bar.update(len(chunk_lengths))
+    return bad, record_images
+
+
+def _image_failures(pool, record_images: list[tuple[int, str]], source) -> list[tuple]:
+    """Check each distinct image once (in `pool` when given); returns (index, id, reason, message) for every
+    record whose image failed."""
+    paths = sorted({p for _, p in record_images})
+    groups = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    image_results = pool.imap_unordered(_check_images, groups) if pool else map(_check_images, groups)
+    failed = {p: r for group in image_results for p, r in group if r is not None}
+    return [(i, source[i].get("id"), *failed[p]) for i, p in record_images if p in failed]
 
 
 def histogram(lengths: np.ndarray, max_length: int, bins: int = 8) -> list[tuple[int, int, int]]:

@@ -81,6 +81,16 @@ def open_image(
 
     Raises BadSample(record_id, reason, path) for a missing, empty, undecodable or oversized image.
     """
+    path, opener = _opener(source, record_id, path_hint)
+    return _decode(opener, path, record_id, max_pixels=max_pixels, draft=draft, check_size=check_size)
+
+
+def _opener(source: ImageSource, record_id, path_hint: str | None) -> tuple[str | None, Callable]:
+    """(path named in errors, a callable returning a fresh binary file object) for `source`: bytes are
+    wrapped as they are, an object-store URL is read once into memory, a local file is opened on call.
+
+    Raises BadSample for empty bytes or a missing, unreadable or empty file.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         path = path_hint
         if len(source) == 0:
@@ -108,7 +118,20 @@ def open_image(
         if size == 0:
             raise _bad(record_id, path, "image file is empty (0 bytes)")
         opener = lambda: open(path, "rb")  # noqa: E731, SIM115 (the caller closes what it opens)
+    return path, opener
 
+
+def _decode(
+    opener: Callable,
+    path: str | None,
+    record_id,
+    *,
+    max_pixels: int,
+    draft: Callable[[int, int], tuple[int, int]] | None,
+    check_size: Callable[[int, int], str | None] | None,
+) -> Image.Image:
+    """The fully loaded Pillow image in the file `opener()` returns, its header size checked first (see
+    `open_image`). Raises BadSample for an empty, oversized, refused or undecodable image."""
     try:
         with opener() as fp:
             img = Image.open(fp)

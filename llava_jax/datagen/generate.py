@@ -84,52 +84,13 @@ async def run(
     bar = tqdm(total=len(todo), unit="req", disable=not progress, dynamic_ncols=True)
     counts = {"pending": len(todo), "written": 0, "errors": 0}
 
-    async def one(annotation: Annotation, kind: str) -> None:
-        ps = prompt_sets[kind]
-        query = format_context(annotation, kind)
-        try:
-            result = await client.complete(ps.messages(query), **params)
-        except ChatError as e:
-            counts["errors"] += 1
-            raw.append_error(
-                {
-                    "image": annotation.image,
-                    "kind": kind,
-                    "error": str(e),
-                    "status": e.status,
-                    "attempts": e.attempts,
-                    "time": time.time(),
-                }
-            )
-            return
-        raw.append(
-            {
-                "image": annotation.image,
-                "kind": kind,
-                "model": result.response.get("model", config.model),
-                "request": {
-                    "model": config.model,
-                    "prompt_set": ps.fingerprint,
-                    "query": query,
-                    "params": params,
-                },
-                "content": result.content,
-                "finish_reason": result.finish_reason,
-                "usage": result.usage,
-                "attempts": result.attempts,
-                "response_id": result.response.get("id"),
-                "time": time.time(),
-            }
-        )
-        counts["written"] += 1
-
     async def worker() -> None:
         while True:
             try:
                 annotation, kind = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            await one(annotation, kind)
+            await _request(client, raw, prompt_sets[kind], annotation, kind, config, params, counts)
             bar.update(1)
             u = client.usage
             bar.set_postfix(
@@ -150,11 +111,80 @@ async def run(
     return {**client.usage.snapshot(), **counts}
 
 
+async def _request(
+    client: ChatClient,
+    raw: RawLog,
+    ps: PromptSet,
+    annotation: Annotation,
+    kind: str,
+    config: ClientConfig,
+    params: dict,
+    counts: dict,
+) -> None:
+    """Send the one request for (`annotation`, `kind`); append the response (or the failure) to `raw` and count it."""
+    query = format_context(annotation, kind)
+    try:
+        result = await client.complete(ps.messages(query), **params)
+    except ChatError as e:
+        counts["errors"] += 1
+        raw.append_error(
+            {
+                "image": annotation.image,
+                "kind": kind,
+                "error": str(e),
+                "status": e.status,
+                "attempts": e.attempts,
+                "time": time.time(),
+            }
+        )
+        return
+    raw.append(
+        {
+            "image": annotation.image,
+            "kind": kind,
+            "model": result.response.get("model", config.model),
+            "request": {
+                "model": config.model,
+                "prompt_set": ps.fingerprint,
+                "query": query,
+                "params": params,
+            },
+            "content": result.content,
+            "finish_reason": result.finish_reason,
+            "usage": result.usage,
+            "attempts": result.attempts,
+            "response_id": result.response.get("id"),
+            "time": time.time(),
+        }
+    )
+    counts["written"] += 1
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="python -m llava_jax.datagen.generate",
         description=__doc__.split("\n\n")[0],
     )
+    _add_input_args(p)
+    _add_job_args(p)
+    _add_client_args(p)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if bool(args.input) == bool(args.captions):
+        p.error("give either --captions (+ --instances) or --input")
+    if args.instances and not args.captions:
+        p.error("--instances goes with --captions")
+    try:
+        args.kinds = parse_kinds(args.kinds)
+    except ValueError as e:
+        p.error(str(e))
+    if args.limit is not None and args.limit < 0:
+        p.error("--limit must be >= 0")
+    return args
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """--captions / --instances / --input: where the image annotations come from."""
     src = p.add_argument_group("input (COCO files or JSON Lines)")
     src.add_argument("--captions", help="COCO captions JSON (captions_*.json)")
     src.add_argument(
@@ -165,6 +195,10 @@ def parse_args(argv):
         "--input",
         help="JSON Lines: {image, captions: [...], boxes: [{category, bbox: [x1,y1,x2,y2] in 0-1]}}",
     )
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """--kinds, --out, --prompts, --limit: what to generate and where it goes."""
     p.add_argument(
         "--kinds",
         default="conversation,detail,complex",
@@ -181,6 +215,10 @@ def parse_args(argv):
         "(default: the vendored LLaVA prompts)",
     )
     p.add_argument("--limit", type=int, help="use only the first N images of the input")
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    """The API endpoint, rate limits, retries, sampling and prices (`ClientConfig`), and --dry-run."""
     p.add_argument(
         "--base-url",
         default=os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
@@ -215,19 +253,6 @@ def parse_args(argv):
         action="store_true",
         help="count the pending requests, estimate tokens and cost, send nothing",
     )
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if bool(args.input) == bool(args.captions):
-        p.error("give either --captions (+ --instances) or --input")
-    if args.instances and not args.captions:
-        p.error("--instances goes with --captions")
-    try:
-        args.kinds = parse_kinds(args.kinds)
-    except ValueError as e:
-        p.error(str(e))
-    if args.limit is not None and args.limit < 0:
-        p.error("--limit must be >= 0")
-    return args
 
 
 def load_annotations(args) -> list[Annotation]:
@@ -252,40 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.temperature is not None:
         params["temperature"] = args.temperature
     api_key = os.environ.get("OPENAI_API_KEY")
-    config = ClientConfig(
-        base_url=args.base_url,
-        model=args.model,
-        api_key=api_key,
-        concurrency=args.concurrency,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        backoff_base=args.backoff_base,
-        price_input=args.price_input,
-        price_output=args.price_output,
-    )
+    config = _client_config(args, api_key)
     with RawLog(args.out) as raw:
-        if raw.duplicates:
-            log.warning(
-                "%s holds %d repeated (image, kind) keys; build keeps the last of each",
-                raw.path,
-                raw.duplicates,
-            )
-        todo = pending_requests(annotations, args.kinds, raw.done)
-        print(
-            f"{len(annotations)} images x {len(args.kinds)} kinds: {len(todo)} requests to send, "
-            f"{len(annotations) * len(args.kinds) - len(todo)} already in {raw.path}",
-            flush=True,
-        )
+        todo = _report_pending(annotations, args.kinds, raw)
         if args.dry_run:
-            est = sum(estimate_tokens(prompt_sets[k].messages(format_context(a, k)), None) - 1024 for a, k in todo)
-            pin, pout = config.prices()
-            print(
-                f"estimated prompt tokens {est} (~{est * pin / 1e6:.2f} USD) + completions up to "
-                f"{len(todo) * args.max_tokens} tokens (<= {len(todo) * args.max_tokens * pout / 1e6:.2f} USD) "
-                f"at {pin}/{pout} USD per 1M tokens"
-            )
+            _print_estimate(todo, prompt_sets, config, args.max_tokens)
             return 0
         if todo and not api_key and args.base_url == DEFAULT_BASE_URL:
             print(
@@ -293,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        loop = asyncio.new_event_loop()
-        task = loop.create_task(
+        sent = _run_interruptible(
             run(
                 annotations,
                 prompt_sets,
@@ -304,19 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         )
-        loop.add_signal_handler(signal.SIGINT, task.cancel)
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-        t0 = time.time()
-        try:
-            totals = loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            print(
-                "interrupted: responses received so far are saved; rerun the same command to continue",
-                file=sys.stderr,
-            )
+        if sent is None:
             return 130
-        finally:
-            loop.close()
+        totals, t0 = sent
         totals.update(
             model=args.model,
             base_url=args.base_url,
@@ -332,6 +317,70 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     return 0 if totals["errors"] == 0 else 1
+
+
+def _client_config(args, api_key: str | None) -> ClientConfig:
+    return ClientConfig(
+        base_url=args.base_url,
+        model=args.model,
+        api_key=api_key,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        backoff_base=args.backoff_base,
+        price_input=args.price_input,
+        price_output=args.price_output,
+    )
+
+
+def _report_pending(annotations: list[Annotation], kinds: list[str], raw: RawLog) -> list[tuple[Annotation, str]]:
+    """The pending (annotation, kind) requests, printed as counts (a warning for repeated keys in the raw log)."""
+    if raw.duplicates:
+        log.warning(
+            "%s holds %d repeated (image, kind) keys; build keeps the last of each",
+            raw.path,
+            raw.duplicates,
+        )
+    todo = pending_requests(annotations, kinds, raw.done)
+    print(
+        f"{len(annotations)} images x {len(kinds)} kinds: {len(todo)} requests to send, "
+        f"{len(annotations) * len(kinds) - len(todo)} already in {raw.path}",
+        flush=True,
+    )
+    return todo
+
+
+def _print_estimate(todo, prompt_sets: dict[str, PromptSet], config: ClientConfig, max_tokens: int) -> None:
+    """--dry-run: the estimated prompt tokens of `todo`, the completion budget and their cost."""
+    est = sum(estimate_tokens(prompt_sets[k].messages(format_context(a, k)), None) - 1024 for a, k in todo)
+    pin, pout = config.prices()
+    print(
+        f"estimated prompt tokens {est} (~{est * pin / 1e6:.2f} USD) + completions up to "
+        f"{len(todo) * max_tokens} tokens (<= {len(todo) * max_tokens * pout / 1e6:.2f} USD) "
+        f"at {pin}/{pout} USD per 1M tokens"
+    )
+
+
+def _run_interruptible(coro) -> tuple[dict, float] | None:
+    """Run `coro` (`run(...)`) on a new event loop that SIGINT / SIGTERM cancel; returns (its totals, the start
+    time), or None when interrupted (after saying so on stderr)."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coro)
+    loop.add_signal_handler(signal.SIGINT, task.cancel)
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    t0 = time.time()
+    try:
+        return loop.run_until_complete(task), t0
+    except asyncio.CancelledError:
+        print(
+            "interrupted: responses received so far are saved; rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return None
+    finally:
+        loop.close()
 
 
 if __name__ == "__main__":

@@ -173,7 +173,6 @@ def run(args) -> dict:
     """Answer the questions of `args` not yet answered; returns counts."""
     import jax
 
-    from llava_jax.data.errors import BadSample
     from llava_jax.inference.chat_model import ChatModel
     from llava_jax.inference.sampling import Sampling
 
@@ -182,28 +181,8 @@ def run(args) -> dict:
     questions = read_questions(args.question_file, science=args.science, single_pred_prompt=args.single_pred_prompt)
     chat = ChatModel.from_checkpoint(args.model_path, template=args.conv_mode)
     model_id = model_name(args.model_path)
-
-    prompts, errors = {}, {}
-    for q in questions:
-        try:
-            prompts[q.question_id] = _prompt_ids(chat, q)
-        except BadSample as err:
-            errors[q.question_id] = f"prompt: {err}"
-    too_long = {qid for qid, p in prompts.items() if len(p) >= chat.context_length}
-    for qid in too_long:
-        errors[qid] = f"prompt: {len(prompts.pop(qid))} tokens, the model context is {chat.context_length}"
-
-    own = [questions[i] for i in shares(len(questions), count)[process]]
-    files = [answers_file] + [part_path(answers_file, p, count) for p in range(count)]
-    done = {json.dumps(r["question_id"]) for f in files for r in read_answers(f)}
-    todo = [q for q in own if json.dumps(q.question_id) not in done]
-    if process == 0:
-        print(
-            f"{len(questions)} questions, {len(done)} already answered; this process: {len(todo)} of {len(own)} "
-            f"(process {process} of {count})",
-            flush=True,
-        )
-
+    prompts, errors = _prepare_prompts(chat, questions)
+    own, todo = _own_todo(questions, answers_file, process, count)
     answerer = Answerer(
         chat,
         batch_size=args.batch_size,
@@ -223,34 +202,93 @@ def run(args) -> dict:
     with AnswerWriter(out_file) as writer:
         for lo in range(0, len(todo), args.batch_size):
             batch = todo[lo : lo + args.batch_size]
-            records, ready = {}, []
-            for q in batch:
-                if q.question_id in errors:
-                    records[q.question_id] = answer_record(
-                        q.question_id, q.prompt, "", model_id, {"error": errors[q.question_id]}
-                    )
-                    continue
-                image = None
-                if q.image is not None:
-                    try:
-                        image = chat.load_image(str(pathlib.Path(args.image_folder) / q.image))
-                    except (BadSample, OSError) as err:
-                        records[q.question_id] = answer_record(
-                            q.question_id, q.prompt, "", model_id, {"error": f"image {q.image!r}: {err}"}
-                        )
-                        continue
-                ready.append((q, image))
-            if ready:
-                texts = answerer.generate([prompts[q.question_id] for q, _ in ready], [img for _, img in ready])
-                for (q, _), text in zip(ready, texts, strict=True):
-                    records[q.question_id] = answer_record(q.question_id, q.prompt, text, model_id)
+            records, answered = _answer_batch(
+                batch,
+                chat,
+                answerer,
+                prompts,
+                errors,
+                image_folder=args.image_folder,
+                model_id=model_id,
+            )
             writer.write(records[q.question_id] for q in batch)
-            counts["answered"] += len(ready)
-            counts["errors"] += len(batch) - len(ready)
+            counts["answered"] += answered
+            counts["errors"] += len(batch) - answered
             bar.update(len(batch))
     bar.close()
     elapsed = time.perf_counter() - start
     counts["questions_per_s"] = counts["answered"] / elapsed if elapsed > 0 and counts["answered"] else 0.0
+    _merge_parts(answers_file, questions, counts, process, count)
+    return counts
+
+
+def _prepare_prompts(chat, questions: list[Question]) -> tuple[dict, dict[object, str]]:
+    """({question_id: prompt token ids}, {question_id: error}) for every question: a prompt that cannot be built
+    or does not leave room in the model context becomes an error recorded in place of an answer."""
+    from llava_jax.data.errors import BadSample
+
+    prompts, errors = {}, {}
+    for q in questions:
+        try:
+            prompts[q.question_id] = _prompt_ids(chat, q)
+        except BadSample as err:
+            errors[q.question_id] = f"prompt: {err}"
+    too_long = {qid for qid, p in prompts.items() if len(p) >= chat.context_length}
+    for qid in too_long:
+        errors[qid] = f"prompt: {len(prompts.pop(qid))} tokens, the model context is {chat.context_length}"
+    return prompts, errors
+
+
+def _own_todo(
+    questions: list[Question], answers_file: pathlib.Path, process: int, count: int
+) -> tuple[list[Question], list[Question]]:
+    """(this process's share of `questions`, those of them not answered in the answers file or any part file)."""
+    own = [questions[i] for i in shares(len(questions), count)[process]]
+    files = [answers_file] + [part_path(answers_file, p, count) for p in range(count)]
+    done = {json.dumps(r["question_id"]) for f in files for r in read_answers(f)}
+    todo = [q for q in own if json.dumps(q.question_id) not in done]
+    if process == 0:
+        print(
+            f"{len(questions)} questions, {len(done)} already answered; this process: {len(todo)} of {len(own)} "
+            f"(process {process} of {count})",
+            flush=True,
+        )
+    return own, todo
+
+
+def _answer_batch(
+    batch: list[Question], chat, answerer, prompts: dict, errors: dict, *, image_folder, model_id: str
+) -> tuple[dict, int]:
+    """({question_id: answer record} for every question of `batch`, number answered by the model); a prompt error
+    or an image that cannot be loaded is recorded as an error."""
+    from llava_jax.data.errors import BadSample
+
+    records, ready = {}, []
+    for q in batch:
+        if q.question_id in errors:
+            records[q.question_id] = answer_record(
+                q.question_id, q.prompt, "", model_id, {"error": errors[q.question_id]}
+            )
+            continue
+        image = None
+        if q.image is not None:
+            try:
+                image = chat.load_image(str(pathlib.Path(image_folder) / q.image))
+            except (BadSample, OSError) as err:
+                records[q.question_id] = answer_record(
+                    q.question_id, q.prompt, "", model_id, {"error": f"image {q.image!r}: {err}"}
+                )
+                continue
+        ready.append((q, image))
+    if ready:
+        texts = answerer.generate([prompts[q.question_id] for q, _ in ready], [img for _, img in ready])
+        for (q, _), text in zip(ready, texts, strict=True):
+            records[q.question_id] = answer_record(q.question_id, q.prompt, text, model_id)
+    return records, len(ready)
+
+
+def _merge_parts(answers_file: pathlib.Path, questions: list[Question], counts: dict, process: int, count: int):
+    """After every process wrote its part: process 0 merges them into `answers_file` and prints the counts."""
     if count > 1:
         from jax.experimental import multihost_utils
 
@@ -268,7 +306,6 @@ def run(args) -> dict:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("llava_jax.eval.model_vqa: merged")
-    return counts
 
 
 def merge(answers_file: pathlib.Path, questions: list[Question], count: int) -> None:
