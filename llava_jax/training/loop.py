@@ -163,25 +163,6 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
 # ----------------------------------------------------------------------------- one stage
 
 
-def _over_cap(labels: np.ndarray, cap: int) -> bool:
-    """Whether any row of this process's batch has more targets than the cap. In a multi-process run
-    every process must pick the same step function, so the answer is agreed across processes."""
-    over = max_targets_per_row(labels) > cap
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        over = bool(np.any(multihost_utils.process_allgather(np.array([over]))))
-    return over
-
-
-def _memory_note(compiled) -> str:
-    mem = compiled.memory_analysis()
-    if mem is None:
-        return ""
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    return f" (peak {peak / 1024**3:.2f} GiB per device)"
-
-
 @dataclasses.dataclass
 class StageResult:
     name: str
