@@ -121,7 +121,7 @@ def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loade
     graphdef, state = nnx.split(abstract)
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(
-            a.shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            a.shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         ),
         state.to_pure_dict(),
     )
