@@ -17,7 +17,11 @@ two implementations take turns, so both see the same load on a shared machine):
   decode_tok_s  generated tokens per second after the first, summed over the batch;
 and the ratio llava_jax / transformers of each.
 
-The bound: one decode step reads every LLM weight once (the embedding table only at the rows it
+The bound, measured in the same run: `streaming_bound` times a float32 sum (numpy and jax) and a
+numpy matrix-vector product over as many bytes as one decode step's weights; the best rate divided
+by those bytes bounds tokens/s (times the batch), and each row prints llava_jax's share of it.
+
+The accelerator bound: one decode step reads every LLM weight once (the embedding table only at the rows it
 looks up) plus each row's KV cache, so tokens/s <= batch * HBM bandwidth / bytes read per step. It is
 printed for the 7B-shaped `llava-v1.5-7b` preset at bf16 on common accelerators, and the bytes per
 step of the benchmarked model give the bandwidth this run achieved, to set a GPU run against its
@@ -77,7 +81,12 @@ def model_config(args):
         changes["intermediate_size"] = int(args.hidden * 8 / 3 / 64 + 1) * 64  # LLaMA's SwiGLU width
     if changes:
         llm = dataclasses.replace(llm, **changes)
-    return dataclasses.replace(cfg, llm=llm)
+    vision = cfg.vision
+    if args.image_size or args.patch_size:
+        vision = dataclasses.replace(
+            vision, image_size=args.image_size or vision.image_size, patch_size=args.patch_size or vision.patch_size
+        )
+    return dataclasses.replace(cfg, llm=llm, vision=vision)
 
 
 def random_model(cfg) -> Llava:
@@ -263,6 +272,34 @@ def bound_table(context: int, batches=(1, 8, 32)) -> list[dict]:
     return rows
 
 
+def streaming_bound(nbytes: float, repeats: int = 5) -> dict:
+    """This machine's weight-streaming rate, measured now: the fastest of a float32 sum (numpy, jax) and a
+    numpy matrix-vector product over an array of `nbytes` (the weights one decode step reads), each the
+    median of `repeats`. Returns GB/s per method and `gb_s`, the best."""
+    n = max(1, int(nbytes) // 4)
+    cols = 512
+    a = np.random.default_rng(0).random(-(-n // cols) * cols, dtype=np.float32)
+    m, x = a.reshape(-1, cols), np.ones(cols, np.float32)
+    d = jnp.asarray(a)
+    jsum = jax.jit(jnp.sum)
+    methods = {
+        "numpy_sum": lambda: a.sum(),
+        "jax_sum": lambda: jsum(d).block_until_ready(),
+        "numpy_matvec": lambda: m @ x,
+    }
+    out = {}
+    for name, f in methods.items():
+        f()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        out[name] = a.nbytes / statistics.median(times) / 1e9
+    out["gb_s"] = max(out.values())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -308,6 +345,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=0, help="override the LLM attention heads")
     ap.add_argument("--kv-heads", type=int, default=0, help="override the LLM KV heads (default: --heads)")
     ap.add_argument("--intermediate", type=int, default=0, help="override the LLM MLP width")
+    ap.add_argument("--image-size", type=int, default=0, help="override the vision tower's image size (pixels)")
+    ap.add_argument("--patch-size", type=int, default=0, help="override the vision tower's patch size (pixels)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-tokens", type=int, default=32, help="text tokens after the image")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -357,8 +396,12 @@ def _measure(model, hf, cfg, args, batch: int, torch_default_threads: int | None
                 run_transformers(hf, ids, images, args.new_tokens, cfg.vision.image_mean, cfg.vision.image_std)
             )
     weights, cache = decode_bytes(cfg, batch, ids.shape[1] + args.new_tokens // 2, jnp.dtype(args.dtype).itemsize)
+    bound = streaming_bound(weights)  # measured right after the runs, under the same load
     row["llava_jax"] = _figures(ours[1:], batch, args.new_tokens)
     row["llava_jax"]["achieved_gb_s"] = (weights + cache) * row["llava_jax"]["decode_tok_s"] / batch / 1e9
+    # the weight-streaming bound: every step reads all weights once, so tokens/s <= batch x rate / weight bytes
+    row["bound"] = {**bound, "weight_mb": weights / 1e6, "max_tok_s": batch * bound["gb_s"] * 1e9 / weights}
+    row["llava_jax"]["of_bound"] = row["llava_jax"]["decode_tok_s"] / row["bound"]["max_tok_s"]
     if hf is not None:
         row["transformers"] = _figures(theirs[1:], batch, args.new_tokens)
         row["tokens_agree_before_first_difference"] = _agreement(ours[0][2], theirs[0][2])
@@ -408,7 +451,8 @@ def _print_row(row: dict) -> None:
     ours = row["llava_jax"]
     line = (
         f"batch {row['batch']:3d}  llava_jax: ttft {ours['ttft_s'] * 1e3:8.1f} ms, decode {ours['decode_tok_s']:9.1f}"
-        f" tok/s ({ours['achieved_gb_s']:.1f} GB/s of weights + KV)"
+        f" tok/s ({ours['achieved_gb_s']:.1f} GB/s of weights + KV; {100 * ours['of_bound']:.0f}% of the bound"
+        f" {row['bound']['max_tok_s']:.1f} tok/s = {row['bound']['gb_s']:.1f} GB/s / {row['bound']['weight_mb']:.0f} MB)"
     )
     if "transformers" in row:
         ref = row["transformers"]

@@ -66,10 +66,12 @@ class DecodeState(NamedTuple):
 
 
 def bucket(n: int, minimum: int = 16) -> int:
-    """Static size for n: the next power of two (at least `minimum`) up to 512, then multiples of 512."""
-    if n <= 512:
+    """Static size for n: the next power of two (at least `minimum`) up to 256, then multiples of 128.
+    Decode reads the whole KV cache every step, so its length tracks the need closely (a 289-token
+    prompt + 64 new tokens: 384 + 63 -> 512 slots, not 1024)."""
+    if n <= 256:
         return max(minimum, 1 << max(0, n - 1).bit_length())
-    return -(-n // 512) * 512
+    return -(-n // 128) * 128
 
 
 def _language_model(model) -> Llama:

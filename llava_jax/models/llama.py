@@ -29,8 +29,10 @@ _ACT = ("batch", "length", "act_embed")
 class KVCache(NamedTuple):
     """Preallocated keys/values of every layer.
 
-    k, v: [L, B, S, K, H]; segment_ids: [B, S] (0 = empty or padding slot); index: int32 scalar, the
-    next slot to write (all rows advance together; rows of different prompt lengths are left-padded).
+    k, v: [L, B, K, S, H] (heads before slots, so a decode step reads each head's keys and values as
+    one contiguous run, with no transposed copy of the cache); segment_ids: [B, S] (0 = empty or
+    padding slot); index: int32 scalar, the next slot to write (all rows advance together; rows of
+    different prompt lengths are left-padded).
     """
 
     k: jax.Array
@@ -40,7 +42,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         dtype = dtype or cfg.dtype
         return cls(
             jnp.zeros(shape, dtype),
@@ -63,6 +65,18 @@ def _dense(cfg: LlamaConfig, din: int, dout: int, axes: tuple[str, str], rngs: n
     )
 
 
+def _attend_cache(q, k, v, mask):
+    """Attention over a cache slice in the cache's own layout: q [B, T, N, H], k/v [B, K, S, H], mask
+    [B, T, S] -> [B, T, N, H]. The same float32 softmax as `attention.attend`'s xla path."""
+    b, t, n, h = q.shape
+    kvh = k.shape[1]
+    q = q.reshape(b, t, kvh, n // kvh, h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * h**-0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v).reshape(b, t, n, h)
+
+
 class LlamaBlock(nnx.Module):
     """x + attn(rmsnorm(x)); x + mlp(rmsnorm(x)). [B, T, D] -> [B, T, D]."""
 
@@ -82,7 +96,7 @@ class LlamaBlock(nnx.Module):
     def __call__(self, x, rope, mask, cache=None):
         """x [B, T, D]; rope: (cos, sin) of the positions, each [B, T, H/2]; mask [B, T, S].
 
-        cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, S, K, H], this
+        cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, K, S, H], this
         block's layer and the first slot to write. The new keys/values are written in place (only T
         slots change) and attention reads this layer's slice. Returns (x, (k, v) or None)."""
         cfg = self.cfg
@@ -94,17 +108,17 @@ class LlamaBlock(nnx.Module):
         q = _name(apply_rope(q, *rope), "query_proj")
         k = _name(apply_rope(k, *rope), "key_proj")
         v = _name(v, "value_proj")
-        impl = cfg.attention
         kv = None
-        if cache is not None:
+        if cache is None:
+            a = attention.attend(q, k, v, mask, implementation=cfg.attention, causal=True)
+        else:  # fused kernels take no cache offsets: plain attention over this layer's cache slice
             ks, vs, layer, index = cache
-            ks = jax.lax.dynamic_update_slice(ks, k.astype(ks.dtype)[None], (layer, 0, index, 0, 0))
-            vs = jax.lax.dynamic_update_slice(vs, v.astype(vs.dtype)[None], (layer, 0, index, 0, 0))
+            ks = jax.lax.dynamic_update_slice(ks, k.swapaxes(1, 2).astype(ks.dtype)[None], (layer, 0, 0, index, 0))
+            vs = jax.lax.dynamic_update_slice(vs, v.swapaxes(1, 2).astype(vs.dtype)[None], (layer, 0, 0, index, 0))
             k = jax.lax.dynamic_index_in_dim(ks, layer, 0, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(vs, layer, 0, keepdims=False)
+            a = _attend_cache(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             kv = (ks, vs)
-            impl = "xla"  # fused kernels take no cache offsets
-        a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=impl, causal=True)
         x = x + _name(self.o_proj(a.reshape(b, t, -1)), "out_proj")
         h = self.post_attention_layernorm(x)
         m = _name(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), "mlp_hidden")

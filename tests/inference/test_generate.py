@@ -185,7 +185,7 @@ def test_clear_errors(llama_pair, llava_pair):
 
 
 def test_no_recompilation_across_steps_and_calls(llama_pair):
-    assert [bucket(n) for n in (1, 16, 17, 300, 513, 1100)] == [16, 16, 32, 512, 1024, 1536]
+    assert [bucket(n) for n in (1, 16, 17, 256, 257, 300, 513, 1100)] == [16, 16, 32, 256, 384, 384, 640, 1152]
     _, ours = llama_pair
     # A jitted function's cache holds one entry per compiled program: at most one new one per function here.
     before = _prefill._cache_size(), _decode._cache_size()
