@@ -46,6 +46,13 @@ def parse_args(argv):
     g.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
     g.add_argument("--chunk-size", type=int, default=8, help="decode steps per device call (streaming granularity)")
     g.add_argument(
+        "--scheduler",
+        choices=("continuous", "batch"),
+        default="continuous",
+        help="continuous: requests join the running decode batch between chunks and leave when done (default);"
+        " batch: one batch at a time, newcomers wait for it to end",
+    )
+    g.add_argument(
         "--warmup",
         action="store_true",
         help="compile batches of 1..max-batch image questions (default settings) before serving",
@@ -102,6 +109,7 @@ def main(argv=None) -> int:
         batch_wait_ms=args.batch_wait_ms,
         chunk_size=args.chunk_size,
         warmup=args.warmup,
+        scheduler=args.scheduler,
         limits=limits,
     )
     try:

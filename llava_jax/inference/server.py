@@ -9,8 +9,9 @@ Routes:
 Requests are checked (`openai_protocol.decode_json`: JSON, Unicode, nesting; then, on a worker
 thread, `openai_protocol.parse_chat_request`: fields, messages, image bytes), prepared by the model
 side (`prompting.prepare_prompt`: image pixels and shape, prompt and output tokens), then handed to
-the `Scheduler`, which batches concurrent requests into shared generation
-calls, each request within its own token budget. Every refusal is a 4xx with an OpenAI-style JSON
+the scheduler (`ServerConfig.scheduler`): by default `ContinuousScheduler`, where requests join
+the running decode batch between chunks and leave it when done; or `Scheduler`, which batches
+concurrent requests into one generation call at a time. Each request keeps its own token budget. Every refusal is a 4xx with an OpenAI-style JSON
 error body (``{"error": {"message", "type", "param", "code"}}``); a full queue answers 503. Images
 travel inside the request as base64 ``data:`` URIs: the server reads no file and fetches no URL
 named by a request.
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_jax.inference import openai_protocol as protocol
 from llava_jax.inference.chat_model import ChatModel
+from llava_jax.inference.continuous import ContinuousScheduler
 from llava_jax.inference.openai_protocol import ApiError, Limits
 from llava_jax.inference.prompting import Prompt, PromptRefused, prepare_prompt
 from llava_jax.inference.sampling import Sampling
@@ -40,6 +42,8 @@ from llava_jax.inference.scheduler import Delta, Done, Failed, Job, QueueFull, S
 from llava_jax.inference.webpage import render_page
 
 log = logging.getLogger(__name__)
+
+SCHEDULERS = {"continuous": ContinuousScheduler, "batch": Scheduler}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class ServerConfig:
     batch_wait_ms: float = 10.0
     chunk_size: int = 8
     warmup: bool = False  # compile batches of a typical image question before serving
+    scheduler: str = "continuous"  # 'continuous' (rows join and leave between chunks) or 'batch' (one batch at a time)
     limits: Limits = Limits()
 
 
@@ -87,7 +92,9 @@ def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_
     """The FastAPI app serving `chat`. The scheduler (``app.state.scheduler``) starts with the app
     (its lifespan) unless `start_scheduler` is False, and stops with it."""
     name = config.model_name or chat.name
-    scheduler = Scheduler(
+    if config.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={config.scheduler!r}; choose one of {sorted(SCHEDULERS)}")
+    scheduler = SCHEDULERS[config.scheduler](
         chat,
         max_batch=config.max_batch,
         max_queue=config.max_queue,

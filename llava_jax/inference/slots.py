@@ -1,0 +1,340 @@
+"""A fixed-size batch of decode slots that requests enter and leave between decode chunks (continuous
+batching), for `Llava` and `Llama`.
+
+The device holds B slots (B = `slots`), one KV cache [L, B, K, S, H] with one write index shared by
+all slots (as in `generate`), and per slot: the last token, its position, done, tokens sampled so
+far, the sampling seed, the token budget and the sampling values. Between chunks the host may
+
+- `admit` n new prompts: they are prefilled together (left-padded to a length bucket P, as
+  `generate` does), and each one's P cache slots are written into a free slot's row so that they
+  end at the shared write index; the rest of that row is marked empty (segment id 0);
+- `run` one chunk of up to `chunk` decode steps for all slots (free slots compute and are ignored);
+- `release` a slot (its request ended): the slot is free for the next `admit`.
+
+The shared index only grows; when a newcomer's P slots do not fit before it, or the slots'
+remaining budgets do not fit after it, the cache is rebased: every row moves left by the oldest
+running row's start (or right, to make room), into a buffer whose length S is the bucketed need.
+So S tracks the running rows (not the model context), and decode reads no more cache than they need.
+
+Sampling is per row: row b's t-th token uses key `fold_in(key(seed_b), t)` (as a batch of one in
+`generate` with that seed), with its own temperature / top-k / top-p values; only the static
+`SamplingMode` (greedy or not, which filters are on) is shared by the slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.inference.generate import NO_TOKEN, _is_eos, _language_model, bucket
+from llava_jax.inference.sampling import Sampling, SamplingMode, sample_tokens
+from llava_jax.models.llama import KVCache
+from llava_jax.models.llava import Llava
+
+
+class SlotState(NamedTuple):
+    """Device-side state of the slot batch. B = slots."""
+
+    cache: KVCache  # k/v [L, B, K, S, H], segment_ids [B, S], one write index
+    token: jax.Array  # [B] int32, last sampled token, next to be fed
+    position: jax.Array  # [B] int32, that token's position
+    done: jax.Array  # [B] bool
+    step: jax.Array  # [B] int32, tokens sampled so far (indexes the row's sampling key)
+    seed: jax.Array  # [B] uint32
+    limit: jax.Array  # [B] int32, the row's token budget
+    values: jax.Array  # [B, 3] float32 sampling values (`Sampling.values`)
+
+
+def _sample_rows(logits, seed, step, mode: SamplingMode, values):
+    """logits [B, V] -> tokens [B] int32, row b sampled with key fold_in(key(seed[b]), step[b])."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def one(row, s, t, v):
+        return sample_tokens(row[None], jax.random.fold_in(jax.random.key(s), t), mode, v)[0]
+
+    return jax.vmap(one)(logits, seed, step, values)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
+def _prefill(graphdef, params, ids, images, positions, segment_ids, seed, values, *, mode: SamplingMode):
+    """ids/positions/segment_ids [n, P]; images [n, M, S, S, 3] or None; seed [n]; values [n, 3].
+    Returns (first tokens [n], k and v [L, n, K, P, H], segment ids [n, P])."""
+    model = nnx.merge(graphdef, params)
+    lm = _language_model(model)
+    embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
+    cache = KVCache.init(lm.cfg, ids.shape[0], ids.shape[1])
+    hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache)
+    logits = lm.logits(hidden[:, -1:])[:, 0]
+    token = _sample_rows(logits, seed, jnp.zeros_like(seed, jnp.int32), mode, values)
+    return token, cache.k, cache.v, cache.segment_ids
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _rebase(state: SlotState, shift, *, length: int) -> SlotState:
+    """Every row's cache slot j + shift moves to slot j, in a buffer of `length` slots (slots that come
+    from outside the old buffer are empty); the write index moves by -shift."""
+    cache = state.cache
+    source = jnp.arange(length) + shift
+    inside = (source >= 0) & (source < cache.segment_ids.shape[1])
+    source = jnp.clip(source, 0, cache.segment_ids.shape[1] - 1)
+    k = jnp.take(cache.k, source, axis=3)
+    v = jnp.take(cache.v, source, axis=3)
+    segment_ids = jnp.where(inside[None], jnp.take(cache.segment_ids, source, axis=1), 0)
+    return state._replace(cache=KVCache(k, v, segment_ids, cache.index - shift))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, seed, limit, values) -> SlotState:
+    """Writes n prefilled rows into `slots` [n] (int32): k/v [L, n, K, P, H] end at the write index,
+    segment_ids [n, P]; token, position, done, seed, limit [n]; values [n, 3]. Rows are written
+    last to first, so when a slot is named twice the first row wins."""
+    cache = state.cache
+    ks, vs, seg = cache.k, cache.v, cache.segment_ids
+    start = cache.index - segment_ids.shape[1]
+    fields = {f: getattr(state, f) for f in ("token", "position", "done", "step", "seed", "limit", "values")}
+    new = {"token": token, "position": position, "done": done, "step": jnp.ones_like(token), "seed": seed}
+    new |= {"limit": limit, "values": values}
+    for i in reversed(range(slots.shape[0])):
+        b = slots[i]
+        ks = jax.lax.dynamic_update_slice(ks, k[:, i : i + 1].astype(ks.dtype), (0, b, 0, start, 0))
+        vs = jax.lax.dynamic_update_slice(vs, v[:, i : i + 1].astype(vs.dtype), (0, b, 0, start, 0))
+        seg = jax.lax.dynamic_update_slice(seg, jnp.zeros((1, seg.shape[1]), seg.dtype), (b, 0))
+        seg = jax.lax.dynamic_update_slice(seg, segment_ids[i : i + 1], (b, start))
+        for name, x in fields.items():
+            fields[name] = x.at[b].set(new[name][i])
+    return SlotState(KVCache(ks, vs, seg, cache.index), **fields)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
+def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: SamplingMode, chunk: int):
+    """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first.
+    Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, SlotState)."""
+    lm = _language_model(nnx.merge(graphdef, params))
+    b = state.token.shape[0]
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def cond(carry):
+        i, s, _ = carry
+        return (i < steps) & ~jnp.all(s.done)
+
+    def body(carry):
+        i, s, out = carry
+        hidden, cache = lm.hidden(
+            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache
+        )
+        token = _sample_rows(lm.logits(hidden)[:, 0], s.seed, s.step, mode, s.values)
+        out = out.at[:, i].set(jnp.where(s.done, NO_TOKEN, token))
+        done = s.done | _is_eos(token, eos) | (s.step + 1 >= s.limit)
+        s = s._replace(cache=cache, token=token, position=s.position + 1, done=done, step=s.step + 1)
+        return i + 1, s, out
+
+    state = state._replace(done=state.done | free)
+    out = jnp.full((b, chunk), NO_TOKEN, jnp.int32)
+    _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+    return out, state
+
+
+@dataclasses.dataclass
+class _Slot:
+    """Host-side record of a running row: where its cache block starts, its budget and tokens so far."""
+
+    start: int  # first real (non-padding) cache slot of its prompt
+    limit: int
+    produced: int = 0
+
+
+class SlotBatch:
+    """The continuous-batching engine: B decode slots over one KV cache (see the module docstring).
+
+    Args:
+      model: `Llava` or `Llama`.
+      slots: B, the most rows decoding together.
+      chunk: decode steps per `run` call.
+      eos_ids: ids that end a row.
+    """
+
+    def __init__(self, model, *, slots: int, chunk: int, eos_ids=(2,)):
+        if slots < 1 or chunk < 1:
+            raise ValueError(f"slots={slots} and chunk={chunk} must be >= 1")
+        self.model = model
+        self.slots = slots
+        self.chunk = chunk
+        self.eos_set = {int(t) for t in eos_ids}
+        self._eos = np.full(bucket(len(self.eos_set), minimum=4), NO_TOKEN, np.int32)
+        self._eos[: len(self.eos_set)] = sorted(self.eos_set)
+        self._graphdef, self._params = nnx.split(model)
+        self.context = _language_model(model).cfg.context_length
+        self.reset()
+
+    def reset(self) -> None:
+        """Free every slot (the device state is rebuilt at the next `admit`)."""
+        self.rows: dict[int, _Slot] = {}
+        self.mode: SamplingMode | None = None
+        self._state: SlotState | None = None
+        self._index = 0  # the device write index, mirrored
+
+    @property
+    def free(self) -> list[int]:
+        return [b for b in range(self.slots) if b not in self.rows]
+
+    @property
+    def length(self) -> int:
+        """The cache's slot count S (0 before the first admission)."""
+        return 0 if self._state is None else self._state.cache.segment_ids.shape[1]
+
+    def _span(self) -> tuple[int, int]:
+        """(longest running row's cache span up to the write index, largest remaining budget)."""
+        if not self.rows:
+            return 0, 0
+        return (
+            max(self._index - r.start for r in self.rows.values()),
+            max(r.limit - r.produced for r in self.rows.values()),
+        )
+
+    def fits(self, prompt_length: int, max_tokens: int, sampling: Sampling, joining=()) -> bool:
+        """Whether a request can join now: a free slot, the same `SamplingMode`, and the running rows'
+        longest span plus the largest remaining budget within the context (so the batch never needs
+        more cache than one context-filling request). `joining`: (prompt length, max tokens) of
+        requests already accepted for this admission."""
+        if len(self.rows) + len(joining) >= self.slots:
+            return False
+        if self.rows and sampling.mode != self.mode:
+            return False
+        span, remaining = self._span()
+        for p, m in (*joining, (prompt_length, max_tokens)):
+            span, remaining = max(span, p), max(remaining, m)
+        return span + remaining <= self.context
+
+    def admit(self, prompts: list[list[int]], images, limits: list[int], seeds: list[int], sampling: list[Sampling]):
+        """Prefill `prompts` (token-id lists; `images` [n, M, S, S, 3] or None) into free slots. The
+        caller has checked each with `fits`. Returns (slot per prompt, first token per prompt)."""
+        n = len(prompts)
+        modes = {s.mode for s in sampling}
+        if len(modes) != 1 or (self.rows and self.mode not in modes):
+            raise ValueError(f"rows of one slot batch share a sampling mode; got {modes} (running: {self.mode})")
+        if n > len(self.free):
+            raise ValueError(f"{n} prompts for {len(self.free)} free slots")
+        self.mode = modes.pop()
+        rows = 1 << (n - 1).bit_length()  # prefill batch bucket; extra rows copy the first prompt
+        width = bucket(max(len(p) for p in prompts))
+        ids = np.zeros((rows, width), np.int32)
+        positions = np.zeros((rows, width), np.int32)
+        segment_ids = np.zeros((rows, width), np.int32)
+        order = list(range(n)) + [0] * (rows - n)
+        for r, i in enumerate(order):
+            p = prompts[i]
+            ids[r, width - len(p) :] = p
+            positions[r, width - len(p) :] = np.arange(len(p))
+            segment_ids[r, width - len(p) :] = 1
+        if images is not None:
+            images = np.asarray(images)[order]
+        seed = np.asarray([seeds[i] for i in order], np.uint32)
+        values = np.stack([np.asarray(sampling[i].values) for i in order])
+        first, k, v, seg = _prefill(
+            self._graphdef,
+            self._params,
+            ids,
+            images,
+            positions,
+            segment_ids,
+            seed,
+            values,
+            mode=self.mode,
+        )
+        self._make_room(width, max(limits))
+        slots = self.free[:n]
+        first_host = np.asarray(first)
+        done = np.asarray([first_host[i] in self.eos_set or limits[i] <= 1 for i in order])
+        self._state = _insert(
+            self._state,
+            np.asarray([slots[i] for i in order], np.int32),
+            k,
+            v,
+            seg,
+            first,
+            np.asarray([len(prompts[i]) for i in order], np.int32),
+            done,
+            seed,
+            np.asarray([limits[i] for i in order], np.int32),
+            values,
+        )
+        for i, b in enumerate(slots):
+            self.rows[b] = _Slot(start=self._index - len(prompts[i]), limit=limits[i], produced=1)
+        return slots, [int(t) for t in first_host[:n]]
+
+    def _make_room(self, width: int, max_tokens: int) -> None:
+        """Ensure `width` cache slots before the write index and every row's remaining budget after it:
+        rebase (and resize) the cache when they do not fit as it is."""
+        span, remaining = self._span()
+        remaining = max(remaining, max_tokens)
+        if self._state is not None and self._index >= width and self._index + remaining <= self.length:
+            return
+        index = max(span, width)  # the new write index: the longest running row starts at slot 0
+        length = bucket(index + remaining)
+        if self._state is None:
+            self._state = self._empty(length)
+        shift = self._index - index
+        self._state = _rebase(self._state, np.int32(shift), length=length)
+        for r in self.rows.values():
+            r.start -= shift
+        self._index = index
+
+    def _empty(self, length: int) -> SlotState:
+        lm = _language_model(self.model)
+        b = self.slots
+        return SlotState(
+            KVCache.init(lm.cfg, b, length),
+            jnp.zeros(b, jnp.int32),
+            jnp.zeros(b, jnp.int32),
+            jnp.ones(b, bool),
+            jnp.zeros(b, jnp.int32),
+            jnp.zeros(b, jnp.uint32),
+            jnp.ones(b, jnp.int32),
+            jnp.ones((b, 3), jnp.float32),
+        )
+
+    def run(self) -> dict[int, list[int]]:
+        """One decode chunk for the running rows. Returns each running slot's new tokens: up to the
+        chunk size, cut after an EOS (kept, so the caller sees why the row ended) or at its budget."""
+        if not self.rows:
+            return {}
+        steps = min(self.chunk, max(r.limit - r.produced for r in self.rows.values()))
+        free = np.ones(self.slots, bool)
+        free[list(self.rows)] = False
+        out, self._state = _run(
+            self._graphdef,
+            self._params,
+            self._state,
+            np.int32(steps),
+            free,
+            self._eos,
+            mode=self.mode,
+            chunk=self.chunk,
+        )
+        out = np.asarray(out)
+        self._index = int(self._state.cache.index)
+        new = {}
+        for b, r in self.rows.items():
+            tokens = []
+            for t in out[b, : r.limit - r.produced].tolist():
+                if t == NO_TOKEN:
+                    break
+                tokens.append(t)
+                if t in self.eos_set:
+                    break
+            r.produced += len(tokens)
+            new[b] = tokens
+        return new
+
+    def release(self, slot: int) -> None:
+        """Free `slot` (its request has ended; the device stops it at the next chunk)."""
+        self.rows.pop(slot, None)
+        if not self.rows:
+            self.mode = None
