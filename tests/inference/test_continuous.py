@@ -1,0 +1,142 @@
+"""Continuous batching: rows join a running slot batch between chunks and leave it when done; each row
+gives what `generate` gives it alone (greedy), a seeded row what it gives alone with that seed, and a
+short request that arrives while a long one decodes is answered before the long one ends."""
+
+import threading
+
+import numpy as np
+import pytest
+from serving_fixtures import PATIENCE, shared_chat_model
+
+from llava_jax.bench import serve as serve_bench
+from llava_jax.inference import generate
+from llava_jax.inference.continuous import ContinuousScheduler
+from llava_jax.inference.sampling import GREEDY, Sampling
+from llava_jax.inference.scheduler import Done, Job
+from llava_jax.inference.slots import SlotBatch
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return shared_chat_model(tmp_path_factory)
+
+
+def _prompt(chat, text, image=False):
+    return chat.prompt_ids([text], image=image).tolist()
+
+
+def _drain(engine, produced):
+    """Run chunks until every running row has ended (EOS or budget); tokens land in `produced[slot]`."""
+    while engine.rows:
+        for slot, tokens in engine.run().items():
+            produced[slot] += tokens
+        for slot in list(engine.rows):
+            if len(produced[slot]) >= engine.rows[slot].limit or produced[slot][-1] in engine.eos_set:
+                engine.release(slot)
+
+
+def test_rows_joining_a_running_batch_equal_generate_alone(chat):
+    """Rows of different prompt lengths (text and image) join at different chunks, one of them with a
+    prompt longer than the cache before the write index (the cache is rebased to make room)."""
+    model, eos = chat.model, chat.eos_ids
+    image = np.random.default_rng(3).integers(0, 256, (1, chat.image_size, chat.image_size, 3), dtype=np.uint8)
+    jobs = [
+        (_prompt(chat, "hi"), None, 20),
+        (_prompt(chat, "Describe it.", image=True), image, 9),
+        (_prompt(chat, "A longer question " + "with many words " * 12), None, 12),
+    ]
+    engine = SlotBatch(model, slots=4, chunk=4, eos_ids=eos)
+    produced = {}
+    for k, (prompt, img, budget) in enumerate(jobs):
+        images = None if img is None else img[None]
+        (slot,), (first,) = engine.admit([prompt], images, [budget], [0], [GREEDY])
+        produced[slot] = [first]
+        if k < len(jobs) - 1:  # one chunk for the running rows before the next one joins
+            for s, tokens in engine.run().items():
+                produced[s] += tokens
+    _drain(engine, produced)
+    for (prompt, img, budget), slot in zip(jobs, sorted(produced), strict=True):
+        want = generate(model, [prompt], None if img is None else img[None], max_new_tokens=budget, eos_ids=eos)[0]
+        got = [t for t in produced[slot] if t not in engine.eos_set]
+        assert got == want, (slot, got, want)
+
+
+def test_seeded_row_ignores_its_slot_and_neighbours(chat):
+    model, eos = chat.model, chat.eos_ids
+    hot = Sampling(temperature=1.0, top_k=50)
+    prompt = _prompt(chat, "Tell me a story.")
+
+    def run(neighbours):
+        engine = SlotBatch(model, slots=4, chunk=4, eos_ids=eos)
+        produced = {}
+        if neighbours:
+            slots, firsts = engine.admit([_prompt(chat, "x"), _prompt(chat, "y z")], None, [7, 5], [1, 2], [hot, hot])
+            produced.update({s: [f] for s, f in zip(slots, firsts, strict=True)})
+            for s, tokens in engine.run().items():
+                produced[s] += tokens
+        (slot,), (first,) = engine.admit([prompt], None, [10], [7], [hot])
+        produced[slot] = [first]
+        _drain(engine, produced)
+        return slot, produced[slot]
+
+    slot_alone, alone = run(False)
+    slot_shared, shared = run(True)
+    assert slot_alone != slot_shared
+    assert shared == alone
+    want = generate(model, [prompt], max_new_tokens=10, sampling=hot, eos_ids=eos, seed=7)[0]
+    assert [t for t in alone if t not in eos] == want
+
+
+def test_short_request_overtakes_a_long_one(chat):
+    """The short job arrives while the long one decodes (it is submitted from the long one's first
+    piece of text): it joins at the next chunk and is answered before the long one. The batch
+    scheduler would make it wait for the whole long batch."""
+    long_prompt = _prompt(chat, "hi")
+    budget = 24
+    alone = generate(chat.model, [long_prompt], max_new_tokens=budget, eos_ids=chat.eos_ids)[0]
+    assert len(alone) == budget, "the long job must not end early (EOS) for this test to say anything"
+    scheduler = ContinuousScheduler(chat, max_batch=2, batch_wait_s=0, chunk_size=2)
+    finished, lock, all_done = [], threading.Lock(), threading.Event()
+
+    def emit_for(name):
+        def emit(event):
+            if name == "long" and not short_sent.is_set():
+                short_sent.set()
+                scheduler.submit(
+                    Job(prompt=_prompt(chat, "yo"), image=None, max_tokens=2, sampling=GREEDY, emit=emit_for("short"))
+                )
+            if isinstance(event, Done):
+                with lock:
+                    finished.append((name, event))
+                    if len(finished) == 2:
+                        all_done.set()
+
+        return emit
+
+    short_sent = threading.Event()
+    scheduler.submit(Job(prompt=long_prompt, image=None, max_tokens=budget, sampling=GREEDY, emit=emit_for("long")))
+    scheduler.start()
+    try:
+        assert all_done.wait(PATIENCE), finished
+    finally:
+        scheduler.stop()
+    assert [name for name, _ in finished] == ["short", "long"], finished
+    assert finished[1][1].token_ids == alone
+    assert dict(scheduler.batch_sizes) == {1: 2}  # two admissions of one job each
+
+
+def test_serve_benchmark_runs_at_a_tiny_size(tmp_path):
+    """`python -m llava_jax.bench serve` end to end, both schedulers: every request answered, figures
+    produced (no timing is asserted)."""
+    out = tmp_path / "serve.json"
+    argv = ["--clients", "2", "--requests", "3", "--max-tokens", "1", "3", "--words", "1", "2", "--out", str(out)]
+    assert serve_bench.main(argv) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    for name in ("batch", "continuous"):
+        figures = result["figures"][name]
+        assert figures["failed"] == 0 and figures["requests"] == 3
+        assert figures["requests_s"] > 0 and figures["tokens_s"] > 0
+        assert 0 < figures["latency_p50_s"] <= figures["latency_p99_s"]
+    assert set(result["ratios"]) == {"requests_s", "tokens_s", "latency_p50", "ttft_p50"}
