@@ -12,7 +12,7 @@ import openai
 import pytest
 from serving_fixtures import PATIENCE, data_uri, png_bytes, running_server, shared_chat_model
 
-from llava_jax.inference import generate
+from llava_jax.inference import generate, slots
 from llava_jax.inference.detokenize import IncrementalDecoder
 from llava_jax.inference.generate import _decode, _prefill
 from llava_jax.inference.openai_protocol import Limits
@@ -408,7 +408,8 @@ def test_disconnected_stream_does_not_stop_the_server(server, client):
 
 def test_warm_up_compiles_before_serving(chat):
     def compiled():  # a jitted function's cache holds one entry per compiled program
-        return _prefill._cache_size(), _decode._cache_size()
+        programs = (_prefill, _decode, slots._prefill, slots._insert, slots._rebase, slots._run)
+        return tuple(f._cache_size() for f in programs)
 
     config = ServerConfig(model_name="warm", max_batch=2, warmup=True, limits=Limits(default_max_tokens=8))
     app = create_app(chat, config)
