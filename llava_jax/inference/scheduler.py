@@ -11,8 +11,8 @@ longest prompt plus its largest token limit stay within `context_length` (so a b
 than one context-filling request per row, and `stream_generate` accepts it). A job that does not fit
 waits for a later batch; the oldest job always starts the next one. Each row keeps its own token limit
 and stop strings and ends on its own (`gen.send(rows)`); the batch ends when its last row does.
-Batches run one after another (no continuous batching): a job that arrives while a batch runs waits
-for the next one.
+Batches run one after another: a job that arrives while a batch runs waits for the next one
+(`continuous.ContinuousScheduler`, the server's default, lets it join the running batch instead).
 
 Figures (`batch_sizes`, `completed`) are settled before a job hears its outcome: a batch is counted
 when it starts, a job as completed just before its `Done` or `Failed`.
