@@ -40,7 +40,8 @@ def get_config(arg: str = ""):
 
 def _lora(c):
     """Stage 2 as the original's LoRA recipe: adapters on every LLM block linear + the projector,
-    the projector at its own learning rate; the LLM base stays frozen (random here)."""
+    the projector at its own learning rate; the LLM base stays frozen. It is random here, so this
+    variant shows the mechanics, not LoRA's accuracy (README: 21 % held-out vs 56 % full)."""
     c.arg = "lora"
     c.lora.update(rank=32, alpha=64.0, dropout=0.05)
     c.stage2.trainable = "projector,lora"
