@@ -109,8 +109,8 @@ def test_int8_base_is_per_channel_and_matches_torch_dequantised():
         for name in BLOCK_LINEARS:
             part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             linear = getattr(ours.layers, name)
-            q = torch.from_numpy(np.asarray(linear.kernel[...])[i].astype(np.float32))
-            s = torch.from_numpy(np.asarray(linear.kernel_scale[...])[i])
+            q = torch.from_numpy(np.array(linear.kernel[...])[i].astype(np.float32))
+            s = torch.from_numpy(np.array(linear.kernel_scale[...])[i])
             deq[f"model.layers.{i}.{part}.{name}.weight"] = (q * s).T.contiguous()
     ref_deq = llama(kv_heads=2)
     ref_deq.load_state_dict({**sd, **deq})

@@ -103,6 +103,7 @@ def test_accumulation_equals_one_batch():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_only_with_a_key_and_reproducible():
     from flax import nnx
 
