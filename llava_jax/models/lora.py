@@ -27,7 +27,9 @@ The int8 base is per-output-channel symmetric: `kernel_scale[o] = max_i |W[i, o]
 `kernel = round(W / kernel_scale)` (`quantize_kernel`). In the matmul the int8 kernel is converted to
 the compute dtype (exact: |q| <= 127) and the per-channel scale multiplies the output,
 `(x @ kernel) * kernel_scale`, which equals `x @ dequantize_kernel(...)` up to rounding without
-materialising a scaled copy of the weight.
+materialising a scaled copy of the weight. Float checkpoints are quantised as they are loaded
+(`quantize_arrays`, called by `checkpoint.hf_load.convert_arrays`); exporters get float kernels back
+with `dequantize_kernel` / `merged_kernel`.
 
 `lora_targets` is a regex matched with `re.fullmatch` against the linear's attribute name in the
 block (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); `lm_head`, the embeddings, the
