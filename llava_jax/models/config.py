@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from llava_jax.data.image import CLIP_MEAN, CLIP_STD
 from llava_jax.data.tokenizer import IMAGE_TOKEN_ID, PAD_TOKEN_ID  # "<image>", "<pad>": the llava-hf ids
+from llava_jax.models.lora import DEFAULT_TARGETS, check_settings
 from llava_jax.models.rope import check_rope_type
 
 
@@ -83,6 +84,14 @@ class LlamaConfig:
     rope_factor: float = 1.0
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
+    # LoRA adapters on the block linears (see `lora.py`): rank 0 = none; scaling lora_alpha / lora_rank;
+    # lora_targets is a regex fully matching the linear names (q_proj ... down_proj; never lm_head).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = DEFAULT_TARGETS
+    # Storage of the block linears' (frozen) kernels: 'none' (param dtype) or 'int8' (per-output-channel).
+    quantized_base: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
@@ -90,6 +99,7 @@ class LlamaConfig:
 
     def __post_init__(self):
         check_rope_type(self.rope_type, self.rope_factor)
+        check_settings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, self.quantized_base)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
@@ -125,6 +135,12 @@ class LlavaConfig:
     def num_image_tokens(self) -> int:
         return self.vision.num_image_tokens
 
+    def with_lora(self, **kw) -> LlavaConfig:
+        """Set the LLM's adapter fields (lora_rank, lora_alpha, lora_dropout, lora_targets, quantized_base)."""
+        if bad := set(kw) - set(ADAPTER_FIELDS):
+            raise ValueError(f"with_lora got {sorted(bad)}; allowed: {sorted(ADAPTER_FIELDS)}")
+        return dataclasses.replace(self, llm=dataclasses.replace(self.llm, **kw))
+
     def with_runtime(self, **kw) -> LlavaConfig:
         """Set runtime fields (dtype, param_dtype, attention, remat) on both towers."""
         allowed = {"dtype", "param_dtype", "attention", "remat"}
@@ -136,6 +152,8 @@ class LlavaConfig:
 
 
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "remat")
+# Adapters and base storage: a fine-tuning choice on top of an architecture, not part of it.
+ADAPTER_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quantized_base")
 
 
 def architecture_differences(a: LlavaConfig, b: LlavaConfig) -> list[str]:
@@ -144,7 +162,7 @@ def architecture_differences(a: LlavaConfig, b: LlavaConfig) -> list[str]:
     for part in ("vision", "llm"):
         pa, pb = getattr(a, part), getattr(b, part)
         for f in dataclasses.fields(pa):
-            if f.name not in _RUNTIME_FIELDS and getattr(pa, f.name) != getattr(pb, f.name):
+            if f.name not in _RUNTIME_FIELDS + ADAPTER_FIELDS and getattr(pa, f.name) != getattr(pb, f.name):
                 out.append(f"{part}.{f.name}: {getattr(pa, f.name)!r} != {getattr(pb, f.name)!r}")
     for name in ("projector", "image_token_id"):
         if getattr(a, name) != getattr(b, name):

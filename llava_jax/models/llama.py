@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name as _name
 
 from llava_jax.models import attention
 from llava_jax.models.config import LlamaConfig
+from llava_jax.models.lora import BLOCK_LINEARS, AdaptedLinear, is_target
 from llava_jax.models.norms import RMSNorm
 from llava_jax.models.rope import apply_rope, inverse_frequencies, rotation
 from llava_jax.models.stacking import scan, stacked
@@ -63,6 +64,33 @@ def _dense(cfg: LlamaConfig, din: int, dout: int, axes: tuple[str, str], rngs: n
     )
 
 
+def _block_dense(cfg: LlamaConfig, name: str, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs):
+    """A block linear: `nnx.Linear`, or `AdaptedLinear` with a LoRA adapter (when `name` matches
+    cfg.lora_targets) and/or an int8 kernel (cfg.quantized_base)."""
+    rank = cfg.lora_rank if cfg.lora_rank and is_target(name, cfg.lora_targets) else 0
+    if not rank and cfg.quantized_base == "none":
+        return _dense(cfg, din, dout, axes, rngs)
+    return AdaptedLinear(
+        din,
+        dout,
+        axes,
+        rank=rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        quantized_base=cfg.quantized_base,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
+    )
+
+
+def _apply(linear, x, key, index: int):
+    """Call a block linear; an adapted one gets its own dropout key (fold_in of the block's key)."""
+    if isinstance(linear, AdaptedLinear):
+        return linear(x, None if key is None else jax.random.fold_in(key, index))
+    return linear(x)
+
+
 class LlamaBlock(nnx.Module):
     """x + attn(rmsnorm(x)); x + mlp(rmsnorm(x)). [B, T, D] -> [B, T, D]."""
 
@@ -70,27 +98,33 @@ class LlamaBlock(nnx.Module):
         d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         self.cfg = cfg
         self.input_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.q_proj = _dense(cfg, d, cfg.num_heads * hd, ("embed", "heads"), rngs)
-        self.k_proj = _dense(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs)
-        self.v_proj = _dense(cfg, d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs)
-        self.o_proj = _dense(cfg, cfg.num_heads * hd, d, ("heads", "embed"), rngs)
+        self.q_proj = _block_dense(cfg, "q_proj", d, cfg.num_heads * hd, ("embed", "heads"), rngs)
+        self.k_proj = _block_dense(cfg, "k_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs)
+        self.v_proj = _block_dense(cfg, "v_proj", d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), rngs)
+        self.o_proj = _block_dense(cfg, "o_proj", cfg.num_heads * hd, d, ("heads", "embed"), rngs)
         self.post_attention_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.gate_proj = _dense(cfg, d, f, ("embed", "mlp"), rngs)
-        self.up_proj = _dense(cfg, d, f, ("embed", "mlp"), rngs)
-        self.down_proj = _dense(cfg, f, d, ("mlp", "embed"), rngs)
+        self.gate_proj = _block_dense(cfg, "gate_proj", d, f, ("embed", "mlp"), rngs)
+        self.up_proj = _block_dense(cfg, "up_proj", d, f, ("embed", "mlp"), rngs)
+        self.down_proj = _block_dense(cfg, "down_proj", f, d, ("mlp", "embed"), rngs)
 
-    def __call__(self, x, rope, mask, cache=None):
+    def __call__(self, x, rope, mask, cache=None, dropout_key=None):
         """x [B, T, D]; rope: (cos, sin) of the positions, each [B, T, H/2]; mask [B, T, S].
 
         cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, S, K, H], this
         block's layer and the first slot to write. The new keys/values are written in place (only T
-        slots change) and attention reads this layer's slice. Returns (x, (k, v) or None)."""
+        slots change) and attention reads this layer's slice. dropout_key: this block's key for the
+        LoRA dropout (None: no dropout). Returns (x, (k, v) or None)."""
         cfg = self.cfg
         b, t, _ = x.shape
+        idx = {n: i for i, n in enumerate(BLOCK_LINEARS)}
+
+        def lin(name, h):
+            return _apply(getattr(self, name), h, dropout_key, idx[name])
+
         h = self.input_layernorm(x)
-        q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = lin("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = lin("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = lin("v_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q = _name(apply_rope(q, *rope), "query_proj")
         k = _name(apply_rope(k, *rope), "key_proj")
         v = _name(v, "value_proj")
@@ -105,10 +139,10 @@ class LlamaBlock(nnx.Module):
             kv = (ks, vs)
             impl = "xla"  # fused kernels take no cache offsets
         a = attention.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, implementation=impl, causal=True)
-        x = x + _name(self.o_proj(a.reshape(b, t, -1)), "out_proj")
+        x = x + _name(lin("o_proj", a.reshape(b, t, -1)), "out_proj")
         h = self.post_attention_layernorm(x)
-        m = _name(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h), "mlp_hidden")
-        return x + self.down_proj(m), kv
+        m = _name(jax.nn.silu(lin("gate_proj", h)) * lin("up_proj", h), "mlp_hidden")
+        return x + lin("down_proj", m), kv
 
 
 class Llama(nnx.Module):
@@ -152,8 +186,12 @@ class Llama(nnx.Module):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-    def hidden(self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache)."""
+    def hidden(
+        self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None, dropout_key=None
+    ):
+        """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache).
+
+        dropout_key: a PRNG key for the LoRA dropout in training (split per layer); None: none."""
         cfg = self.cfg
         b, t, _ = embeddings.shape
         if segment_ids is None and cache is not None:
@@ -167,10 +205,13 @@ class Llama(nnx.Module):
             # (fused kernels build it themselves). With segment ids: packing and padding, explicitly.
             mask = None if segment_ids is None else attention.make_mask(segment_ids, segment_ids, causal=True)
 
-            def body(blk, c, _):
-                return constrain(blk(c, rope, mask)[0], _ACT), None
+            def body(blk, c, key):
+                return constrain(blk(c, rope, mask, dropout_key=key)[0], _ACT), None
 
-            x, _ = scan(self.layers, body, x, policy=cfg.remat)
+            keys = None
+            if dropout_key is not None and cfg.lora_rank and cfg.lora_dropout > 0:
+                keys = jax.random.split(dropout_key, cfg.num_layers)
+            x, _ = scan(self.layers, body, x, keys, policy=cfg.remat)
         else:
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
             mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
@@ -188,10 +229,12 @@ class Llama(nnx.Module):
             cache = KVCache(ks, vs, kv_seg, cache.index + t)
         return self.norm(x), cache
 
-    def __call__(self, tokens=None, *, embeddings=None, positions=None, segment_ids=None, cache=None):
+    def __call__(
+        self, tokens=None, *, embeddings=None, positions=None, segment_ids=None, cache=None, dropout_key=None
+    ):
         """tokens [B, T] or embeddings [B, T, D] -> (logits [B, T, V] float32, cache or None)."""
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens or embeddings")
         x = self.embed(tokens) if embeddings is None else embeddings
-        h, cache = self.hidden(x, positions=positions, segment_ids=segment_ids, cache=cache)
+        h, cache = self.hidden(x, positions=positions, segment_ids=segment_ids, cache=cache, dropout_key=dropout_key)
         return self.logits(h), cache

@@ -80,8 +80,14 @@ class Llava(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """input_ids [B, L], images [B, M, S, S, 3] or None -> (logits [B, L, V] float32, cache)."""
+        """input_ids [B, L], images [B, M, S, S, 3] or None -> (logits [B, L, V] float32, cache).
+        dropout_key: PRNG key for the LoRA dropout (training); None: no dropout."""
         return self.language_model(
-            embeddings=self.embed(input_ids, images), positions=positions, segment_ids=segment_ids, cache=cache
+            embeddings=self.embed(input_ids, images),
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            dropout_key=dropout_key,
         )

@@ -36,6 +36,7 @@ LOGICAL_RULES: Rules = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA adapters' rank dimension (small): never split
 )
 
 _warned: set = set()
