@@ -6,6 +6,8 @@
     python -m llava_jax.convert import --from DIR --out STAGE_DIR [--vision CLIP_DIR]
         [--projector MM_PROJECTOR] [--select-layer N] [--template NAME] [--image-aspect-ratio square|pad]
         [--dtype float32|bfloat16] [--overwrite]
+    python -m llava_jax.convert import --from LORA_DIR --base VICUNA_DIR --vision CLIP_DIR --out STAGE_DIR
+        [--lora merge|keep]
 
 `export` writes a llava-hf directory (or, with --llm-only, a LlamaForCausalLM directory); `import`
 writes a stage directory (model.json + final_params) from an original LLaVA, llava-hf, or LLaMA +
@@ -41,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--vision", default=None, help="CLIP directory (the original's mm_vision_tower)")
     i.add_argument("--projector", default=None, help="stage-1 mm_projector.bin/.safetensors (with a LLaMA --from)")
     i.add_argument("--select-layer", type=int, default=None, help="vision layer for a LLaMA+CLIP+projector import")
+    i.add_argument("--base", default=None, help="base LLaMA / Vicuna directory of a LoRA checkpoint (--from LORA_DIR)")
+    i.add_argument(
+        "--lora",
+        default="merge",
+        choices=("merge", "keep"),
+        help="LoRA checkpoint: fold the adapters into the weights (merge) or keep them as adapters (keep)",
+    )
     i.add_argument("--template", default=None, help="conversation template recorded in model.json")
     i.add_argument("--image-aspect-ratio", default=None, choices=("square", "pad"))
     i.add_argument(
@@ -75,6 +84,8 @@ def main(argv=None) -> int:
             vision=args.vision,
             projector=args.projector,
             select_layer=args.select_layer,
+            base=args.base,
+            lora=args.lora,
             template=args.template,
             image_aspect_ratio=args.image_aspect_ratio,
             dtype=args.dtype,
