@@ -2,7 +2,7 @@
 
     python -m llava_jax.convert export --checkpoint RUN_OR_STAGE_OR_HF_DIR --out HF_DIR
         [--dtype bfloat16|float16|float32] [--max-shard-size 5GB] [--llm-only] [--tokenizer DIR]
-        [--template NAME] [--overwrite]
+        [--template NAME] [--overwrite] [--merge-lora | --lora-format peft]
     python -m llava_jax.convert import --from DIR --out STAGE_DIR [--vision CLIP_DIR]
         [--projector MM_PROJECTOR] [--select-layer N] [--template NAME] [--image-aspect-ratio square|pad]
         [--dtype float32|bfloat16] [--overwrite]
@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
         "--template", default=None, help="conversation template for the chat template (default: the checkpoint's)"
     )
     e.add_argument("--overwrite", action="store_true", help="replace weights already in --out")
+    e.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights (W + A B alpha/r)")
+    e.add_argument(
+        "--lora-format",
+        default=None,
+        choices=("peft",),
+        help="keep LoRA adapters: the base weights in --out, a PEFT adapter in --out/adapter",
+    )
 
     i = sub.add_parser("import", help="original LLaVA / llava-hf / LLaMA+CLIP+projector -> stage directory")
     i.add_argument("--from", dest="source", required=True, help="checkpoint directory")
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
             tokenizer_path=args.tokenizer,
             template=args.template,
             overwrite=args.overwrite,
+            merge_lora=args.merge_lora,
+            lora_format=args.lora_format,
         )
     else:
         from llava_jax.convert.stage import import_checkpoint

@@ -79,6 +79,7 @@ def test_merged_import_matches_peft_merge(lora_checkpoint, tmp_path):
     assert diff < 1e-4
 
 
+@pytest.mark.slow  # a second import and forward compile; the merged path above is the fast check
 def test_kept_adapters_match_peft_merge(lora_checkpoint):
     """--lora keep: the adapters become lora_a / lora_b parameters (transposed PEFT tensors) and the
     unmerged model computes what PEFT's merged one does."""

@@ -1,0 +1,131 @@
+"""LoRA exports: `--merge-lora` (adapters folded into a llava-hf directory) and `--lora-format peft`
+(base llava-hf directory + PEFT adapter), checked against the UNMERGED llava_jax model in fp32 with
+transformers, and with `peft` loading the adapter onto the transformers model."""
+
+import copy
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers as tf
+from flax import nnx
+from safetensors import safe_open
+from test_export import EOS, IMAGE, N_IMG, _config, _hf_greedy
+
+from llava_jax.checkpoint import save_stage
+from llava_jax.convert import export_llava_hf
+from llava_jax.convert.__main__ import main
+from llava_jax.inference import generate
+from llava_jax.models import Llava
+
+RANK, ALPHA = 4, 8.0
+
+
+def _lora_model(quantized_base: str, seed: int) -> Llava:
+    """A tiny Llava with adapters on every block linear, all float parameters perturbed (lora_b too, so
+    the adapters change the output); int8 kernels and their scales are left as quantized at init."""
+    cfg = _config("mlp2x_gelu").with_lora(
+        lora_rank=RANK, lora_alpha=ALPHA, lora_dropout=0.1, quantized_base=quantized_base
+    )
+    model = Llava(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        if jnp.issubdtype(var.value.dtype, jnp.floating) and path[-1] != "kernel_scale":
+            var.value = var.value + jnp.asarray(0.05 * rng.standard_normal(var.value.shape), var.value.dtype)
+    nnx.update(model, state)
+    delta = model.language_model.layers.down_proj.lora_a[...] @ model.language_model.layers.down_proj.lora_b[...]
+    assert float(jnp.abs(delta).max()) * ALPHA / RANK > 1e-2  # the adapter is not a no-op
+    return model
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (2, 30), generator=g)
+    ids[0, 3 : 3 + N_IMG] = IMAGE
+    pixels = torch.randn(1, 3, 56, 56, generator=g)
+    images = np.zeros((2, 1, 56, 56, 3), np.float32)
+    images[0, 0] = pixels[0].permute(1, 2, 0).numpy()
+    return ids, pixels, images
+
+
+def _logits_diff(model, ref) -> float:
+    ids, pixels, images = _inputs()
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits.numpy()
+    got, _ = model(jnp.asarray(ids.numpy()), jnp.asarray(images))
+    return float(np.abs(np.asarray(got) - want).max())
+
+
+def _hf(path) -> tf.LlavaForConditionalGeneration:
+    return tf.LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.mark.slow  # a stage round trip and generation on both sides: ~1 min
+def test_merged_export_cli_matches_unmerged_model(tmp_path):
+    """stage dir with adapters -> `export --merge-lora` -> transformers: logits within 1e-5 of the
+    unmerged llava_jax model, and the same greedy tokens."""
+    model = _lora_model("none", seed=1)
+    save_stage(model, tmp_path / "stage", template="v1", image_aspect_ratio="pad")
+    plain = ["export", "--checkpoint", str(tmp_path / "stage"), "--out", str(tmp_path / "x"), "--dtype", "float32"]
+    with pytest.raises(ValueError, match="--merge-lora"):  # adapters are never dropped silently
+        main(plain)
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(tmp_path / "stage"), "--out", str(out), "--dtype", "float32", "--merge-lora"]
+    assert main(argv) == 0
+    assert not any("lora" in k for k in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    ref = _hf(out)
+    diff = _logits_diff(model, ref)
+    print(f"merged LoRA export: max |logits diff| vs unmerged = {diff:.2e}")
+    assert diff < 1e-5
+
+    rng = np.random.default_rng(5)
+    text = [rng.integers(3, 32000, n).tolist() for n in (5, 4, 9)]
+    prompts = [[1] + text[0] + [IMAGE] * N_IMG + text[1], [1] + text[2]]
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    want, margin = _hf_greedy(ref, prompts, 8, pixels)
+    assert margin > 1e-3, f"near-tie in the reference logits ({margin}); pick another seed"
+    images = np.zeros((2, 1, 56, 56, 3), np.float32)
+    images[0, 0] = pixels[0].permute(1, 2, 0).numpy()
+    got = generate(model, prompts, images, max_new_tokens=8, eos_ids=(EOS,))
+    assert got == want and all(got)
+
+
+def test_merged_export_of_int8_base(tmp_path):
+    """An int8 base is dequantized (kernel * kernel_scale) before the adapter is added."""
+    model = _lora_model("int8", seed=2)
+    assert model.language_model.layers.q_proj.kernel[...].dtype == jnp.int8
+    export_llava_hf(model, tmp_path, dtype="float32", merge_lora=True)
+    diff = _logits_diff(model, _hf(tmp_path))
+    print(f"merged LoRA export, int8 base: max |logits diff| vs unmerged = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_peft_export_loads_with_peft(tmp_path):
+    """`--lora-format peft`: base llava-hf dir + `adapter/`; the adapter's keys are those PEFT itself
+    gives the transformers model, and PeftModel.from_pretrained reproduces the unmerged model's logits."""
+    model = _lora_model("none", seed=3)
+    export_llava_hf(model, tmp_path, dtype="float32", lora_format="peft")
+    adapter = tmp_path / "adapter"
+    base = _hf(tmp_path)
+    assert _logits_diff(model, base) > 1e-3  # the base alone is a different model
+
+    config = peft.LoraConfig.from_pretrained(adapter)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (RANK, ALPHA, 0.1)
+    fresh = peft.get_peft_model(copy.deepcopy(base), config)
+    want_keys = {k.replace(".default", "") for k in fresh.state_dict() if ".lora_" in k}
+    with safe_open(adapter / "adapter_model.safetensors", "np") as f:
+        got_keys = set(f.keys())
+        a = f.get_tensor("base_model.model.model.language_model.layers.1.mlp.gate_proj.lora_A.weight")
+    assert got_keys == want_keys and len(got_keys) == 2 * 7 * 2  # 7 linears x 2 layers, A and B
+    assert np.array_equal(a, np.asarray(model.language_model.layers.gate_proj.lora_a[...])[1].T)
+
+    loaded = peft.PeftModel.from_pretrained(base, adapter).eval()
+    diff = _logits_diff(model, loaded)
+    print(f"PEFT LoRA export: max |logits diff| vs unmerged = {diff:.2e}")
+    assert diff < 1e-5
