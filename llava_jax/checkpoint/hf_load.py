@@ -28,6 +28,7 @@ from llava_jax.checkpoint.mapping import FORMATS, Rule, detect_format, to_ours
 from llava_jax.models.clip import ClipVisionTower
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
+from llava_jax.models.lora import quantize_arrays
 from llava_jax.parallel.tree_paths import path_str
 
 # Where each part sits inside each llava_jax root module ('' = the root itself; None = absent).
@@ -87,7 +88,8 @@ def _fold_identity_act_projector(source: TensorSource, prefix: str) -> dict[str,
 def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict[str, np.ndarray]:
     """{llava_jax param path: array in llava_jax layout} for every rule the module and format share.
 
-    `module` may be abstract (`nnx.eval_shape`); only shapes are read from it.
+    `module` may be abstract (`nnx.eval_shape`); only shapes and dtypes are read from it. A model with
+    an int8 base gets int8 kernels and their `kernel_scale` entries (`lora.quantize_arrays`).
     """
     keys = source.keys()
     fmt = fmt or detect_format(keys)
@@ -121,7 +123,8 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
         out[rule.ours] = _rule_array(rule, tuple(flat[rule.ours].shape), fmt, read)
     _check_tied_head(module, f, keyset, used, read)
     _check_all_used(keys, used, f.ignore, fmt)
-    return out
+    # An int8 base (models/lora.py): float kernels are quantised per output channel, scales added.
+    return quantize_arrays(out, {k: np.dtype(v.value.dtype) for k, v in flat.items()})
 
 
 def _rule_array(rule, want: tuple[int, ...], fmt: str, read) -> np.ndarray:

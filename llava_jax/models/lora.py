@@ -103,6 +103,17 @@ def merged_kernel(kernel, lora_a, lora_b, alpha: float, rank: int, scale=None, d
     return (w + delta).astype(dtype)
 
 
+def quantize_arrays(arrays: dict, dtypes: dict) -> dict:
+    """Fit float checkpoint arrays to a model with an int8 base: every `.../kernel` whose parameter
+    (by '/'-path in `dtypes`, path -> dtype) is int8 is quantised, and its `.../kernel_scale` added.
+    Other entries pass through unchanged."""
+    out = dict(arrays)
+    for key, a in arrays.items():
+        if key.endswith("/kernel") and dtypes.get(key) == np.int8 and np.issubdtype(np.asarray(a).dtype, np.floating):
+            out[key], out[key + "_scale"] = quantize_kernel(np.asarray(a))
+    return out
+
+
 class AdaptedLinear(nnx.Module):
     """A bias-free linear with an optional LoRA adapter and an optional int8 base. [..., in] -> [..., out]."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from llava_jax.data.settings import DataSettings
+from llava_jax.models.lora import DEFAULT_TARGETS
 
 
 def optim_config(lr: float) -> mlc.ConfigDict:
@@ -25,6 +26,7 @@ def optim_config(lr: float) -> mlc.ConfigDict:
             eps=1e-8,
             weight_decay=0.0,
             clip_norm=1.0,
+            mm_projector_lr=0.0,  # >0: the projector's own peak lr (the original's --mm_projector_lr); 0: lr
         )
     )
 
@@ -40,7 +42,9 @@ def stage_config(
 ) -> mlc.ConfigDict:
     return mlc.ConfigDict(
         dict(
-            trainable=trainable,  # parts that learn: 'projector' (stage 1) or 'projector,llm' (stage 2)
+            # parts that learn: 'projector' (stage 1), 'projector,llm' (stage 2) or 'projector,lora'
+            # (stage 2 with LoRA adapters, see the lora section)
+            trainable=trainable,
             batch_size=batch_size,  # global rows per optimizer step
             micro_batches=1,  # gradient accumulation: batch_size is split into this many passes
             # >0: compute logits only at up to this many target tokens per row (most LLaVA positions
@@ -78,6 +82,17 @@ def base_config() -> mlc.ConfigDict:
             llm="",  # HF LLaMA/Vicuna directory; '' = random init
             llava="",  # a complete llava-hf / original LLaVA directory (instead of vision + llm)
             stage1="",  # stage 2's projector: a stage-1 dir (or its final_params) or an mm_projector.bin/.safetensors
+        )
+    )
+    # LoRA adapters on the LLM's block linears and the storage of its base (llava_jax/models/lora.py).
+    # The original's defaults; its LoRA recipe (configs/stage2_lora.py) sets rank 128, alpha 256.
+    c.lora = mlc.ConfigDict(
+        dict(
+            rank=0,  # 0: no adapters
+            alpha=16.0,  # scaling alpha / rank
+            dropout=0.05,  # on the adapter's input, training only
+            targets=DEFAULT_TARGETS,  # regex fully matching block linear names; lm_head never
+            quantized_base="none",  # 'none' (frozen_dtype) or 'int8' (per-output-channel, weight-only)
         )
     )
     c.mesh = mlc.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))  # (data, fsdp, tensor); -1 = fill

@@ -41,10 +41,24 @@ def dtype_of(name: str, key: str):
 
 
 def model_config(config) -> LlavaConfig:
-    """The model of a run config: preset, compute dtype, attention kernel and remat policy."""
-    return get_preset(
+    """The model of a run config: preset, compute dtype, attention kernel, remat policy and the LLM's
+    LoRA adapters / base storage (`config.lora`)."""
+    cfg = get_preset(
         config.model, dtype=dtype_of(config.dtype, "dtype"), attention=config.attention, remat=config.remat
     )
+    lora = config.get("lora")
+    if lora is None or (not lora.rank and lora.quantized_base == "none"):
+        return cfg
+    try:
+        return cfg.with_lora(
+            lora_rank=lora.rank,
+            lora_alpha=float(lora.alpha),
+            lora_dropout=float(lora.dropout),
+            lora_targets=lora.targets,
+            quantized_base=lora.quantized_base,
+        )
+    except ValueError as e:
+        raise ValueError(f"config.lora: {e}") from None
 
 
 def loss_groups(stage, mesh: Mesh) -> int:
@@ -135,6 +149,7 @@ def build_stage(stage, spec: ModelSpec, mesh: Mesh, *, total_steps: int, frozen_
     over `total_steps`; frozen weights are stored in `frozen_dtype`, trainable ones in float32."""
     check_batch_divides(stage, mesh)
     mask = trainable.trainable_mask(spec.abstract, stage.trainable)
+    trainable.check_trainable_dtypes(spec.abstract, mask)
     tx, lr = optimizer.make(stage.optim, spec.abstract, mask, total_steps)
     abstract = abstract_state(spec, mask, tx, frozen_dtype)
     psh = param_shardings(spec, mesh)

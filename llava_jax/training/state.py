@@ -63,15 +63,19 @@ class ModelSpec:
 
 def cast(params: Any, mask: Any, frozen_dtype, trainable_dtype=jnp.float32) -> Any:
     """Trainable leaves keep float32 masters; frozen leaves may be stored narrower (e.g. bf16).
-    Works on arrays and on ShapeDtypeStructs."""
+    An int8 base (`models/lora.py`) keeps its int8 kernels and float32 `kernel_scale`s. Works on
+    arrays and on ShapeDtypeStructs."""
 
-    def one(t, p):
-        dtype = trainable_dtype if t else frozen_dtype
+    def one(path, t, p):
+        if not jnp.issubdtype(p.dtype, jnp.floating) or path_str(path).endswith("/kernel_scale"):
+            dtype = p.dtype
+        else:
+            dtype = trainable_dtype if t else frozen_dtype
         if isinstance(p, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(p.shape, dtype, sharding=p.sharding)
         return p.astype(dtype)
 
-    return jax.tree.map(one, mask, params)
+    return jax.tree_util.tree_map_with_path(one, mask, params)
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh) -> Any:

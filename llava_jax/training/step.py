@@ -33,6 +33,10 @@ def _join(mask, trainable, frozen):
     return jax.tree.map(lambda t, a, b: a if t else b, mask, trainable, frozen, is_leaf=lambda x: x is None)
 
 
+def _zero_like(p):
+    return jnp.zeros((), p.dtype if jnp.issubdtype(p.dtype, jnp.floating) else jnp.float32)
+
+
 def _micro_batches(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...], micro-batch i = rows i, i+n, ...: every micro-batch spans all the
     devices the batch is sharded over."""
@@ -52,16 +56,20 @@ def loss_fn(
     targets_per_row: int = 0,
     reduction: str = "global_token_mean",
     loss_groups: int = 1,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(numerator, (denominator, number of target tokens)) of the loss of one (micro-)batch, see
     `loss.reduce_sums`; `loss_groups` device groups per micro-batch for the original's reduction.
 
     targets_per_row > 0: logits only at the first that-many target positions of each row (rows with
-    more must have been refused on the host); 0: logits at every position."""
+    more must have been refused on the host); 0: logits at every position. dropout_key: PRNG key of
+    the LoRA dropout (models without adapters ignore it); None: no dropout."""
     model = nnx.merge(graphdef, params)
     batch = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
     embeddings = model.embed(batch["input_ids"], batch["images"])
-    hidden, _ = model.language_model.hidden(embeddings, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    hidden, _ = model.language_model.hidden(
+        embeddings, positions=batch["positions"], segment_ids=batch["segment_ids"], dropout_key=dropout_key
+    )
     targets = shifted_targets(batch["labels"])
     if 0 < targets_per_row < targets.shape[1]:
         hidden, targets = gather_targets(hidden, targets, targets_per_row)
@@ -84,9 +92,9 @@ def make_train_step(
     loss_reduction / loss_groups: see `loss.reduce_sums`; with "original", each micro-batch's rows
     form `loss_groups` consecutive groups (the data-parallel devices' shares of it)."""
 
-    def grads_and_sums(trainable, frozen, batch):
+    def grads_and_sums(trainable, frozen, batch, key):
         def f(tr):
-            return loss_fn(graphdef, _join(mask, tr, frozen), batch, targets_per_row, loss_reduction, loss_groups)
+            return loss_fn(graphdef, _join(mask, tr, frozen), batch, targets_per_row, loss_reduction, loss_groups, key)
 
         (total, (denom, count)), g = jax.value_and_grad(f, has_aux=True)(trainable)
         return g, total, denom, count
@@ -94,20 +102,28 @@ def make_train_step(
     def step(state: TrainState, batch: dict):
         batch = {k: batch[k] for k in MODEL_KEYS}
         trainable, frozen = _split(state.params, mask)
+        # Dropout (LoRA adapters only) draws from the run's key, the step and the micro-batch, so a
+        # resumed run repeats the same masks.
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if micro_batches == 1:
-            g, total, denom, count = grads_and_sums(trainable, frozen, batch)
+            g, total, denom, count = grads_and_sums(trainable, frozen, batch, key)
         else:
 
-            def body(acc, mb):
-                return jax.tree.map(jnp.add, acc, grads_and_sums(trainable, frozen, mb)), None
+            def body(acc, xs):
+                mb, i = xs
+                return jax.tree.map(
+                    jnp.add, acc, grads_and_sums(trainable, frozen, mb, jax.random.fold_in(key, i))
+                ), None
 
             zero = jnp.zeros((), jnp.float32)
             zeros = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero)
-            (g, total, denom, count), _ = jax.lax.scan(body, zeros, _micro_batches(batch, micro_batches))
+            xs = (_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
+            (g, total, denom, count), _ = jax.lax.scan(body, zeros, xs)
         denom = jnp.maximum(denom, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
         # Frozen leaves enter the optax masks as zeros; set_to_zero ignores them (and XLA drops them).
-        full_grads = _join(mask, g, jax.tree.map(lambda p: jnp.zeros((), p.dtype), frozen))
+        # An int8 base's zeros are float32, so that a clip over every leaf can scale them.
+        full_grads = _join(mask, g, jax.tree.map(_zero_like, frozen))
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
         params = jax.tree.map(lambda t, p, u: (p + u).astype(p.dtype) if t else p, mask, state.params, updates)
         metrics = {
