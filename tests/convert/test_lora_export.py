@@ -129,3 +129,23 @@ def test_peft_export_loads_with_peft(tmp_path):
     diff = _logits_diff(model, loaded)
     print(f"PEFT LoRA export: max |logits diff| vs unmerged = {diff:.2e}")
     assert diff < 1e-5
+
+
+@pytest.mark.slow  # the LLM-only variant of the PEFT export above
+def test_llm_only_peft_export(tmp_path):
+    """`--llm-only --lora-format peft`: a LlamaForCausalLM directory + adapter with `model.layers.N` keys."""
+    model = _lora_model("none", seed=4).language_model
+    from llava_jax.convert import export_llama_hf
+
+    export_llama_hf(model, tmp_path, dtype="float32", lora_format="peft")
+    base = tf.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "np") as f:
+        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()  # noqa: SIM118
+    ids, _, _ = _inputs()
+    with torch.no_grad():
+        want = loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.numpy()
+    got = np.asarray(model(jnp.asarray(ids.numpy()))[0])
+    diff = float(np.abs(got - want).max())
+    print(f"PEFT LoRA export (LLM only): max |logits diff| vs unmerged = {diff:.2e}")
+    assert diff < 1e-5
