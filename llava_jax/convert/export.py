@@ -10,6 +10,12 @@ files transformers 4.x and 5.x load), the tokenizer with `<image>` / `<pad>`, an
 files (`hf_processor`). A `linear` projector (the paper's) is written as llava-hf stores one: two
 layers with `projector_hidden_act="linear"`, `linear_2` the identity with zero bias; import folds
 it back into one layer exactly.
+
+LoRA models (`models/lora.py`): `merge_lora=True` writes W + lora_a @ lora_b * alpha / r per layer in
+float32 (an int8 base dequantized first), cast once to the export dtype; `lora_format="peft"` writes the
+(dequantized) base weights and, in `<out>/adapter/`, a PEFT adapter (`write_peft_adapter`) that
+`peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(out), out / "adapter")`
+loads. An int8 base without adapters is written dequantized.
 """
 
 from __future__ import annotations
