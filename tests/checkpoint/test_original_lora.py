@@ -80,17 +80,18 @@ def test_merged_import_matches_peft_merge(lora_checkpoint, tmp_path):
 
 
 @pytest.mark.slow  # a second import and forward compile; the merged path above is the fast check
-def test_kept_adapters_match_peft_merge(lora_checkpoint):
-    """--lora keep: the adapters become lora_a / lora_b parameters (transposed PEFT tensors) and the
-    unmerged model computes what PEFT's merged one does."""
+def test_kept_adapters_match_peft_merge(lora_checkpoint, tmp_path):
+    """--lora keep: the adapters become lora_a / lora_b parameters (transposed PEFT tensors) of a stage
+    that loads back with its LoRA config, and the unmerged model computes what PEFT's merged one does."""
     lora, base, clip, ref = lora_checkpoint
-    model, info = load_original_lora(lora, base=base, vision=clip, merge=False)
+    argv = ["import", "--from", str(lora), "--base", str(base), "--vision", str(clip), "--out", str(tmp_path / "s")]
+    assert main([*argv, "--lora", "keep"]) == 0
+    model = load_model(tmp_path / "s").model
     llm = model.cfg.llm
     assert (llm.lora_rank, llm.lora_alpha, llm.lora_dropout) == (RANK, ALPHA, 0.05)
     a = np.asarray(model.language_model.layers.v_proj.lora_a[...])
-    want = torch.load(lora / "adapter_model.bin", weights_only=True)[
-        "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
-    ]
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    want = torch.load(lora / "adapter_model.bin", weights_only=True)[key]
     assert a.shape == (2, 64, RANK) and np.array_equal(a[1], want.numpy().T)
     diff = _logits_check(model, ref)
     print(f"original LoRA, kept as adapters: max |logits diff| = {diff:.2e}")
