@@ -2,6 +2,7 @@
 
     python -m llava_jax.train                       # this file is the default config
     python -m llava_jax.train --config configs/demo.py --config.stage2.num_steps=50
+    python -m llava_jax.train --config configs/demo.py:lora   # stage 2 trains LoRA adapters + projector
 
 Generates images of coloured shapes with captions (stage 1) and Q&A (stage 2), trains both stages,
 then answers held-out questions about unseen images by greedy generation. The vision tower and LLM
@@ -32,4 +33,15 @@ def get_config(arg: str = ""):
 
     c.eval.update(json_path="{workdir}/data/eval.json", max_examples=300, max_new_tokens=6)
     c.log_every = 10
+    if arg == "lora":
+        _lora(c)
     return c
+
+
+def _lora(c):
+    """Stage 2 as the original's LoRA recipe: adapters on every LLM block linear + the projector,
+    the projector at its own learning rate; the LLM base stays frozen (random here)."""
+    c.arg = "lora"
+    c.lora.update(rank=32, alpha=64.0, dropout=0.05)
+    c.stage2.trainable = "projector,lora"
+    c.stage2.optim.update(lr=5e-3, mm_projector_lr=1e-3)

@@ -74,6 +74,9 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
         "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
         "remat": cfg.llm.remat,
         "frozen_dtype": config.frozen_dtype,
+        "llm_base": cfg.llm.quantized_base if cfg.llm.quantized_base != "none" else config.frozen_dtype,
+        "lora_rank": cfg.llm.lora_rank,
+        "trainable_params": spec.num_params(setup.mask),
         "params_GiB": _bytes(setup.abstract.params) / n / GiB,
         "opt_state_GiB": _bytes(setup.abstract.opt_state) / n / GiB,
         "model_flops": metrics.step_flops(
@@ -210,9 +213,12 @@ def _verdict(row: dict, hbm_gib: float) -> str:
 
 
 def _print_row(row: dict, chip: topo.Chip | None) -> None:
+    lora = f", LoRA rank {row['lora_rank']}, LLM base {row['llm_base']}" if row.get("lora_rank") else ""
+    if not lora and row.get("llm_base", row["frozen_dtype"]) != row["frozen_dtype"]:
+        lora = f", LLM base {row['llm_base']}"
     print(
-        f"  {row['stage']}: batch {row['batch']}, remat {row['remat']}, frozen {row['frozen_dtype']}, "
-        f"mesh {row['mesh']}"
+        f"  {row['stage']}: batch {row['batch']}, remat {row['remat']}, frozen {row['frozen_dtype']}{lora}, "
+        f"mesh {row['mesh']}; {row['trainable_params']:,} trainable parameters"
     )
     line = "    per device: params {params_GiB:.2f} GiB, optimizer {opt_state_GiB:.2f} GiB".format(**row)
     if "peak_GiB" in row:

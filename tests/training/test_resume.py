@@ -32,7 +32,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PREEMPTED = pathlib.Path(__file__).with_name("preempted_train.py")
 
 
-def _train(workdir, kill_after_step=0):
+# The same for stage 2 with LoRA adapters (dropout on), an int8 base and the projector's own lr.
+LORA_ARGS = [
+    "--config.stages=stage2",
+    "--config.synthetic.num_pretrain=8",
+    "--config.synthetic.num_instruct=96",
+    "--config.synthetic.num_eval=4",
+    "--config.lora.rank=4",
+    "--config.lora.alpha=8.0",
+    "--config.lora.dropout=0.1",
+    "--config.lora.quantized_base=int8",
+    "--config.stage2.trainable=projector,lora",
+    "--config.stage2.optim.mm_projector_lr=1e-4",
+    "--config.stage2.num_steps=6",
+    "--config.stage2.batch_size=8",
+    "--config.stage2.checkpoint_every=3",
+    "--config.log_every=1",
+    "--config.eval.json_path=",
+]
+
+
+def _train(workdir, kill_after_step=0, args=ARGS):
     """The entry point; with `kill_after_step`, the same run SIGKILLed after that step's checkpoint."""
     env = {
         **os.environ,
@@ -45,32 +65,33 @@ def _train(workdir, kill_after_step=0):
         else [sys.executable, "-m", "llava_jax.train"]
     )
     return subprocess.run(
-        [*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True, timeout=900
+        [*command, f"--workdir={workdir}", *args], env=env, capture_output=True, text=True, timeout=900
     )
 
 
-def _losses(workdir) -> dict[int, float]:
+def _losses(workdir, stage="stage1") -> dict[int, float]:
     out = {}
-    for line in (workdir / "stage1" / "metrics.jsonl").read_text().splitlines():
+    for line in (workdir / stage / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         out[row["step"]] = row["loss"]  # a resumed run's rows come later and win
     return out
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(tmp_path):
-    whole = _train(tmp_path / "whole")
+@pytest.mark.parametrize("args,stage", [(ARGS, "stage1"), (LORA_ARGS, "stage2")], ids=["full", "lora_int8"])
+def test_killed_run_resumes_exactly(tmp_path, args, stage):
+    whole = _train(tmp_path / "whole", args=args)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    killed = _train(tmp_path / "killed", kill_after_step=3)
+    killed = _train(tmp_path / "killed", kill_after_step=3, args=args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert not (tmp_path / "killed" / "stage1" / "DONE").exists()
-    assert sorted(_losses(tmp_path / "killed")) == [1, 2, 3]
+    assert not (tmp_path / "killed" / stage / "DONE").exists()
+    assert sorted(_losses(tmp_path / "killed", stage)) == [1, 2, 3]
 
-    resumed = _train(tmp_path / "killed")
+    resumed = _train(tmp_path / "killed", args=args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 3" in resumed.stderr
-    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
+    a, b = _losses(tmp_path / "whole", stage), _losses(tmp_path / "killed", stage)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]  # bit-identical
 
