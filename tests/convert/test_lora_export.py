@@ -16,29 +16,41 @@ from safetensors import safe_open
 from test_export import EOS, IMAGE, N_IMG, _config, _hf_greedy
 
 from llava_jax.checkpoint import save_stage
+from llava_jax.checkpoint.hf_load import materialize
 from llava_jax.convert import export_llava_hf
 from llava_jax.convert.__main__ import main
 from llava_jax.inference import generate
 from llava_jax.models import Llava
+from llava_jax.models.lora import quantize_kernel
+from llava_jax.parallel.tree_paths import path_str
 
 RANK, ALPHA = 4, 8.0
 
 
 def _lora_model(quantized_base: str, seed: int) -> Llava:
-    """A tiny Llava with adapters on every block linear, all float parameters perturbed (lora_b too, so
-    the adapters change the output); int8 kernels and their scales are left as quantized at init."""
+    """A tiny Llava with adapters on every block linear and random weights everywhere (lora_b too, so the
+    adapters change the output); an int8 base is quantized from random float kernels. Built from numpy
+    arrays on the abstract model: eager random init compiles hundreds of small programs."""
     cfg = _config("mlp2x_gelu").with_lora(
         lora_rank=RANK, lora_alpha=ALPHA, lora_dropout=0.1, quantized_base=quantized_base
     )
-    model = Llava(cfg, rngs=nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
-    state = nnx.state(model, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        if jnp.issubdtype(var.value.dtype, jnp.floating) and path[-1] != "kernel_scale":
-            var.value = var.value + jnp.asarray(0.05 * rng.standard_normal(var.value.shape), var.value.dtype)
-    nnx.update(model, state)
-    delta = model.language_model.layers.down_proj.lora_a[...] @ model.language_model.layers.down_proj.lora_b[...]
-    assert float(jnp.abs(delta).max()) * ALPHA / RANK > 1e-2  # the adapter is not a no-op
+    arrays = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        key, shape = path_str(path), tuple(var.value.shape)
+        if path[-1] == "kernel_scale":
+            continue
+        noise = 0.05 * rng.standard_normal(shape).astype(np.float32)
+        if path[-1] == "scale":  # norm weights around 1
+            noise += 1.0
+        if var.value.dtype == jnp.int8:
+            arrays[key], arrays[key + "_scale"] = quantize_kernel(noise)
+        else:
+            arrays[key] = noise
+    model = materialize(abstract, arrays)
+    delta = arrays["language_model/layers/down_proj/lora_a"] @ arrays["language_model/layers/down_proj/lora_b"]
+    assert float(np.abs(delta).max()) * ALPHA / RANK > 1e-2  # the adapter is not a no-op
     return model
 
 
@@ -149,3 +161,13 @@ def test_llm_only_peft_export(tmp_path):
     diff = float(np.abs(got - want).max())
     print(f"PEFT LoRA export (LLM only): max |logits diff| vs unmerged = {diff:.2e}")
     assert diff < 1e-5
+
+
+def test_lora_export_options_are_checked(tmp_path):
+    plain = nnx.eval_shape(lambda: Llava(_config("linear"), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        export_llava_hf(plain, tmp_path / "a", merge_lora=True)
+    with pytest.raises(ValueError, match="choose one"):
+        export_llava_hf(plain, tmp_path / "b", merge_lora=True, lora_format="peft")
+    with pytest.raises(ValueError, match="only adapter format is 'peft'"):
+        export_llava_hf(plain, tmp_path / "c", lora_format="lora")
