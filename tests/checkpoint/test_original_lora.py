@@ -5,12 +5,14 @@ merge (`merge_and_unload`) of the same adapter in transformers."""
 import copy
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
+from flax import nnx
 from hf_reference import clip_vision, llama
-from test_original_import import _logits_check, _original_config, _projector, _reference
+from test_original_import import N_IMG, _original_config, _projector, _reference
 
 from llava_jax.checkpoint import CheckpointMismatch
 from llava_jax.checkpoint.original import load_original_lora
@@ -18,6 +20,23 @@ from llava_jax.convert.__main__ import main
 from llava_jax.inference import load_model
 
 RANK, ALPHA = 8, 16
+IMAGE = 32000
+
+
+def _logits_check(model, ref) -> float:
+    """Max |logits difference| on an image row and a text row (our forward jitted: one compile)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (2, 26), generator=g)
+    ids[0, 2 : 2 + N_IMG] = IMAGE
+    pixels = torch.randn(1, 3, 56, 56, generator=g)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits.numpy()
+    images = np.zeros((2, 1, 56, 56, 3), np.float32)
+    images[0, 0] = pixels[0].permute(1, 2, 0).numpy()
+    got = nnx.jit(lambda m, i, x: m(i, x)[0])(model, jnp.asarray(ids.numpy()), jnp.asarray(images))
+    return float(np.abs(np.asarray(got) - want).max())
+
+
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
