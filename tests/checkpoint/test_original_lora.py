@@ -23,6 +23,9 @@ RANK, ALPHA = 8, 16
 IMAGE = 32000
 
 
+_forward = nnx.jit(lambda m, ids, images: m(ids, images)[0])  # one compile per model structure
+
+
 def _logits_check(model, ref) -> float:
     """Max |logits difference| on an image row and a text row (our forward jitted: one compile)."""
     g = torch.Generator().manual_seed(0)
@@ -33,7 +36,7 @@ def _logits_check(model, ref) -> float:
         want = ref(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits.numpy()
     images = np.zeros((2, 1, 56, 56, 3), np.float32)
     images[0, 0] = pixels[0].permute(1, 2, 0).numpy()
-    got = nnx.jit(lambda m, i, x: m(i, x)[0])(model, jnp.asarray(ids.numpy()), jnp.asarray(images))
+    got = _forward(model, jnp.asarray(ids.numpy()), jnp.asarray(images))
     return float(np.abs(np.asarray(got) - want).max())
 
 
