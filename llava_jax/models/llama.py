@@ -186,9 +186,7 @@ class Llama(nnx.Module):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-    def hidden(
-        self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None, dropout_key=None
-    ):
+    def hidden(self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None, dropout_key=None):
         """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache).
 
         dropout_key: a PRNG key for the LoRA dropout in training (split per layer); None: none."""
@@ -229,9 +227,7 @@ class Llama(nnx.Module):
             cache = KVCache(ks, vs, kv_seg, cache.index + t)
         return self.norm(x), cache
 
-    def __call__(
-        self, tokens=None, *, embeddings=None, positions=None, segment_ids=None, cache=None, dropout_key=None
-    ):
+    def __call__(self, tokens=None, *, embeddings=None, positions=None, segment_ids=None, cache=None, dropout_key=None):
         """tokens [B, T] or embeddings [B, T, D] -> (logits [B, T, V] float32, cache or None)."""
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens or embeddings")
