@@ -41,6 +41,8 @@ EXTRAS = {
         "accelerate>=1.0",
         "scikit-image>=0.22",
         "gguf>=0.10",
+        # LoRA exports and imports are checked by loading them with PEFT onto transformers models.
+        "peft>=0.13",
         # Server tests drive it with the official OpenAI client.
         *SERVE,
         "openai>=1.30",

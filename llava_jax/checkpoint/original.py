@@ -27,12 +27,13 @@ import re
 import numpy as np
 from flax import nnx
 
-from llava_jax.checkpoint import hf_config, vocab
+from llava_jax.checkpoint import adapters, hf_config, vocab
 from llava_jax.checkpoint.files import open_checkpoint
 from llava_jax.checkpoint.hf_load import CheckpointMismatch, convert_arrays, materialize
 from llava_jax.checkpoint.mapping import FORMATS, to_ours
 from llava_jax.models.config import LlavaConfig
 from llava_jax.models.llava import Llava
+from llava_jax.models.lora import BLOCK_LINEARS, merged_kernel
 from llava_jax.models.presets import VOCAB
 from llava_jax.paths import Path, as_path
 
@@ -298,3 +299,160 @@ def load_pair(
             "vocab": _vocab_source(llm, rows, d),
         },
     )
+
+
+# ----------------------------------------------------------------------------- LoRA checkpoints
+
+NON_LORA_FILE = "non_lora_trainables.bin"
+
+
+class _Overlay:
+    """Tensor source: `top`'s keys over `base`'s (a LoRA run's non-LoRA trainables over its base model)."""
+
+    def __init__(self, base, top):
+        self._base, self._top = base, top
+        self._top_keys = set(top.keys())
+
+    def keys(self) -> list[str]:
+        return sorted(set(self._base.keys()) | self._top_keys)
+
+    def get(self, key: str) -> np.ndarray:
+        return (self._top if key in self._top_keys else self._base).get(key)
+
+
+def _non_lora_trainables(path: Path):
+    """The projector (and any other non-adapter tensors) a LoRA run trained, keys renamed from the
+    PEFT wrapper's `base_model.model.model.mm_projector.0.weight` to `model.mm_projector.0.weight`."""
+    from llava_jax.checkpoint.files import DictSource
+
+    candidates = [path / NON_LORA_FILE, path / "non_lora_trainables.safetensors"]
+    file = next((f for f in candidates if f.exists()), None)
+    if file is None:
+        raise FileNotFoundError(
+            f"{path}: no {NON_LORA_FILE} (the projector of a LoRA run); an original LLaVA LoRA checkpoint has "
+            "adapter_config.json, adapter_model.bin and non_lora_trainables.bin"
+        )
+    source = open_checkpoint(file)
+    prefix = adapters.PEFT_PREFIX + "."
+    return DictSource({(k[len(prefix) :] if k.startswith(prefix) else k): source.get(k) for k in source.keys()})  # noqa: SIM118
+
+
+def adapter_arrays(abstract: Llava, source, settings, *, where) -> dict[str, np.ndarray]:
+    """{`language_model/layers/X/lora_a` [L, in, r], `.../lora_b` [L, r, out]} from a PEFT adapter source
+    on the original's `LlavaLlamaForCausalLM` (or a `LlamaForCausalLM`): keys
+    `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` etc. Every layer of an adapted
+    linear must be present and every key used."""
+    kernels = FORMATS["llava_original"].rules(
+        ours_prefix={"vision": None, "llm": "language_model", "projector": None},
+        vision_prefix=None,
+        projector=None,
+        tied=abstract.cfg.llm.tie_word_embeddings,
+    )
+    keys = set(source.keys())
+    layers = abstract.cfg.llm.num_layers
+    out, used = {}, set()
+    for rule in adapters.adapter_rules(kernels):
+        names = [rule.theirs.format(i=i) for i in range(layers)] if rule.stacked else [rule.theirs]
+        present = [k for k in names if k in keys]
+        if not present:
+            continue
+        if len(present) < len(names):
+            missing = sorted(set(names) - keys)
+            raise CheckpointMismatch(
+                f"{where}: adapter keys for only some layers of {rule.ours} (missing e.g. {missing[:3]}); "
+                "llava_jax adapters cover every layer (layers_to_transform is not supported)"
+            )
+        used.update(names)
+        tensors = [to_ours(rule.kind, np.asarray(source.get(k), np.float32)) for k in names]
+        out[rule.ours] = np.stack(tensors) if rule.stacked else tensors[0]
+    unused = sorted(keys - used)
+    if unused:
+        raise CheckpointMismatch(
+            f"{where}: adapter keys that name no adapted LLM block linear: {unused[:5]} (adapters are read for "
+            f"{', '.join(BLOCK_LINEARS)} of the LLM only)"
+        )
+    if not out:
+        raise CheckpointMismatch(f"{where}: no LoRA tensors (…lora_A.weight / …lora_B.weight) found")
+    adapters.check_adapter_shapes(out, settings, where)
+    for k in out:
+        pair = k[: -len("lora_a")] + ("lora_b" if k.endswith("lora_a") else "lora_a")
+        if pair not in out:
+            raise CheckpointMismatch(f"{where}: {k} has no partner {pair}")
+    return out
+
+
+def fold_adapters(arrays: dict[str, np.ndarray], lora: dict[str, np.ndarray], settings) -> dict[str, np.ndarray]:
+    """`arrays` with every adapted kernel replaced by W + lora_a @ lora_b * alpha / r (float32)."""
+    out = dict(arrays)
+    for k, a in lora.items():
+        if k.endswith("/lora_a"):
+            base = k[: -len("lora_a")]
+            out[base + "kernel"] = merged_kernel(
+                arrays[base + "kernel"], a, lora[base + "lora_b"], settings.alpha, settings.rank, dtype=np.float32
+            )
+    return out
+
+
+def load_original_lora(path, *, base, vision=None, merge: bool = True, param_dtype=np.float32):
+    """An original LLaVA LoRA checkpoint (`llava-v1.5-*-lora`: config.json with `mm_*` fields,
+    adapter_config.json, adapter_model.bin / .safetensors, non_lora_trainables.bin) applied onto its
+    base (`base`: the LLaMA / Vicuna directory it was trained from, or an original LLaVA directory) ->
+    (Llava, ImportInfo).
+
+    The LLM's weights come from `base`, the projector from `non_lora_trainables.bin` (which replaces
+    any the base has), the vision tower from `vision` (the CLIP directory `mm_vision_tower` names).
+    merge: fold the adapters into the kernels (W + A B alpha / r; a plain model), else keep them as
+      `lora_a` / `lora_b` parameters (`LlamaConfig.lora_rank` etc. set from adapter_config.json).
+    """
+    import jax.numpy as jnp
+
+    path, base = as_path(path), as_path(base)
+    d = hf_config.read_config(path)
+    if not hf_config.is_original_llava(d):
+        raise ValueError(
+            f"{path}/config.json is not an original LLaVA config (no mm_vision_tower / mm_hidden_size fields); "
+            "an original LoRA checkpoint keeps the LLaVA config of its run beside adapter_config.json"
+        )
+    settings, _, adapter_source = adapters.open_adapter(path)
+    source = _Overlay(open_checkpoint(base), _non_lora_trainables(path))
+    in_shards = FORMATS["llava_original"].vision_prefix(source.keys()) is not None
+    vdir = _vision_dir(d, vision)
+    if not in_shards and vdir is None:
+        raise FileNotFoundError(
+            f"{path}: mm_vision_tower={d.get('mm_vision_tower')!r} is not a local directory and the base holds no "
+            "vision tower; pass the CLIP model directory it names (--vision DIR / vision=DIR)"
+        )
+    vcfg = hf_config.original_vision_config(d, hf_config.read_config(vdir) if vdir is not None else None)
+    cfg, aspect = hf_config.original_llava_config(d, vcfg, vocab_size=VOCAB)
+    cfg = cfg.with_runtime(param_dtype=jnp.dtype(param_dtype))
+    abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
+    arrays = convert_arrays(abstract, source, "llava_original")
+    if not in_shards:
+        arrays.update(convert_arrays(abstract, open_checkpoint(vdir), "hf_clip"))
+    lora = adapter_arrays(abstract, adapter_source, settings, where=adapters.adapter_file(path))
+    if merge:
+        model = materialize(abstract, fold_adapters(arrays, lora, settings), what="llava_original LoRA (merged)")
+    else:
+        names = adapters.target_names(lora)
+        cfg = cfg.with_lora(
+            lora_rank=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            lora_targets=adapters.targets_regex(names),
+        )
+        abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
+        model = materialize(abstract, {**arrays, **lora}, what="llava_original LoRA (adapters)")
+    rows = source.get(f"{FORMATS['llava_original'].llm_body}.embed_tokens.weight").shape[0]
+    info = ImportInfo(
+        aspect,
+        default_template(path.resolve().name),
+        {
+            "format": "llava_original_lora",
+            "path": str(path),
+            "base": str(base),
+            "vision": str(vdir) if not in_shards else "checkpoint",
+            "lora": {"r": settings.rank, "alpha": settings.alpha, "merged": merge},
+            "vocab": _vocab_source(base, rows, d),
+        },
+    )
+    return model, info

@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 
-from llava_jax.checkpoint import hf_config, original
+from llava_jax.checkpoint import adapters, hf_config, original
 from llava_jax.checkpoint.hf_load import from_pretrained
 from llava_jax.checkpoint.stage_dir import save_stage
 from llava_jax.paths import Path, as_path
 
 log = logging.getLogger(__name__)
+
+LORA_MODES = ("merge", "keep")
 
 
 def _llava_hf_aspect_ratio(path: Path, d: dict, projector: str) -> str:
@@ -35,6 +37,8 @@ def import_checkpoint(
     vision=None,
     projector=None,
     select_layer: int | None = None,
+    base=None,
+    lora: str = "merge",
     template: str | None = None,
     image_aspect_ratio: str | None = None,
     dtype=None,
@@ -46,14 +50,32 @@ def import_checkpoint(
       shards hold no tower (`original.load_original`);
     - a llava-hf directory (`model_type` llava with `text_config`);
     - a LLaMA / Vicuna directory, with `vision` (CLIP directory) and `projector` (a stage-1
-      `mm_projector` file or folder): the model the original's stage 2 starts from (`original.load_pair`).
+      `mm_projector` file or folder): the model the original's stage 2 starts from (`original.load_pair`);
+    - an original LLaVA LoRA checkpoint (`llava-v1.5-*-lora`: adapter_config.json, adapter_model.bin,
+      non_lora_trainables.bin), with `base` (the Vicuna / LLaMA directory it was trained on) and `vision`:
+      `lora="merge"` folds the adapters into the weights, `lora="keep"` keeps them as LoRA parameters
+      (`original.load_original_lora`).
 
     `template` / `image_aspect_ratio` override what the source says or implies.
     """
     path = as_path(source)
     d = hf_config.read_config(path)
     log.info("importing %s", path)
-    model, info = _load_source(path, d, vision=vision, projector=projector, select_layer=select_layer)
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora={lora!r}: use one of {LORA_MODES}")
+    if (path / adapters.ADAPTER_CONFIG).exists():
+        if base is None:
+            raise ValueError(
+                f"{path} is a LoRA checkpoint (adapter_config.json): pass its base model with --base DIR (the "
+                "Vicuna / LLaMA directory the LoRA run started from, e.g. vicuna-7b-v1.5 for llava-v1.5-7b-lora)"
+            )
+        if projector is not None or select_layer is not None:
+            raise ValueError("--projector / --select-layer do not apply to a LoRA checkpoint (it holds its projector)")
+        model, info = original.load_original_lora(path, base=base, vision=vision, merge=lora == "merge")
+    else:
+        if base is not None:
+            raise ValueError(f"--base is for a LoRA checkpoint; {path} has no adapter_config.json")
+        model, info = _load_source(path, d, vision=vision, projector=projector, select_layer=select_layer)
     return save_stage(
         model,
         out_dir,
