@@ -50,6 +50,28 @@ def _batch(cfg, batch: int, seq: int, answer: int, seed: int = 0) -> dict[str, n
     )
 
 
+def model_config(args):
+    """The preset with the command line's LLM and vision overrides (random weights)."""
+    cfg = get_preset(args.preset, dtype=jnp.dtype(args.dtype).type, remat="none")
+    llm = {
+        k: v
+        for k, v in (
+            ("hidden_size", args.hidden),
+            ("num_layers", args.layers),
+            ("num_heads", args.heads),
+            ("num_kv_heads", args.kv_heads or args.heads),
+            ("intermediate_size", args.intermediate),
+        )
+        if v
+    }
+    if args.hidden and not args.intermediate:
+        llm["intermediate_size"] = int(args.hidden * 8 / 3 / 64 + 1) * 64  # LLaMA's SwiGLU width
+    vision = {k: v for k, v in (("image_size", args.image_size), ("patch_size", args.patch_size)) if v}
+    return dataclasses.replace(
+        cfg, llm=dataclasses.replace(cfg.llm, **llm), vision=dataclasses.replace(cfg.vision, **vision)
+    )
+
+
 def _timeit(fn, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -156,7 +178,13 @@ def bench_torch(cfg, batch, args) -> dict:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m llava_jax.bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--hidden", type=int, default=0, help="override the LLM width (0 = preset's)")
     ap.add_argument("--layers", type=int, default=0, help="override the LLM depth (0 = preset's)")
+    ap.add_argument("--heads", type=int, default=0, help="override the LLM attention heads")
+    ap.add_argument("--kv-heads", type=int, default=0, help="override the LLM KV heads (default: --heads)")
+    ap.add_argument("--intermediate", type=int, default=0, help="override the LLM MLP width")
+    ap.add_argument("--image-size", type=int, default=0, help="override the vision input size in pixels")
+    ap.add_argument("--patch-size", type=int, default=0, help="override the vision patch size")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--answer", type=int, default=32, help="target tokens at the end of each row")
@@ -173,9 +201,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
-    cfg = get_preset(args.preset, dtype=jnp.dtype(args.dtype).type, remat="none")
-    if args.layers:
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=args.layers))
+    cfg = model_config(args)
     batch = _batch(cfg, args.batch, args.seq, args.answer)
     result = {
         "preset": args.preset,

@@ -11,7 +11,9 @@ Stages (grain dataset API; everything up to batching runs inside the worker proc
   1. `MapDataset.source(source)[shard_index::shard_count]`: this process's records (disjoint across
      processes, together the whole dataset).
   2. `.shuffle(seed).repeat(num_epochs)`: a seeded global shuffle of the shard, reshuffled every epoch
-     (the epoch number is folded into the seed); `num_epochs=None` repeats forever.
+     (the epoch number is folded into the seed); `num_epochs=None` repeats forever. With
+     `group_by_modality_length` instead: the original's modality- and length-grouped order of all
+     records (`length_grouping.py`), then this process's share of each global batch.
   3. `.map(PrepareSample)`: render + tokenize (`tokenize_record`), then decode + CLIP-preprocess the
      image to uint8. A `BadSample` is raised (`on_bad_sample="raise"`) or turned into a skip marker
      (`"skip"`) that is counted into the batch.
@@ -71,6 +73,7 @@ import numpy as np
 from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, load_image, preprocess
+from llava_jax.data.length_grouping import ModalityGroupedDataset, modality_length
 from llava_jax.data.settings import DataSettings
 from llava_jax.data.templates import get_template
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, text_encoder
@@ -416,12 +419,25 @@ def make_batches(
         max_image_pixels=settings.max_image_pixels,
     )
     ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    if settings.shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(prepare)
+    if settings.group_by_modality_length:
+        ds = _modality_grouped(ds, source, spec.batch_size, shard_index, shard_count, seed, num_epochs)
+    else:
+        if shard_count > 1:
+            ds = ds[shard_index::shard_count]
+        if settings.shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(num_epochs)
+    ds = ds.map(prepare)
     return _batched_iterator(ds, spec, settings)
+
+
+def _modality_grouped(ds, source, rows: int, shard_index: int, shard_count: int, seed: int, num_epochs):
+    """All records in the original's `group_by_modality_length` order (one global batch = one
+    megabatch: `rows` per process x `shard_count`), then this process's share of every global batch
+    (positions shard_index, shard_index + shard_count, ...). Reads every record once for its length."""
+    lengths = [modality_length(source[i]) for i in range(len(source))]
+    ds = ModalityGroupedDataset(ds, lengths, batch_size=rows, world_size=shard_count, seed=seed, num_epochs=num_epochs)
+    return ds[shard_index::shard_count] if shard_count > 1 else ds
 
 
 def _batch_spec(settings: DataSettings, rows: int, image_size: int, num_image_tokens: int) -> BatchSpec:
