@@ -30,6 +30,7 @@ def get_config(arg: str = ""):
     c.stage2.update(batch_size=32, epochs=3, targets_per_row=32, checkpoint_every=100)
     c.stage2.optim.update(lr=1e-3, warmup_ratio=0.05)
     c.stage2.data.max_length = 192  # the longest synthetic conversation is 189 tokens
+    c.stage2.data.packing = False  # rows of 192 hold one sample of this data: packing saves little here
 
     c.eval.update(json_path="{workdir}/data/eval.json", max_examples=300, max_new_tokens=6)
     c.log_every = 10

@@ -7,7 +7,8 @@
 
 Argument: the model preset. Paper presets (vicuna-7b/13b): LLaVA-Instruct-158K, batch 32, 3 epochs
 (the paper's run); v1.5 presets: mix665k, batch 128, 1 epoch, `pad` aspect ratio. lr 2e-5, AdamW wd 0,
-warmup 3 %, cosine, `v1` template, max length 2048, full remat, gradient accumulation to fit memory.
+warmup 3 %, cosine, `v1` template, max length 2048 with sequence packing, full remat, gradient
+accumulation to fit memory.
 """
 
 from llava_jax.training.config_schema import base_config
@@ -27,6 +28,12 @@ def get_config(arg: str = "vicuna-7b"):
         checkpoint_every=500,
     )
     c.stage2.optim.lr = 2e-5
-    c.stage2.data.update(template="v1", max_length=2048, worker_count=8, image_aspect_ratio="pad" if v15 else "square")
+    c.stage2.data.update(
+        template="v1",
+        max_length=2048,
+        packing=True,  # several samples per row; the step count of the epochs is counted before the run
+        worker_count=8,
+        image_aspect_ratio="pad" if v15 else "square",
+    )
     c.mesh.ici = (1, -1, 1)
     return c

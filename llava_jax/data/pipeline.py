@@ -11,7 +11,9 @@ Stages (grain dataset API; everything up to batching runs inside the worker proc
   1. `MapDataset.source(source)[shard_index::shard_count]`: this process's records (disjoint across
      processes, together the whole dataset).
   2. `.shuffle(seed).repeat(num_epochs)`: a seeded global shuffle of the shard, reshuffled every epoch
-     (the epoch number is folded into the seed); `num_epochs=None` repeats forever.
+     (the epoch number is folded into the seed); `num_epochs=None` repeats forever. With
+     `group_by_modality_length` instead: the original's modality- and length-grouped order of all
+     records (`length_grouping.py`), then this process's share of each global batch.
   3. `.map(PrepareSample)`: render + tokenize (`tokenize_record`), then decode + CLIP-preprocess the
      image to uint8. A `BadSample` is raised (`on_bad_sample="raise"`) or turned into a skip marker
      (`"skip"`) that is counted into the batch.
@@ -59,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -71,6 +74,7 @@ import numpy as np
 from llava_jax.data.conversation_tokens import tokenize_record
 from llava_jax.data.errors import BadSample
 from llava_jax.data.image import DEFAULT_MAX_PIXELS, load_image, preprocess
+from llava_jax.data.length_grouping import ModalityGroupedDataset, modality_length
 from llava_jax.data.settings import DataSettings
 from llava_jax.data.templates import get_template
 from llava_jax.data.tokenizer import IGNORE_INDEX, IMAGE_TOKEN_ID, PAD_TOKEN_ID, text_encoder
@@ -292,6 +296,10 @@ class _BatchRowsIterator(grain.DatasetIterator):
         self._state_before_pending: Any = None
 
     def __next__(self) -> dict[str, np.ndarray]:
+        return assemble(*self.fill_rows(), self._spec)
+
+    def fill_rows(self) -> tuple[list[_Row], np.ndarray]:
+        """The next batch's rows and skip counts (StopIteration when nothing is left)."""
         spec = self._spec
         rows = [_Row() for _ in range(spec.batch_size)]
         skipped = np.zeros(spec.batch_size, np.int64)
@@ -321,7 +329,7 @@ class _BatchRowsIterator(grain.DatasetIterator):
                 break
             rows[row].add(sample)
             last, placed = row, placed + 1
-        return assemble(rows, skipped, spec)
+        return rows, skipped
 
     def get_state(self) -> dict:
         if self._pending is not None:
@@ -415,13 +423,76 @@ def make_batches(
         fast_image=settings.fast_image,
         max_image_pixels=settings.max_image_pixels,
     )
+    ds = _ordered_records(source, settings, spec.batch_size, shard_index, shard_count, seed, num_epochs)
+    return _batched_iterator(ds.map(prepare), spec, settings)
+
+
+def _ordered_records(source, settings: DataSettings, rows: int, shard_index, shard_count, seed, num_epochs):
+    """This process's records in training order (stages 1-2 of the module docstring)."""
     ds = grain.MapDataset.source(source)
+    if settings.group_by_modality_length:
+        return _modality_grouped(ds, source, rows, shard_index, shard_count, seed, num_epochs)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     if settings.shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(prepare)
-    return _batched_iterator(ds, spec, settings)
+    return ds.repeat(num_epochs)
+
+
+class _TokensOnly(PrepareSample):
+    """PrepareSample without reading images (a placeholder stands for the image): what row filling needs."""
+
+    def _load_image(self, record: dict, rid) -> bool:
+        return True
+
+
+def count_batches(
+    source,
+    *,
+    tokenizer,
+    num_image_tokens: int,
+    global_batch_size: int,
+    seed: int,
+    epochs: float,
+    settings: DataSettings,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> int:
+    """Batches that `make_batches` gives shard `shard_index` for `epochs` passes over the data (a
+    fraction of a pass counts its first records), computed by tokenizing every record and filling
+    rows as the pipeline does, without reading images. With packing this is the only way to know the
+    number of steps of an epoch: it depends on the lengths and the shuffle."""
+    if epochs <= 0:
+        raise ValueError(f"epochs must be > 0, got {epochs}")
+    spec = _batch_spec(settings, global_batch_size // shard_count, 1, num_image_tokens)
+    prepare = _TokensOnly(
+        tokenizer=tokenizer,
+        template=settings.template,
+        image_size=1,
+        image_aspect_ratio=settings.image_aspect_ratio,
+        num_image_tokens=num_image_tokens,
+        max_length=settings.max_length,
+        on_bad_sample=settings.on_bad_sample,
+    )
+    ds = _ordered_records(source, settings, spec.batch_size, shard_index, shard_count, seed, math.ceil(epochs))
+    per_epoch = len(ds) // math.ceil(epochs)
+    ds = ds[: max(1, round(per_epoch * epochs))].map(prepare)
+    it = _BatchRowsIterator(iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1))), spec)
+    count = 0
+    with contextlib.suppress(StopIteration):
+        while True:
+            it.fill_rows()
+            count += 1
+    return count
+
+
+def _modality_grouped(ds, source, rows: int, shard_index: int, shard_count: int, seed: int, num_epochs):
+    """All records in the original's `group_by_modality_length` order (one global batch = one
+    megabatch: `rows` per process x `shard_count`), then this process's share of every global batch
+    (positions shard_index, shard_index + shard_count, ...). Reads every record once for its length."""
+    lengths = [modality_length(source[i]) for i in range(len(source))]
+    ds = ModalityGroupedDataset(ds, lengths, batch_size=rows, world_size=shard_count, seed=seed, num_epochs=num_epochs)
+    return ds[shard_index::shard_count] if shard_count > 1 else ds
 
 
 def _batch_spec(settings: DataSettings, rows: int, image_size: int, num_image_tokens: int) -> BatchSpec:

@@ -51,6 +51,9 @@ class DataSettings:
     worker_count: int = 0  # data worker processes; 0 = prepare in threads of this process
     on_bad_sample: str = "skip"  # skip (counted in meta_skipped, logged) | raise
     shuffle: bool = True  # False keeps source order (evaluation)
+    # The original's `group_by_modality_length` order (data/length_grouping.py): image and text-only
+    # samples in separate batches, each global batch of samples of similar length; replaces the shuffle.
+    group_by_modality_length: bool = False
     # Tuning for direct callers.
     length_buckets: tuple[int, ...] | None = _tuning(None)  # without packing: pad to the smallest that fits
     read_threads: int | None = _tuning(None)  # None: 1 with workers, min(4, CPUs) without

@@ -76,6 +76,9 @@ def base_config() -> mlc.ConfigDict:
     c.stages = "stage1,stage2"  # which of the stage dicts below run, in order
     c.stage1 = stage_config(trainable="projector", lr=2e-3, batch_size=128, epochs=1, template="plain")
     c.stage2 = stage_config(trainable="projector,llm", lr=2e-5, batch_size=32, epochs=3, template="v1")
+    # Instruction data varies in length (LLaVA-Instruct-158K: ~100 to 1000+ tokens with the image):
+    # padded to 2048 most of each row is padding; packed, most is real tokens (`bench train --packing`).
+    c.stage2.data.packing = True
     c.init = mlc.ConfigDict(
         dict(
             vision="",  # HF CLIP directory (e.g. openai/clip-vit-large-patch14); '' = random init

@@ -52,7 +52,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def data_iterator(config, stage, cfg: LlavaConfig):
-    """This process's batches for a stage (repeating forever; the loop stops by step count)."""
+    """This process's batches for a stage (repeating forever; the loop stops by step count), and the
+    data source."""
     from llava_jax.data import pipeline
 
     settings = DataSettings.from_mapping(stage.data)
@@ -66,15 +67,48 @@ def data_iterator(config, stage, cfg: LlavaConfig):
         seed=config.seed,
         num_epochs=None,
     )
-    return it, len(source)
+    return it, source
 
 
-def total_steps(stage, num_records: int) -> int:
+def total_steps(config, stage, source, cfg: LlavaConfig) -> int:
+    """num_steps, or the steps of `epochs` passes over the data. Without packing that is records x
+    epochs / batch size; with packing the rows an epoch fills depend on the sample lengths and the
+    shuffle, so every record is tokenized once (no images read) and the rows are counted as the
+    pipeline fills them (`pipeline.count_batches`), per process shard; the smallest shard's count is
+    the step count of every process (so they stop together)."""
     if stage.num_steps > 0:
         return int(stage.num_steps)
-    if stage.data.packing:
-        raise ValueError("with data.packing the number of rows per epoch is not known in advance: set num_steps")
-    return max(1, math.ceil(num_records * stage.epochs / stage.batch_size))
+    if not stage.data.packing:
+        return max(1, math.ceil(len(source) * stage.epochs / stage.batch_size))
+    from llava_jax.data import pipeline
+    from llava_jax.data.tokenizer import load_tokenizer
+
+    settings = DataSettings.from_mapping(stage.data)
+    tokenizer = load_tokenizer(settings.tokenizer_path) if settings.tokenizer_path else load_tokenizer()
+    t = time.time()
+    counts = [
+        pipeline.count_batches(
+            source,
+            tokenizer=tokenizer,
+            num_image_tokens=cfg.num_image_tokens,
+            global_batch_size=stage.batch_size,
+            seed=config.seed,
+            epochs=stage.epochs,
+            settings=settings,
+            shard_index=shard,
+            shard_count=jax.process_count(),
+        )
+        for shard in range(jax.process_count())
+    ]
+    log.info(
+        "packing: %s epochs of %d records fill %d steps of %d rows (counted in %.0fs)",
+        f"{stage.epochs:g}",
+        len(source),
+        min(counts),
+        stage.batch_size,
+        time.time() - t,
+    )
+    return max(1, min(counts))
 
 
 # ----------------------------------------------------------------------------- initial weights
@@ -191,8 +225,9 @@ def train_stage(
         return _finished_before(name, stage_dir)
     t_start = time.time()
     check_batch_divides(stage, mesh)
-    data_iter, num_records = data_iterator(config, stage, spec.cfg)
-    steps = total_steps(stage, num_records)
+    data_iter, source = data_iterator(config, stage, spec.cfg)
+    num_records = len(source)
+    steps = total_steps(config, stage, source, spec.cfg)
     frozen_dtype = dtype_of(config.frozen_dtype, "frozen_dtype")
     setup = build_stage(stage, spec, mesh, total_steps=steps, frozen_dtype=frozen_dtype)
     log.info(
@@ -370,7 +405,15 @@ class Throughput:
             llm_trainable=self.llm_trains,
             images=int(np.prod(local["images"].shape[:2])) * jax.process_count(),
         )
-        out = dict(step_time=dt, tokens_per_s=tokens / dt, skipped_samples=skipped, flops_per_step=flops)
+        positions = local["input_ids"].size * jax.process_count()
+        out = dict(
+            step_time=dt,
+            tokens_per_s=positions / dt,  # row positions, padding included: what the step computes
+            effective_tokens_per_s=tokens / dt,  # real (non-padding) tokens
+            padding_fraction=1.0 - tokens / positions,
+            skipped_samples=skipped,
+            flops_per_step=flops,
+        )
         if peak_flops():
             out["mfu"] = flops / dt / (peak_flops() * self.devices)
         return out

@@ -88,7 +88,9 @@ class MetricWriter:
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None and "loss" in row:
-            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "lr", "tokens_per_s") if k in row})
+            self.bar.set_postfix(
+                {k: f"{row[k]:.4g}" for k in ("loss", "lr", "effective_tokens_per_s", "padding_fraction") if k in row}
+            )
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

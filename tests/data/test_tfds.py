@@ -200,8 +200,8 @@ def test_pipeline_batches_equal_the_json_source(built):
         on_bad_sample="raise",
     )
     model = types.SimpleNamespace(vision=types.SimpleNamespace(image_size=S), num_image_tokens=T)
-    it, num_records = loop.data_iterator(types.SimpleNamespace(seed=5), stage, model)
-    assert num_records == 8
+    it, source = loop.data_iterator(types.SimpleNamespace(seed=5), stage, model)
+    assert len(source) == 8
     got = [next(it) for _ in range(6)]  # 18 rows: every record twice and then some
 
     json_src = sources.LlavaJsonSource(built["manual"] / "llava_v1_5_mix665k.json")
