@@ -20,6 +20,14 @@ def get_config(arg: str = ""):
     c.synthetic.enabled = True
     c.synthetic.update(image_size=64, num_pretrain=3000, num_instruct=3000, num_eval=300)
 
+    c.stages = "stage0,stage1,stage2"
+    # Stage 0: the tower and the LLM start random; pretrain them on the captions (image-caption
+    # InfoNCE + caption LM, training/contrastive.py), then freeze them as the paper's pretrained ones.
+    c.stage0.data.json_path = "{workdir}/data/pretrain.json"
+    c.stage0.update(batch_size=32, epochs=1, targets_per_row=16, checkpoint_every=50)
+    c.stage0.optim.update(lr=1e-3, warmup_ratio=0.05)
+    c.stage0.data.max_length = 128
+
     c.stage1.data.json_path = "{workdir}/data/pretrain.json"
     c.stage1.update(batch_size=32, epochs=1, targets_per_row=24, checkpoint_every=50)
     c.stage1.optim.lr = 2e-3
