@@ -29,12 +29,12 @@ def get_config(arg: str = ""):
     c.stage0.data.max_length = 128
 
     c.stage1.data.json_path = "{workdir}/data/pretrain.json"
-    c.stage1.update(batch_size=32, epochs=1, targets_per_row=24, checkpoint_every=50)
+    c.stage1.update(batch_size=32, epochs=1, targets_per_row=16, checkpoint_every=50)
     c.stage1.optim.lr = 2e-3
     c.stage1.data.max_length = 128
 
     c.stage2.data.json_path = "{workdir}/data/instruct.json"
-    c.stage2.update(batch_size=32, epochs=3, targets_per_row=32, checkpoint_every=100)
+    c.stage2.update(batch_size=32, epochs=3, targets_per_row=16, checkpoint_every=100)
     c.stage2.optim.update(lr=1e-3, warmup_ratio=0.05)
     c.stage2.data.max_length = 192  # the longest synthetic conversation is 189 tokens
 

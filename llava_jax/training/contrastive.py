@@ -10,7 +10,8 @@ caption as targets):
         the tower's LLaVA features (hidden_states[select_layer], patches), the text side the LLM's
         final hidden state at the caption's last target token (it has read the whole caption),
         mapped to the tower's width by a fixed seeded random matrix (no new parameters, so the model's
-        parameter tree stays LLaVA's). Both sides are L2-normalised; logits = cosine * LOGIT_SCALE.
+        parameter tree stays LLaVA's). Both sides are centred on their batch mean and L2-normalised;
+        logits = cosine * LOGIT_SCALE.
 
 The step's loss is lm (token mean) + clip; both are reported as metrics (`lm_loss`, `clip_loss`).
 """
@@ -46,6 +47,12 @@ def info_nce(image: jax.Array, text: jax.Array) -> jax.Array:
     return (jnp.mean(i2t) + jnp.mean(t2i)) / 2
 
 
+def centred(x: jax.Array) -> jax.Array:
+    """[B, D] -> minus its batch mean: randomly initialised towers give nearly the same vector for every
+    image (and caption), and that shared part would swamp the cosine similarities."""
+    return x - jnp.mean(x, axis=0, keepdims=True)
+
+
 def last_target_index(labels: jax.Array) -> jax.Array:
     """[B, L] HF-aligned labels -> [B] index of each row's last target token (0 for a row without)."""
     valid = labels != IGNORE_INDEX
@@ -71,7 +78,7 @@ def clip_lm_loss(
     last = last_target_index(batch["labels"])
     text_vec = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     text_vec = text_vec @ text_to_vision(text_vec.shape[-1], image_vec.shape[-1])
-    clip = info_nce(image_vec, text_vec)
+    clip = info_nce(centred(image_vec), centred(text_vec))
 
     targets = shifted_targets(batch["labels"])
     if 0 < targets_per_row < targets.shape[1]:

@@ -1,8 +1,17 @@
 """Stage 0 (`objective="clip_lm"`): the vision tower and LLM learn from captions (InfoNCE + caption LM),
 the projector stays as initialised; the run's next stage starts from the towers stage 0 trained."""
 
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
 import jax
 import numpy as np
+import pytest
+from flax import nnx
 from train_fixtures import IMAGE_TOKEN, P, build, random_batch
 
 from llava_jax.training.contrastive import info_nce, last_target_index
@@ -56,3 +65,66 @@ def test_stage0_step_learns_and_leaves_the_projector_alone():
             not np.array_equal(a, b)
             for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part]), strict=True)
         ), part
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PREEMPTED = pathlib.Path(__file__).with_name("preempted_train.py")
+ARGS = [
+    "--config.stages=stage0,stage1",
+    "--config.synthetic.num_pretrain=64",
+    "--config.synthetic.num_instruct=8",
+    "--config.synthetic.num_eval=4",
+    "--config.stage0.num_steps=4",
+    "--config.stage0.batch_size=8",
+    "--config.stage0.checkpoint_every=2",
+    "--config.stage1.num_steps=1",
+    "--config.stage1.batch_size=8",
+    "--config.stage1.optim.lr=0.0",
+    "--config.log_every=1",
+    "--config.eval.json_path=",
+]
+
+
+def _train(workdir, kill_after_step=0):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    command = (
+        [sys.executable, str(PREEMPTED), str(kill_after_step)]
+        if kill_after_step
+        else [sys.executable, "-m", "llava_jax.train"]
+    )
+    return subprocess.run(
+        [*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "stage0" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.mark.slow
+def test_stage0_resumes_and_stage1_starts_from_its_towers(tmp_path):
+    """stage0 killed after step 2 resumes to the same losses; stage 1 (lr 0, so its final weights are
+    its initial ones) holds stage 0's trained tower and LLM and the untouched initial projector."""
+    from llava_jax.inference import load_model
+
+    whole = _train(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _train(tmp_path / "killed", kill_after_step=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = _train(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage0: resuming from step 2" in resumed.stderr
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert [a[s] for s in a] == [b[s] for s in a]
+    assert a[4] < a[1]
+
+    s0 = jax.device_get(nnx.state(load_model(tmp_path / "whole" / "stage0").model, nnx.Param).to_pure_dict())
+    s1 = jax.device_get(nnx.state(load_model(tmp_path / "whole" / "stage1").model, nnx.Param).to_pure_dict())
+    for x, y in zip(jax.tree.leaves(s0), jax.tree.leaves(s1), strict=True):
+        np.testing.assert_array_equal(x, y)  # stage 1 = stage 0's tower + LLM, and the same initial projector
