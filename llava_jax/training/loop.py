@@ -1,6 +1,6 @@
 """The training loop: run the configured stages in order, each resumable.
 
-for each stage (stage1: projector; stage2: projector + LLM):
+for each stage (stage1: projector; stage2: projector + LLM; the demo's stage0: vision tower + LLM):
     setup     = mask, optimizer, shardings, jitted steps      (stage_setup.build_stage)
     state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
     loop:       global batch -> jitted step -> metrics, NaN check, checkpoint, hooks
