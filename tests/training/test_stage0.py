@@ -80,6 +80,10 @@ ARGS = [
     "--config.stage1.num_steps=1",
     "--config.stage1.batch_size=8",
     "--config.stage1.optim.lr=0.0",
+    "--config.stage0.targets_per_row=0",  # one step variant per stage: half the compilations
+    "--config.stage1.targets_per_row=0",
+    "--config.stage0.data.max_length=96",
+    "--config.stage1.data.max_length=96",
     "--config.log_every=1",
     "--config.eval.json_path=",
 ]
