@@ -101,7 +101,7 @@ def _train(workdir, kill_after_step=0):
         else [sys.executable, "-m", "llava_jax.train"]
     )
     return subprocess.run(
-        [*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True, timeout=900
+        [*command, f"--workdir={workdir}", *ARGS], env=env, capture_output=True, text=True, timeout=1800
     )
 
 
