@@ -100,7 +100,7 @@ def test_train_with_gs_workdir_writes_the_run_to_the_bucket(gcs, tmp_path):
         "--config.eval.batch_size=4",
         "--config.eval.max_new_tokens=2",
     ]
-    for stage in ("stage0", "stage1", "stage2"):
+    for stage in ("stage1", "stage2"):
         args += [
             f"--config.{stage}.batch_size=8",
             f"--config.{stage}.num_steps=2",
