@@ -38,13 +38,23 @@ def data_config(json_path: str = "", template: str = "v1") -> mlc.ConfigDict:
 
 
 def stage_config(
-    *, trainable: str, lr: float, batch_size: int, epochs: float, template: str, json_path: str = ""
+    *,
+    trainable: str,
+    lr: float,
+    batch_size: int,
+    epochs: float,
+    template: str,
+    json_path: str = "",
+    objective: str = "lm",
 ) -> mlc.ConfigDict:
     return mlc.ConfigDict(
         dict(
-            # parts that learn: 'projector' (stage 1), 'projector,llm' (stage 2) or 'projector,lora'
-            # (stage 2 with LoRA adapters, see the lora section)
+            # parts that learn: 'projector' (stage 1), 'projector,llm' (stage 2), 'projector,lora'
+            # (stage 2 with LoRA adapters, see the lora section) or 'vision,llm' (stage 0)
             trainable=trainable,
+            # 'lm': next-token loss on the conversation (stages 1, 2). 'clip_lm': stage 0, pretraining the
+            # vision tower and LLM from scratch on captions (training/contrastive.py).
+            objective=objective,
             batch_size=batch_size,  # global rows per optimizer step
             micro_batches=1,  # gradient accumulation: batch_size is split into this many passes
             # >0: compute logits only at up to this many target tokens per row (most LLaVA positions
@@ -74,6 +84,11 @@ def base_config() -> mlc.ConfigDict:
     c.remat = "none"  # none | full | dots | qkv_proj | qkv_mlp
     c.seed = 0
     c.stages = "stage1,stage2"  # which of the stage dicts below run, in order
+    # Stage 0 (not the paper's; for towers trained from scratch, as in the demo): vision tower + LLM on
+    # the captions, image-caption InfoNCE + caption LM. Later stages start from the parts it trained.
+    c.stage0 = stage_config(
+        trainable="vision,llm", lr=1e-3, batch_size=32, epochs=1, template="plain", objective="clip_lm"
+    )
     c.stage1 = stage_config(trainable="projector", lr=2e-3, batch_size=128, epochs=1, template="plain")
     c.stage2 = stage_config(trainable="projector,llm", lr=2e-5, batch_size=32, epochs=3, template="v1")
     # Instruction data varies in length (LLaVA-Instruct-158K: ~100 to 1000+ tokens with the image):

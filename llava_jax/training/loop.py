@@ -1,6 +1,6 @@
 """The training loop: run the configured stages in order, each resumable.
 
-for each stage (stage1: projector; stage2: projector + LLM):
+for each stage (stage1: projector; stage2: projector + LLM; the demo's stage0: vision tower + LLM):
     setup     = mask, optimizer, shardings, jitted steps      (stage_setup.build_stage)
     state     = latest checkpoint, or initial weights        (checkpoint.py / init below)
     loop:       global batch -> jitted step -> metrics, NaN check, checkpoint, hooks
@@ -163,9 +163,12 @@ def check_init_architecture(path: str, cfg: LlavaConfig, preset: str) -> None:
         )
 
 
-def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None) -> Any:
-    """Random init (seeded), then the pretrained parts named in config.init, then the projector of the
-    previous stage (the original's `--pretrain_mm_mlp_adapter`)."""
+def initial_params(
+    config, spec: ModelSpec, mask: Any, shardings: Any, previous_stage: str | None, pretrained: dict | None = None
+) -> Any:
+    """Random init (seeded), then the pretrained parts named in config.init, then the parts that an
+    earlier stage of this run pretrained (`pretrained`: part -> that stage's dir, e.g. stage 0's vision
+    tower and LLM), then the projector of the previous stage (the original's `--pretrain_mm_mlp_adapter`)."""
     frozen_dtype = dtype_of(config.frozen_dtype, "frozen_dtype")
     params = init_params(spec, config.seed, mask, frozen_dtype, shardings)
     abstract_model = nnx.eval_shape(lambda: Llava(spec.cfg, rngs=nnx.Rngs(0)))
@@ -176,22 +179,27 @@ def initial_params(config, spec: ModelSpec, mask: Any, shardings: Any, previous_
         if path:
             log.info("loading %s weights from %s", key, path)
             params = _place(convert_arrays(abstract_model, open_checkpoint(path)), params, shardings)
+    for part, stage_dir in (pretrained or {}).items():
+        log.info("%s from %s", part, stage_dir)
+        params = {**params, **_restore_part(params, shardings, trainable.PART_KEYS[part], as_path(stage_dir))}
     if previous_stage:
         prev = as_path(previous_stage)
         if prev.is_file() or any(prev.glob("mm_projector.*")):  # the original's stage-1 output
             log.info("projector from %s", prev)
             return _place(load_projector(prev, cfg=spec.cfg), params, shardings)
-        prev = prev / "final_params" if (prev / "final_params").exists() else prev
         log.info("projector from %s", prev)
-        target = {
-            "multi_modal_projector": jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                params["multi_modal_projector"],
-                shardings["multi_modal_projector"],
-            )
-        }
-        params = {**params, **restore_params(prev, target, partial=True)}
+        params = {**params, **_restore_part(params, shardings, "multi_modal_projector", prev)}
     return params
+
+
+def _restore_part(params: Any, shardings: Any, key: str, directory: Path) -> dict:
+    """{key: params[key] as read from `directory` (a stage dir or its final_params), in params' dtypes}."""
+    if (directory / "final_params").exists():
+        directory = directory / "final_params"
+    target = {
+        key: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params[key], shardings[key])
+    }
+    return restore_params(directory, target, partial=True)
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -218,8 +226,10 @@ def train_stage(
     workdir: Path,
     previous_stage: str | None,
     hooks: Sequence[StepHook] = (),
+    pretrained: dict | None = None,
 ) -> StageResult:
-    """Train one stage to its last step (resuming from its latest checkpoint) and write its final weights."""
+    """Train one stage to its last step (resuming from its latest checkpoint) and write its final weights.
+    `pretrained`: part -> the dir of the earlier stage whose trained weights of that part to start from."""
     stage, stage_dir = config[name], workdir / name
     if (stage_dir / "DONE").exists():
         return _finished_before(name, stage_dir)
@@ -241,7 +251,7 @@ def train_stage(
         f"{spec.num_params():,}",
     )
     ckpt = Checkpointer(stage_dir / "checkpoints", every=stage.checkpoint_every, keep=stage.keep_checkpoints)
-    state = _restore_or_init(config, name, setup, ckpt, data_iter, previous_stage)
+    state = _restore_or_init(config, name, setup, ckpt, data_iter, previous_stage, pretrained)
     writer = MetricWriter(stage_dir, total_steps=steps, desc=name, initial=int(state.step))
     try:
         state, last = _run_steps(config, name, setup, state, data_iter, steps, ckpt, writer, hooks)
@@ -306,13 +316,15 @@ def _finished_before(name: str, stage_dir: Path) -> StageResult:
     return StageResult(name, json.loads(done_marker.read_text())["steps"], None, 0.0)
 
 
-def _restore_or_init(config, name: str, setup: StageSetup, ckpt: Checkpointer, data_iter, previous_stage: str | None):
+def _restore_or_init(
+    config, name: str, setup: StageSetup, ckpt: Checkpointer, data_iter, previous_stage: str | None, pretrained=None
+):
     """The latest checkpoint of this stage (with the data position), or step 0 from the initial weights."""
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("%s: resuming from step %d", name, latest)
         return ckpt.restore(latest, abstract_with_shardings(setup.abstract, setup.state_shardings), data_iter)
-    params = initial_params(config, setup.spec, setup.mask, setup.param_shardings, previous_stage)
+    params = initial_params(config, setup.spec, setup.mask, setup.param_shardings, previous_stage, pretrained)
     return new_state(params, setup.tx, setup.state_shardings, config.seed)
 
 
@@ -475,12 +487,16 @@ def run(config, workdir: PathLike, hooks: Sequence[StepHook] = ()) -> dict[str, 
     mesh = make_mesh(config.mesh.ici, config.mesh.dcn)
     spec = ModelSpec.create(model_config(config))
     previous = config.init.stage1 or None
+    pretrained: dict[str, str] = {}  # vision / llm -> the latest stage that trained it (stage 0)
     results: dict[str, Any] = {}
     names = [s.strip() for s in config.stages.split(",") if s.strip()]
     for name in names:
         if name not in config:
             raise ValueError(f"config.stages names {name!r}, which is not a stage dict of this config")
-        res = train_stage(config, name, spec, mesh, workdir, previous, hooks=hooks)
+        res = train_stage(config, name, spec, mesh, workdir, previous, hooks=hooks, pretrained=dict(pretrained))
         results[name] = res
-        previous = str(workdir / name)
+        parts = trainable.parse_trainable(config[name].trainable)
+        if "projector" in parts:
+            previous = str(workdir / name)
+        pretrained.update({p: str(workdir / name) for p in parts if p != "projector"})
     return results

@@ -136,6 +136,7 @@ class StageSetup:
             targets_per_row,
             self.stage.loss_reduction,
             self.loss_groups,
+            self.stage.get("objective", "lm"),
         )
         return jax.jit(
             step,

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from llava_jax.parallel.rules import constrain
+from llava_jax.training.contrastive import OBJECTIVES, clip_lm_loss
 from llava_jax.training.loss import gather_targets, reduce_sums, shifted_targets
 from llava_jax.training.state import TrainState
 
@@ -86,18 +87,27 @@ def make_train_step(
     targets_per_row: int = 0,
     loss_reduction: str = "global_token_mean",
     loss_groups: int = 1,
+    objective: str = "lm",
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics). `batch` holds the MODEL_KEYS arrays.
 
     loss_reduction / loss_groups: see `loss.reduce_sums`; with "original", each micro-batch's rows
-    form `loss_groups` consecutive groups (the data-parallel devices' shares of it)."""
+    form `loss_groups` consecutive groups (the data-parallel devices' shares of it).
+    objective: "lm" (LLaVA's next-token loss on the conversation) or "clip_lm" (stage 0, see
+    `contrastive.py`: caption LM + image-caption InfoNCE; its parts are added to the metrics)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: use one of {OBJECTIVES}")
 
     def grads_and_sums(trainable, frozen, batch, key):
         def f(tr):
-            return loss_fn(graphdef, _join(mask, tr, frozen), batch, targets_per_row, loss_reduction, loss_groups, key)
+            params = _join(mask, tr, frozen)
+            if objective == "clip_lm":
+                return clip_lm_loss(graphdef, params, batch, targets_per_row)
+            total, (denom, count) = loss_fn(graphdef, params, batch, targets_per_row, loss_reduction, loss_groups, key)
+            return total, (denom, count, {})
 
-        (total, (denom, count)), g = jax.value_and_grad(f, has_aux=True)(trainable)
-        return g, total, denom, count
+        (total, (denom, count, parts)), g = jax.value_and_grad(f, has_aux=True)(trainable)
+        return g, total, denom, count, parts
 
     def step(state: TrainState, batch: dict):
         batch = {k: batch[k] for k in MODEL_KEYS}
@@ -106,7 +116,7 @@ def make_train_step(
         # resumed run repeats the same masks.
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if micro_batches == 1:
-            g, total, denom, count = grads_and_sums(trainable, frozen, batch, key)
+            g, total, denom, count, parts = grads_and_sums(trainable, frozen, batch, key)
         else:
 
             def body(acc, xs):
@@ -116,9 +126,11 @@ def make_train_step(
                 ), None
 
             zero = jnp.zeros((), jnp.float32)
-            zeros = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero)
+            part_names = ("lm_loss", "clip_loss") if objective == "clip_lm" else ()
+            zeros = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero, {k: zero for k in part_names})
             xs = (_micro_batches(batch, micro_batches), jnp.arange(micro_batches))
-            (g, total, denom, count), _ = jax.lax.scan(body, zeros, xs)
+            (g, total, denom, count, parts), _ = jax.lax.scan(body, zeros, xs)
+            parts = {k: v / micro_batches for k, v in parts.items()}  # mean over micro-batches
         denom = jnp.maximum(denom, 1.0)
         g = jax.tree.map(lambda x: x / denom, g)
         # Frozen leaves enter the optax masks as zeros; set_to_zero ignores them (and XLA drops them).
@@ -132,6 +144,7 @@ def make_train_step(
             "tokens": jnp.sum(batch["segment_ids"] != 0),
             "grad_norm": optax.global_norm(g),
             "lr": lr_schedule(state.step),
+            **parts,
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -6,6 +6,7 @@ exactly one part pattern, so a new parameter can never silently fall through.
 
 | stage | trains | frozen |
 | --- | --- | --- |
+| 0 (demo only: towers from scratch) | vision tower, LLM | projector (unused) |
 | 1 (feature alignment) | projector | vision tower, LLM |
 | 2 (instruction tuning) | projector, LLM | vision tower |
 | 2 with LoRA (`projector,lora`) | projector, the LLM's LoRA adapters | vision tower, LLM base |
@@ -30,6 +31,7 @@ PARTS: dict[str, str] = {
     "llm": r"^language_model/(?!.*/lora_[ab]$)",
     "lora": r"^language_model/.*/lora_[ab]$",
 }
+PART_KEYS = {"vision": "vision_tower", "projector": "multi_modal_projector", "llm": "language_model"}  # top-level keys
 
 # Weight decay applies to matrices only (not norms, biases, embeddings' padding), as is usual.
 NO_DECAY = (r"/bias$", r"/scale$", r"(^|/)(class|position)_embedding$")

@@ -85,6 +85,7 @@ def test_generated_json_trains(tmp_path, repo_root):
         str(repo_root / "configs" / "demo.py"),
         "--workdir",
         str(workdir),
+        "--config.stages=stage1,stage2",
         "--config.synthetic.enabled=False",
         "--config.eval.json_path=",
         f"--config.stage1.data.json_path={data / 'chat.json'}",

@@ -49,6 +49,7 @@ def test_full_job_under_the_launcher(tmp_path):
     env["LOG_DIR"] = str(tmp_path / "logs")
     work = tmp_path / "run"
     args = [
+        "--config.stages=stage1,stage2",
         "--config.synthetic.num_pretrain=64",
         "--config.synthetic.num_instruct=64",
         "--config.synthetic.num_eval=8",

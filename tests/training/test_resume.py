@@ -105,6 +105,7 @@ def test_stage2_starts_from_stage1_projector(tmp_path):
     from llava_jax.inference import load_model
 
     args = [
+        "--config.stages=stage1,stage2",
         "--config.synthetic.num_pretrain=64",
         "--config.synthetic.num_instruct=32",
         "--config.synthetic.num_eval=4",

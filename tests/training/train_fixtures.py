@@ -95,6 +95,7 @@ def build(
     targets_per_row=0,
     loss_reduction="global_token_mean",
     loss_groups=1,
+    objective="lm",
     **optim_kw,
 ) -> Setup:
     devices = devices if devices is not None else jax.devices()[: int(np.prod([max(s, 1) for s in mesh_shape]))]
@@ -108,7 +109,9 @@ def build(
     state = new_state(init_params(spec, seed, mask, frozen_dtype, psh), tx, ssh, seed)
     batch_sh = batch_sharding(mesh)
     step = jax.jit(
-        make_train_step(spec.graphdef, tx, mask, lr, micro_batches, targets_per_row, loss_reduction, loss_groups),
+        make_train_step(
+            spec.graphdef, tx, mask, lr, micro_batches, targets_per_row, loss_reduction, loss_groups, objective
+        ),
         in_shardings=(ssh, batch_sh),
         out_shardings=(ssh, None),
     )
