@@ -17,6 +17,7 @@ compilation needs, and the loop adds initial weights (or a checkpoint) and batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -99,8 +100,20 @@ CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def step_compiler_options(mesh: Mesh) -> dict[str, str] | None:
-    """XLA options for compiling the train step on `mesh`'s platform (None: the defaults)."""
-    return dict(CPU_STEP_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+    """XLA options for compiling the train step on `mesh`'s platform (None: the defaults, also on a
+    CPU whose XLA does not know the option)."""
+    if mesh.devices.flat[0].platform != "cpu" or not _cpu_accepts_step_options():
+        return None
+    return dict(CPU_STEP_OPTIONS)
+
+
+@functools.cache
+def _cpu_accepts_step_options() -> bool:
+    try:
+        jax.jit(jnp.sin, compiler_options=CPU_STEP_OPTIONS).lower(jnp.zeros((), jnp.float32)).compile()
+    except Exception:  # an XLA without YNNPACK rejects the unknown option name
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,6 +125,7 @@ def test_short_request_overtakes_a_long_one(chat):
     assert dict(scheduler.batch_sizes) == {1: 2}  # two admissions of one job each
 
 
+@pytest.mark.slow
 def test_serve_benchmark_runs_at_a_tiny_size(tmp_path):
     """`python -m llava_jax.bench serve` end to end, both schedulers: every request answered, figures
     produced (no timing is asserted)."""
