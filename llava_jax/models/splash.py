@@ -12,8 +12,6 @@ it, so real outputs and every gradient equal the XLA path's, which masks padding
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
@@ -31,7 +29,6 @@ def supports(q_shape, k_shape) -> bool:
     return q_shape[1] == k_shape[1] and block_size(q_shape[1]) is not None and q_shape[2] % k_shape[2] == 0
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(heads: int, length: int, causal: bool, interpret: bool):
     b = block_size(length)
     sizes = sa.BlockSizes(
@@ -46,14 +43,14 @@ def _kernel(heads: int, length: int, causal: bool, interpret: bool):
     )
     one = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
     mask = sa.MultiHeadMask([one] * heads)
-    # Built once per shape and reused across traces: its block tables must be constants, not tracers.
-    with jax.ensure_compile_time_eval():
-        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def local(q, k, v, segment_ids, *, scale: float, causal: bool, interpret: bool) -> jax.Array:
     """One device's rows: q [b, T, N, H]; k, v [b, T, K, H]; segment_ids [b, T] int (0 = padding) or
     None (every token real) -> [b, T, N, H]."""
+    # Built in the trace that uses it: its block tables become constants of that trace (the mask
+    # processing itself is cached by the kernel's library).
     kernel = _kernel(q.shape[2], q.shape[1], causal, interpret)
     # The kernel takes heads first and applies no scale.
     qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
