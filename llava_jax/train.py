@@ -27,6 +27,12 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "also print the libraries' INFO l
 _TOPOLOGY = flags.DEFINE_string("topology", "", "with --aot: compile for this TPU topology, e.g. v5p:2x2x2, v5e:4x4")
 _SLICES = flags.DEFINE_integer("slices", 1, "with --aot --topology: number of slices (multi-slice over DCN)")
 _FIT_TRIES = flags.DEFINE_integer("fit_tries", 8, "with --aot --topology: settings tried when a stage does not fit")
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib",
+    None,
+    "with --aot: memory per device (GiB) for the fit check, instead of the chip's HBM (a reserve, a chip not "
+    "in the table); with --fake_devices it adds the verdict and the search",
+)
 
 
 def _default_workdir(config_file: str) -> str:
@@ -40,6 +46,8 @@ def main(argv):
     from llava_jax.training import console
 
     console.setup(verbose=_VERBOSE.value)
+    if _HBM_GIB.value is not None and not _AOT.value:
+        raise app.UsageError("--hbm_gib goes with --aot")
     if _TOPOLOGY.value or _SLICES.value != 1:
         if not _AOT.value or _FAKE.value or not _TOPOLOGY.value:
             raise app.UsageError("--topology/--slices go with --aot and without --fake_devices")
@@ -61,7 +69,9 @@ def main(argv):
     if _AOT.value:
         from llava_jax.training.aot import report
 
-        report(config, topology=_TOPOLOGY.value, slices=_SLICES.value, fit_tries=_FIT_TRIES.value)
+        report(
+            config, topology=_TOPOLOGY.value, slices=_SLICES.value, fit_tries=_FIT_TRIES.value, hbm_gib=_HBM_GIB.value
+        )
         return 0
     workdir = _WORKDIR.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     console.add_log_file(workdir, jax.process_index())  # other processes: warnings and errors on the console
