@@ -57,7 +57,7 @@ def main(argv):
         from llava_jax.parallel import topology
 
         topology.parse(_TOPOLOGY.value)
-        topology.prepare_environment()
+        topology.prepare_environment(_TOPOLOGY.value)
     if _FAKE.value:
         os.environ["JAX_PLATFORMS"] = "cpu"
         import jax

@@ -111,9 +111,13 @@ def num_chips(name: str, slices: int = 1) -> int:
     return math.prod(parse(name)[1]) * slices
 
 
-def prepare_environment() -> None:
+def prepare_environment(name: str = "") -> None:
     """Keep jax on the CPU, stop libtpu from querying a cloud metadata server and from locking out other
-    processes (call before jax's import)."""
+    processes (call before jax's import). For a GPU topology `name`: GEMMs as cuBLAS calls, since XLA's
+    Triton GEMM tiling is chosen by autotuning on a device, which a compile-only target does not have."""
+    if name and parse(name)[0].platform == "gpu":
+        flag = "--xla_gpu_enable_triton_gemm=false"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["TPU_SKIP_MDS_QUERY"] = "1"
     # Compile-only use touches no TPU, so several processes may load libtpu at once (it otherwise
