@@ -60,6 +60,9 @@ EXTRAS = {
     # libtpu's compiler for `--aot --topology` on a machine without TPUs (CI installs it in a venv of its
     # own so the CPU tests never load it).
     "tpu-compile": ["jax[tpu]>=0.10,<0.12"],
+    # The GPU compiler of jax's CUDA plugin for `--aot --topology h100:8` on a machine without GPUs (no
+    # CUDA libraries: `cuda12-local`); in a venv of its own, like tpu-compile.
+    "gpu-compile": ["jax[cuda12-local]>=0.10,<0.12"],
     "tensorboard": ["tensorboardX>=2.6"],
     # TFDS: build LLaVA JSON + images with llava_jax/data/tfds_builders/llava_json and read the
     # ArrayRecord build through tfds.data_source; neither imports TensorFlow. importlib_resources:

@@ -122,7 +122,8 @@ class LlamaBlock(nnx.Module):
         self.down_proj = _block_dense(cfg, "down_proj", f, d, ("mlp", "embed"), rngs)
 
     def __call__(self, x, rope, mask, cache=None, dropout_key=None):
-        """x [B, T, D]; rope: (cos, sin) of the positions, each [B, T, H/2]; mask [B, T, S].
+        """x [B, T, D]; rope: (cos, sin) of the positions, each [B, T, H/2]; mask: None, segment ids
+        (`attention.Segments`) or a [B, T, S] bool array (see `attention.attend`).
 
         cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, K, S, H], this
         block's layer and the first slot to write. The new keys/values are written in place (only T
@@ -214,8 +215,9 @@ class Llama(nnx.Module):
         rope = rotation(positions, self.inverse_frequencies(positions))
         if cache is None:
             # No segment ids: one sequence per row, every token real, so causality is the whole mask
-            # (fused kernels build it themselves). With segment ids: packing and padding, explicitly.
-            mask = None if segment_ids is None else attention.make_mask(segment_ids, segment_ids, causal=True)
+            # (fused kernels build it themselves). With segment ids: packing and padding, as ids (the
+            # fused kernels take them; the others build the [B, T, T] mask).
+            mask = None if segment_ids is None else attention.Segments(segment_ids)
 
             def body(blk, c, key):
                 return constrain(blk(c, rope, mask, dropout_key=key)[0], _ACT), None

@@ -11,7 +11,9 @@ schedule, an estimate. `--topology NAME [--slices K]`: the real TPU compiler (li
 compiles for that topology, so every figure is what the TPU run allocates, compared with the chip's
 HBM; FLOPs per step come from the compiled cost analysis. A stage that does not fit is recompiled with
 the knobs a user has (frozen dtype, FSDP width, micro-batches, remat policy), cheapest first, and the
-first setting that fits is printed (`--fit_tries` bounds the number of compiles).
+first setting that fits is printed (`--fit_tries` bounds the number of compiles). `--hbm_gib G` sets
+the budget per device instead of the chip's HBM (a reserve, a chip the table does not know), and gives
+the CPU estimate (`--fake_devices`) a verdict and the same search too.
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ def _print_row(row: dict, chip: topo.Chip | None) -> None:
     if f:
         msg += f"; compiled cost analysis {f * row['devices']:.3e} (scanned layer stacks counted once)"
     print(msg)
-    if chip is not None:
+    if chip is not None and chip.bf16_tflops:
         print(
             f"    >= {model / row['devices'] / (chip.bf16_tflops * 1e12):.2f} s per step at the chip's peak bf16 rate"
         )
@@ -276,13 +278,28 @@ def fit(config, name: str, chip: topo.Chip, devices: list, slices: int, tries: i
     return None
 
 
-def report(config, topology: str = "", slices: int = 1, fit_tries: int = 8) -> list[dict]:
+def budget(chip: topo.Chip | None, hbm_gib: float | None) -> topo.Chip | None:
+    """The memory budget the fit check uses: the chip's HBM, or `hbm_gib` per device when given (a chip
+    the table does not know, a reserve kept free, or a budget for the devices jax has)."""
+    if hbm_gib is None:
+        return chip
+    if not hbm_gib > 0:
+        raise ValueError(f"--hbm_gib={hbm_gib}: give the memory per device in GiB, a positive number")
+    if chip is None:
+        return topo.Chip(f"{jax.devices()[0].platform} device (--hbm_gib)", hbm_gib, 0.0, 0, "")
+    return dataclasses.replace(chip, name=f"{chip.name} (--hbm_gib)", hbm_gib=hbm_gib)
+
+
+def report(config, topology: str = "", slices: int = 1, fit_tries: int = 8, hbm_gib: float | None = None) -> list[dict]:
     """Compile every configured stage and print a memory table; returns the rows.
 
-    topology: '' = the devices jax has (real or --fake_devices); else a TPU topology name."""
+    topology: '' = the devices jax has (real or --fake_devices); else a TPU topology name.
+    hbm_gib: memory per device for the fit check, instead of the chip's HBM (see `budget`)."""
     chip, devices, dcn = None, None, config.mesh.dcn
     if topology:
         chip, _ = topo.parse(topology)
+    chip = budget(chip, hbm_gib)
+    if topology:
         devices = topo.devices(topology, slices)
         if slices > 1 and _prod(dcn) == 1:
             config = config.copy_and_resolve_references()
@@ -291,7 +308,8 @@ def report(config, topology: str = "", slices: int = 1, fit_tries: int = 8) -> l
             raise ValueError(f"--slices={slices} but config.mesh.dcn={tuple(dcn)} spans {_prod(dcn)} slices")
     mesh = make_mesh(config.mesh.ici, dcn, devices=devices)
     spec = ModelSpec.create(model_config(config))
-    where = f"{topology} x {slices} slice(s), {chip.name}, {chip.hbm_gib:g} GiB HBM per chip; " if chip else ""
+    where = f"{topology} x {slices} slice(s), " if topology else ""
+    where += f"{chip.name}, {chip.hbm_gib:g} GiB HBM per chip; " if chip else ""
     print(
         f"model {config.model}: {spec.num_params():,} parameters; {where}mesh {describe(mesh)}; "
         f"compute {config.dtype}, frozen weights {config.frozen_dtype}"
@@ -304,6 +322,6 @@ def report(config, topology: str = "", slices: int = 1, fit_tries: int = 8) -> l
             row["hbm_GiB"] = chip.hbm_gib
             row["fits"] = _fits(row, chip.hbm_gib)
             if not row["fits"] and fit_tries > 0:
-                row["fit"] = fit(config, name, chip, devices, slices, fit_tries)
+                row["fit"] = fit(config, name, chip, devices or list(jax.devices()), slices, fit_tries)
         rows.append(row)
     return rows

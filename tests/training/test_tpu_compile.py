@@ -59,6 +59,28 @@ def test_candidates_cheapest_first():
     ]
 
 
+def test_hbm_budget():
+    v5e = topology.CHIPS["v5e"]
+    assert aot.budget(v5e, None) is v5e
+    assert aot.budget(v5e, 14.5).hbm_gib == 14.5 and aot.budget(v5e, 14.5).bf16_tflops == v5e.bf16_tflops
+    assert aot.budget(None, 80).hbm_gib == 80
+    for bad in (0, -3.0):
+        with pytest.raises(ValueError, match=f"--hbm_gib={bad}"):
+            aot.budget(v5e, bad)
+
+
+@pytest.mark.slow
+def test_hbm_budget_gives_the_cpu_estimate_a_verdict(capsys):
+    """--hbm_gib with the devices jax has (here 8 CPU devices): a verdict against that budget."""
+    c = _demo_config()
+    c.stages = "stage1"
+    rows = aot.report(c, fit_tries=0, hbm_gib=1e-3)
+    out = capsys.readouterr().out
+    assert rows[0]["fits"] is False and rows[0]["hbm_GiB"] == 1e-3
+    assert "cpu device (--hbm_gib), 0.001 GiB HBM per chip" in out, out
+    assert re.search(r"does not fit, by [\d.]+ GiB \(0.001 GiB HBM\)", out), out
+
+
 @pytest.mark.slow
 def test_fit_search_finds_a_setting_under_the_budget(capsys):
     """On 8 CPU devices with a made-up HBM budget below the default's peak: the search returns a
@@ -115,3 +137,55 @@ def test_tiny_compiles_for_two_slices(repo_root):
     out = _aot(repo_root, "--topology", "v5e:2x2", "--slices", "2", "--config.stages=stage1")
     assert "data=2 x fsdp=4 x tensor=1 (8 devices)" in out, out
     assert re.search(r"peak [\d.]+ GiB: fits", out), out
+
+
+# Forward and backward of `attend` for a v5e:2x2 mesh (rows over fsdp, heads over tensor), packed
+# segment ids, attention='auto': the choice must be splash and the executable must hold its kernels.
+_SPLASH_PROGRAM = """
+import re
+from llava_jax.parallel import topology
+topology.prepare_environment()
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from llava_jax.models import attention
+from llava_jax.parallel.mesh import make_mesh
+
+mesh = make_mesh((1, 2, 2), devices=topology.devices("v5e:2x2"))
+rows = NamedSharding(mesh, P(("data", "fsdp")))
+q = jax.ShapeDtypeStruct((4, 512, 4, 128), jnp.bfloat16, sharding=rows)
+kv = jax.ShapeDtypeStruct((4, 512, 2, 128), jnp.bfloat16, sharding=rows)
+seg = jax.ShapeDtypeStruct((4, 512), jnp.int32, sharding=rows)
+
+def loss(q, k, v, seg):
+    out = attention.attend(q, k, v, attention.Segments(seg), implementation="auto", causal=True)
+    return jnp.sum(out.astype(jnp.float32))
+
+with jax.set_mesh(mesh):
+    print("choice", attention.choose("auto", q, kv, masked=True))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile()
+print("kernels", sorted(set(re.findall(r"splash_mha_[a-z_]+", compiled.as_text()))))
+"""
+
+
+@pytest.mark.slow
+def test_splash_attention_compiles_for_tpu(repo_root):
+    """Splash attention with segment ids, in shard_map, forward and backward, compiles for v5e:2x2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = str(repo_root)
+    res = subprocess.run(
+        [_tpu_python(), "-c", _SPLASH_PROGRAM], cwd=repo_root, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "choice splash" in res.stdout, res.stdout
+    kernels = res.stdout.split("kernels", 1)[1]
+    for part in ("fwd_segmented", "dq_segmented", "dkv_segmented"):
+        assert f"splash_mha_{part}" in kernels, res.stdout
+
+
+@pytest.mark.slow
+def test_hbm_budget_override_for_tpu(repo_root):
+    """--hbm_gib replaces the chip's HBM in the verdict: the tiny stage 1 (peak about 0.14 GiB per chip)
+    does not fit 0.05 GiB."""
+    out = _aot(repo_root, "--topology", "v5e:2x2", "--config.stages=stage1", "--hbm_gib", "0.05", "--fit_tries", "0")
+    assert "TPU v5e (--hbm_gib), 0.05 GiB HBM per chip" in out, out
+    assert re.search(r"does not fit, by [\d.]+ GiB \(0.05 GiB HBM\)", out), out
