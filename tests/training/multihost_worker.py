@@ -1,10 +1,12 @@
-"""One process of the multi-host test: 3 train steps on a global mesh, losses printed as JSON.
+"""One process of the multi-host test: 3 train steps on a global mesh, losses printed as JSON
+(full stage 2, or with LORA=1 in the environment a LoRA stage 2 on an int8 base).
 
 Each process feeds only its own rows of the global batch (`make_array_from_process_local_data`);
 run alone it feeds all of them.
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -15,10 +17,14 @@ from llava_jax.parallel.distributed import initialize  # noqa: E402
 initialize()
 
 import jax  # noqa: E402
-from train_fixtures import build, random_batch  # noqa: E402
+from train_fixtures import SMALL, build, random_batch  # noqa: E402
 
 ROWS = 8
-setup = build((2, 2, 1), jax.devices())
+if os.environ.get("LORA") == "1":  # stage 2 as LoRA: adapters (dropout on) over an int8 base
+    cfg = SMALL.with_lora(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, quantized_base="int8")
+    setup = build((2, 2, 1), jax.devices(), trainable="projector,lora", cfg=cfg)
+else:
+    setup = build((2, 2, 1), jax.devices())
 n, i = jax.process_count(), jax.process_index()
 state = setup.state
 losses = []

@@ -13,9 +13,10 @@ WORKER = REPO / "tests" / "training" / "multihost_worker.py"
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
 
 
-def _run(nproc: int, ndev: int, log_dir: pathlib.Path) -> list[dict]:
+def _run(nproc: int, ndev: int, log_dir: pathlib.Path, lora: bool = False) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["LOG_DIR"] = str(log_dir)
+    env["LORA"] = "1" if lora else "0"
     proc = subprocess.run(
         ["bash", str(LAUNCH), str(nproc), str(ndev), "python", str(WORKER)],
         env=env,
@@ -30,9 +31,10 @@ def _run(nproc: int, ndev: int, log_dir: pathlib.Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    multi = _run(2, 2, tmp_path / "multi")
-    single = _run(1, 4, tmp_path / "single")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora_int8"])
+def test_two_processes_match_one(tmp_path, lora):
+    multi = _run(2, 2, tmp_path / "multi", lora)
+    single = _run(1, 4, tmp_path / "single", lora)
     assert sorted(r["process"] for r in multi) == [0, 1]
     assert all(r["of"] == 2 and r["devices"] == 4 for r in multi)
     assert single[0]["devices"] == 4
