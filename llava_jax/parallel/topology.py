@@ -119,6 +119,10 @@ def prepare_environment(name: str = "") -> None:
         flag = "--xla_gpu_enable_triton_gemm=false"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # The CUDA plugin checks the CUDA runtime's version when it loads unless the platforms exclude CUDA,
+    # and jax may already be imported (by the config file) before this runs; a compile-only target
+    # needs no CUDA runtime.
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
     os.environ["TPU_SKIP_MDS_QUERY"] = "1"
     # Compile-only use touches no TPU, so several processes may load libtpu at once (it otherwise
     # takes /tmp/libtpu_lockfile and refuses a second process).
