@@ -24,6 +24,7 @@ import re
 import jax
 
 from llava_jax.checkpoint.params import abstract_with_shardings
+from llava_jax.data.settings import DataSettings
 from llava_jax.parallel import topology as topo
 from llava_jax.parallel.mesh import describe, make_mesh, resolve_shape
 from llava_jax.training import metrics
@@ -65,7 +66,7 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
     )
     cfg = spec.cfg
     b, length = stage.batch_size, stage.data.max_length
-    m = stage.data.max_images_per_row or 1
+    m = DataSettings.from_mapping(stage.data).images_per_row(cfg.num_image_tokens)  # as the pipeline fills rows
     batch = setup.abstract_batch(length, m)
     state = abstract_with_shardings(setup.abstract, setup.state_shardings)
     n = mesh.size
@@ -74,6 +75,7 @@ def compile_stage(config, name: str, spec: ModelSpec, mesh) -> dict:
         "mesh": describe(mesh),
         "devices": n,
         "batch": f"{b} x {length} (micro_batches={stage.micro_batches})",
+        "images_per_row": m,
         "remat": cfg.llm.remat,
         "frozen_dtype": config.frozen_dtype,
         "llm_base": cfg.llm.quantized_base if cfg.llm.quantized_base != "none" else config.frozen_dtype,

@@ -102,6 +102,21 @@ def test_fit_search_finds_a_setting_under_the_budget(capsys):
     assert "cheapest setting that fits" in out
 
 
+@pytest.mark.slow
+def test_packed_stage_compiles_with_the_pipelines_images_per_row():
+    """A packed stage's rows carry several images: the AOT batch has as many as the pipeline puts in a row."""
+    from llava_jax.data.pipeline import _batch_spec
+    from llava_jax.data.settings import DataSettings
+
+    c = _demo_config(batch_size=8)
+    c.stage2.data.packing = True
+    spec = ModelSpec.create(model_config(c))
+    row = aot.compile_stage(c, "stage2", spec, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    cfg = spec.cfg
+    pipeline = _batch_spec(DataSettings.from_mapping(c.stage2.data), 8, cfg.vision.image_size, cfg.num_image_tokens)
+    assert row["images_per_row"] == pipeline.max_images_per_row > 1
+
+
 def _tpu_python() -> str:
     exe = os.environ.get("LLAVA_JAX_TPU_PYTHON")
     if exe:
