@@ -3,18 +3,20 @@ README), read through llava_jax and built at full size with `nnx.eval_shape` (no
 the architecture is the published one and the parameter count equals transformers' own model built
 from the same file on the meta device."""
 
+import dataclasses
 import json
 import pathlib
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers as tf
 from flax import nnx
 
 from llava_jax.checkpoint import hf_config
 from llava_jax.checkpoint.hf_load import config_from_hf
-from llava_jax.models import Llava, get_preset
+from llava_jax.models import ClipVisionTower, Llama, Llava, get_preset
 from llava_jax.models.config import architecture_differences
 from llava_jax.models.presets import VOCAB
 
@@ -170,3 +172,86 @@ def test_diff_format_directory_loads_everywhere(tmp_path):
         got_params = params(loaded)
         assert got_params.keys() == expected.keys()
         assert all(np.array_equal(got_params[k], expected[k]) for k in expected)
+
+
+def test_llava_15_13b_hf():
+    """llava-hf/llava-1.5-13b-hf at an early commit: `LlavaForCausalLM`, the vocabulary padded to 32128
+    rows, no `hidden_act` anywhere. Everything but the vocabulary is the 13B preset."""
+    d = _published("llava-1.5-13b-hf")
+    cls, cfg = config_from_hf(d)
+    assert cls is Llava
+    t = cfg.llm
+    assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads) == (
+        32128,
+        5120,
+        13824,
+        40,
+        40,
+        40,
+    )
+    assert (cfg.vision.image_size, cfg.vision.num_layers, cfg.vision.select_layer, cfg.num_image_tokens) == (
+        336,
+        24,
+        -2,
+        576,
+    )
+    assert (cfg.projector, cfg.image_token_id, cfg.pad_token_id) == ("mlp2x_gelu", 32000, 32001)
+    diffs = architecture_differences(get_preset("llava-v1.5-13b"), cfg)
+    assert len(diffs) == 1 and "vocab_size" in diffs[0], diffs
+    ours = _count_ours(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
+    hf = _count_hf(lambda: tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(d)))
+    print(f"llava-1.5-13b-hf: {ours:,} parameters (transformers {hf:,})")
+    assert ours == hf
+
+
+@pytest.mark.parametrize(
+    "name,width,mlp,layers,preset",
+    [("vicuna-7b-v1.5", 4096, 11008, 32, "llava-v1.5-7b"), ("vicuna-13b-v1.5", 5120, 13824, 40, "llava-v1.5-13b")],
+)
+def test_vicuna_v15(name, width, mlp, layers, preset):
+    """lmsys Vicuna v1.5: the LLM LLaVA-1.5 starts from, with LLaMA-2's 4096 positions and 1e-5 eps."""
+    d = _published(name)
+    t = hf_config.llama_config_from_hf(d)
+    assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads) == (
+        32000,
+        width,
+        mlp,
+        layers,
+        layers,
+        layers,
+    )
+    assert (t.rms_norm_eps, t.max_position_embeddings, t.rope_type, t.tie_word_embeddings) == (
+        1e-5,
+        4096,
+        "default",
+        False,
+    )
+    assert dataclasses.replace(t, vocab_size=VOCAB) == get_preset(preset).llm
+    ours = _count_ours(lambda: Llama(t, rngs=nnx.Rngs(0)))
+    hf = _count_hf(lambda: tf.LlamaForCausalLM(tf.LlamaConfig.from_dict(d)))
+    print(f"{name}: {ours:,} parameters (transformers {hf:,})")
+    assert ours == hf
+
+
+@pytest.mark.parametrize("name,image_size", [("clip-vit-large-patch14-336", 336), ("clip-vit-large-patch14", 224)])
+def test_clip_vit_large(name, image_size):
+    """A full CLIPConfig (text and vision parts) in the diff format: hidden_act, layer_norm_eps and (224 px)
+    image_size come from transformers' defaults; only the vision tower is read."""
+    d = _published(name)
+    assert d["model_type"] == "clip" and "text_config" in d and "hidden_act" not in d["vision_config"]
+    v = hf_config.vision_config_from_hf(d)
+    assert (v.image_size, v.patch_size, v.hidden_size, v.intermediate_size, v.num_layers, v.num_heads) == (
+        image_size,
+        14,
+        1024,
+        4096,
+        24,
+        16,
+    )
+    assert v.layer_norm_eps == 1e-5 and v.num_patches == (image_size // 14) ** 2
+    preset = get_preset("llava-v1.5-7b" if image_size == 336 else "vicuna-7b").vision
+    assert dataclasses.replace(v, select_layer=preset.select_layer, select_feature=preset.select_feature) == preset
+    ours = _count_ours(lambda: ClipVisionTower(v, rngs=nnx.Rngs(0)))
+    hf = _count_hf(lambda: tf.CLIPVisionModel(tf.CLIPConfig.from_dict(d).vision_config))
+    print(f"{name} vision tower: {ours:,} parameters (transformers {hf:,})")
+    assert ours == hf
