@@ -17,7 +17,6 @@ compilation needs, and the loop adds initial weights (or a checkpoint) and batch
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from llava_jax.models import LlavaConfig, get_preset
 from llava_jax.models.config import DTYPES
+from llava_jax.models.platform import cpu_compiler_options
 from llava_jax.parallel import rules
 from llava_jax.training import optimizer, trainable
 from llava_jax.training.loss import REDUCTIONS
@@ -92,28 +92,10 @@ def check_batch_divides(stage, mesh: Mesh) -> None:
     loss_groups(stage, mesh)
 
 
-# XLA:CPU hands matrix products to YNNPACK fusions by default; in the train step at LLaMA widths these
-# ran 1.4x slower than XLA's own (Eigen) dot emitter, the [B*T, D] x [D, 32064] vocabulary product up
-# to 6x (profiled with jax.profiler at width 512 x 4 layers, sequence 512, batch 4, fp32; README,
-# Benchmarks). Same results, other kernels; no effect on other platforms.
-CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 def step_compiler_options(mesh: Mesh) -> dict[str, str] | None:
-    """XLA options for compiling the train step on `mesh`'s platform (None: the defaults, also on a
-    CPU whose XLA does not know the option)."""
-    if mesh.devices.flat[0].platform != "cpu" or not _cpu_accepts_step_options():
-        return None
-    return dict(CPU_STEP_OPTIONS)
-
-
-@functools.cache
-def _cpu_accepts_step_options() -> bool:
-    try:
-        jax.jit(jnp.sin, compiler_options=CPU_STEP_OPTIONS).lower(jnp.zeros((), jnp.float32)).compile()
-    except Exception:  # an XLA without YNNPACK rejects the unknown option name
-        return False
-    return True
+    """XLA options for compiling the train step on `mesh`'s platform (models/platform.py; None: the
+    defaults)."""
+    return cpu_compiler_options(mesh.devices.flat[0].platform)
 
 
 @dataclasses.dataclass(frozen=True)
