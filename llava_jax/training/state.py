@@ -63,11 +63,12 @@ class ModelSpec:
 
 def cast(params: Any, mask: Any, frozen_dtype, trainable_dtype=jnp.float32) -> Any:
     """Trainable leaves keep float32 masters; frozen leaves may be stored narrower (e.g. bf16).
-    An int8 base (`models/lora.py`) keeps its int8 kernels and float32 `kernel_scale`s. Works on
+    A quantised base (`models/lora.py`) keeps its int8 / uint8 (NF4) kernels and float32 `kernel_scale` /
+    `kernel_absmax`. Works on
     arrays and on ShapeDtypeStructs."""
 
     def one(path, t, p):
-        if not jnp.issubdtype(p.dtype, jnp.floating) or path_str(path).endswith("/kernel_scale"):
+        if not jnp.issubdtype(p.dtype, jnp.floating) or path_str(path).endswith(("/kernel_scale", "/kernel_absmax")):
             dtype = p.dtype
         else:
             dtype = trainable_dtype if t else frozen_dtype
