@@ -197,10 +197,20 @@ def quantize_arrays(arrays: dict, dtypes: dict) -> dict:
             continue
         if dtypes.get(key) == np.int8:
             out[key], out[key + "_scale"] = quantize_kernel(np.asarray(a))
-        elif dtypes.get(key) == np.uint8:  # layer by layer: a stacked 7B kernel is GBs in float32
-            pairs = [nf4_quantize(np.asarray(x)) for x in a] if np.ndim(a) == 3 else [nf4_quantize(np.asarray(a))]
-            out[key], out[key + "_absmax"] = (np.stack(z) if np.ndim(a) == 3 else z[0] for z in zip(*pairs))
+        elif dtypes.get(key) == np.uint8:
+            out[key], out[key + "_absmax"] = _nf4_by_layer(np.asarray(a))
     return out
+
+
+def _nf4_by_layer(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`nf4_quantize` of a stacked kernel [L, in, out] one layer at a time (a 7B stack is GBs in float32)."""
+    if w.ndim != 3:
+        return nf4_quantize(w)
+    packed = np.empty((w.shape[0], w.shape[1] // 2, w.shape[2]), np.uint8)
+    absmax = np.empty((w.shape[0], w.shape[1] // NF4_BLOCK, w.shape[2]), np.float32)
+    for i in range(w.shape[0]):
+        packed[i], absmax[i] = nf4_quantize(w[i])
+    return packed, absmax
 
 
 def float_kernel_shape(shape: tuple[int, ...], dtype) -> tuple[int, ...]:
