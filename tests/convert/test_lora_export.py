@@ -129,11 +129,15 @@ def test_merged_export_of_int8_base(tmp_path):
 
 
 def test_merged_export_of_nf4_base(tmp_path):
-    """An NF4 base is dequantized (NF4 value * block absmax) before the adapter is added."""
+    """An NF4 base goes through a stage checkpoint (packed bytes and absmax) and `export --merge-lora`:
+    dequantized (NF4 value * block absmax) before the adapter is added."""
     model = _lora_model("nf4", seed=3)
     assert model.language_model.layers.q_proj.kernel[...].dtype == jnp.uint8
-    export_llava_hf(model, tmp_path, dtype="float32", merge_lora=True)
-    ref = _hf(tmp_path)
+    save_stage(model, tmp_path / "stage", template="v1", image_aspect_ratio="pad")
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(tmp_path / "stage"), "--out", str(out), "--dtype", "float32", "--merge-lora"]
+    assert main(argv) == 0
+    ref = _hf(out)
     assert ref.config.text_config.intermediate_size == 128
     diff = _logits_diff(model, ref)
     print(f"merged LoRA export, nf4 base: max |logits diff| vs unmerged = {diff:.2e}")
