@@ -120,6 +120,7 @@ def test_quantize_and_dequantize_match_bitsandbytes_bit_for_bit(backend):
     assert deq[0, 45, 0] == 1.0 and deq[0, 46, 0] == -1.0 and np.all(deq[:, :64, 1] == 0)
 
 
+@pytest.mark.slow  # two models built eagerly and compiled; the fast forward check is the nf4 merged export
 def test_nf4_model_matches_transformers_on_dequantised_weights():
     """load_weights packs a float checkpoint to NF4 as the reference does; the NF4 model (kernels
     dequantised inside the jitted matmul) gives the logits of transformers with the reference-dequantised
