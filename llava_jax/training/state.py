@@ -58,7 +58,8 @@ class ModelSpec:
             if mask is None
             else [a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask), strict=True) if t]
         )
-        return int(sum(np.prod(a.shape) for a in leaves))
+        # an NF4 kernel (uint8, models/lora.py) packs two weights per element
+        return int(sum(np.prod(a.shape) * (2 if a.dtype == jnp.uint8 else 1) for a in leaves))
 
 
 def cast(params: Any, mask: Any, frozen_dtype, trainable_dtype=jnp.float32) -> Any:
