@@ -23,7 +23,10 @@ def _leaves(tree):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize("quantized_base", [pytest.param("none", marks=pytest.mark.slow), "int8", "nf4"])
+@pytest.mark.parametrize(
+    "quantized_base",
+    [pytest.param("none", marks=pytest.mark.slow), "int8", pytest.param("nf4", marks=pytest.mark.slow)],
+)
 def test_base_bit_identical_and_stateless(quantized_base):
     s = build(
         trainable="projector,lora",
