@@ -44,7 +44,7 @@ first in the high nibble. For a torch weight [out, in] flattened row-major (bits
 are the same blocks and the same byte order: bitsandbytes' packed bytes are `kernel` moved to [out,
 in / 2] and flattened, its absmax `kernel_absmax` moved to [out, in / 64] and flattened (so every input
 size must be a multiple of 64, which all LLaMA / Vicuna sizes are). An all-zero block stores absmax 0
-and code 7 (the value 0). `dequantize_kernel` gives `NF4_CODE[code] * absmax` in float32, the value
+and code 7 (the value 0; bitsandbytes' 0 * (1 / 0) is NaN there and takes code 0, also dequantised to 0). `dequantize_kernel` gives `NF4_CODE[code] * absmax` in float32, the value
 bitsandbytes' `dequantize_4bit` gives. In the matmul the dequantisation runs inside the jitted step,
 one linear at a time (unpack nibbles, look the 16 values up, scale, cast to the compute dtype, dot):
 only the packed bytes and absmax stay resident (0.5625 bytes per weight against 2 for bf16).
