@@ -5,8 +5,10 @@ vision tower stay frozen (the original's `scripts/v1_5/finetune_lora.sh`).
         --config.init.vision=/ckpt/clip-vit-large-patch14-336 --config.init.llm=/ckpt/vicuna-7b-v1.5 \
         --config.init.stage1=/ckpt/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5/mm_projector.bin \
         --config.stage2.data.json_path=/data/llava_v1_5_mix665k.json --config.stage2.data.image_folder=/data
-    # QLoRA-style, on one GPU: the frozen base in int8 (per-output-channel, weight-only)
+    # QLoRA-style, on one GPU: the frozen base in int8 (per-output-channel, weight-only) or 4-bit NF4
+    # (QLoRA's NormalFloat, blocks of 64, as bitsandbytes)
     ... --config.lora.quantized_base=int8 --config.stage2.micro_batches=32
+    ... --config.lora.quantized_base=nf4 --config.stage2.batch_size=16 --config.stage2.micro_batches=16
 
 Argument: the model preset, as configs/stage2_finetune.py (batch sizes, epochs, template and aspect
 mode as there). The recipe: LoRA rank 128, alpha 256 (scaling 2), dropout 0.05 on q/k/v/o/gate/up/down

@@ -28,7 +28,7 @@ from llava_jax.checkpoint.mapping import FORMATS, Rule, detect_format, to_ours
 from llava_jax.models.clip import ClipVisionTower
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
-from llava_jax.models.lora import quantize_arrays
+from llava_jax.models.lora import float_kernel_shape, quantize_arrays
 from llava_jax.parallel.tree_paths import path_str
 
 # Where each part sits inside each llava_jax root module ('' = the root itself; None = absent).
@@ -89,7 +89,8 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
     """{llava_jax param path: array in llava_jax layout} for every rule the module and format share.
 
     `module` may be abstract (`nnx.eval_shape`); only shapes and dtypes are read from it. A model with
-    an int8 base gets int8 kernels and their `kernel_scale` entries (`lora.quantize_arrays`).
+    an int8 base gets int8 kernels and their `kernel_scale` entries, an NF4 base packed uint8 kernels
+    and their `kernel_absmax` entries (`lora.quantize_arrays`).
     """
     keys = source.keys()
     fmt = fmt or detect_format(keys)
@@ -120,10 +121,13 @@ def convert_arrays(module, source: TensorSource, fmt: str | None = None) -> dict
     for rule in rules:
         if rule.ours not in flat:
             raise CheckpointMismatch(f"mapping rule for {rule.theirs!r} targets {rule.ours!r}, not a model parameter")
-        out[rule.ours] = _rule_array(rule, tuple(flat[rule.ours].shape), fmt, read)
+        # an NF4 kernel (uint8) holds [in / 2, out]: the checkpoint gives the float [in, out] it packs
+        want = float_kernel_shape(tuple(flat[rule.ours].shape), flat[rule.ours].value.dtype)
+        out[rule.ours] = _rule_array(rule, want, fmt, read)
     _check_tied_head(module, f, keyset, used, read)
     _check_all_used(keys, used, f.ignore, fmt)
-    # An int8 base (models/lora.py): float kernels are quantised per output channel, scales added.
+    # A quantised base (models/lora.py): float kernels become int8 per output channel (scales added) or
+    # NF4 (absmax added).
     return quantize_arrays(out, {k: np.dtype(v.value.dtype) for k, v in flat.items()})
 
 

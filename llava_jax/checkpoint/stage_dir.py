@@ -57,6 +57,15 @@ def write_model_info(
     (as_path(stage_dir) / "model.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _stored(path, a, dtype):
+    """`a` cast to `dtype` for storage, except a quantized base's integer kernels and their float32
+    `kernel_scale` / `kernel_absmax` (`models/lora.py`), which are kept exact."""
+    name = getattr(path[-1], "key", None)
+    if not jnp.issubdtype(a.dtype, jnp.floating) or name in ("kernel_scale", "kernel_absmax"):
+        return a
+    return jnp.asarray(a, dtype)
+
+
 def save_stage(
     model: Llava,
     out_dir,
@@ -80,7 +89,7 @@ def save_stage(
     log.info("writing %s/final_params", out)
     params = nnx.state(model).to_pure_dict()
     if dtype is not None:
-        params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        params = jax.tree_util.tree_map_with_path(lambda p, a: _stored(p, a, dtype), params)
     save_params(out / "final_params", params)
     write_model_info(out, model.cfg, template, image_aspect_ratio, source=source)
     return out
@@ -119,9 +128,12 @@ def load_model(path, *, dtype=jnp.float32, template: str | None = None) -> Loade
     cfg = config_from_dict(info["model"]).with_runtime(dtype=dtype, param_dtype=jnp.float32, remat="none")
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
+    # float parameters come back float32; a quantized base's integer kernels (int8, NF4's packed uint8) as stored
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(
-            a.shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            a.shape,
+            jnp.float32 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+            sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
         ),
         state.to_pure_dict(),
     )

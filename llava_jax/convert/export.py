@@ -12,10 +12,10 @@ layers with `projector_hidden_act="linear"`, `linear_2` the identity with zero b
 it back into one layer exactly.
 
 LoRA models (`models/lora.py`): `merge_lora=True` writes W + lora_a @ lora_b * alpha / r per layer in
-float32 (an int8 base dequantized first), cast once to the export dtype; `lora_format="peft"` writes the
+float32 (an int8 or NF4 base dequantized first), cast once to the export dtype; `lora_format="peft"` writes the
 (dequantized) base weights and, in `<out>/adapter/`, a PEFT adapter (`write_peft_adapter`) that
 `peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(out), out / "adapter")`
-loads. An int8 base without adapters is written dequantized.
+loads. A quantised base (int8 or NF4) without adapters is written dequantized.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from llava_jax.convert.hf_processor import write_processor, write_tokenizer
 from llava_jax.data.tokenizer import PAD_TOKEN_ID
 from llava_jax.models.llama import Llama
 from llava_jax.models.llava import Llava
-from llava_jax.models.lora import dequantize_kernel, merged_kernel
+from llava_jax.models.lora import dequantize_kernel, float_kernel_shape, merged_kernel
 from llava_jax.parallel.tree_paths import path_str
 from llava_jax.paths import Path, as_path, staged_dir
 
@@ -81,11 +81,14 @@ def has_lora(module) -> bool:
 
 def _kernel_maker(flat: dict, ours: str, lora: str | None, settings):
     """f(layer index or None) -> the float kernel of `ours` (llava_jax layout [in, out]) as a checkpoint
-    holds it: an int8 base dequantized (`kernel * kernel_scale`), the adapter folded in when
+    holds it: an int8 base dequantized (`kernel * kernel_scale`), an NF4 base too (`nf4_dequantize` of
+    `kernel` and `kernel_absmax`), the adapter folded in when
     `lora == "merge"` (W + lora_a @ lora_b * alpha / r), the plain kernel otherwise."""
     stem = ours[: -len("kernel")]
     kernel = flat[ours].value
-    scale, a, b = (flat[stem + n].value if stem + n in flat else None for n in ("kernel_scale", "lora_a", "lora_b"))
+    names = ("kernel_scale", "kernel_absmax", "lora_a", "lora_b")
+    scale, absmax, a, b = (flat[stem + n].value if stem + n in flat else None for n in names)
+    scale = absmax if absmax is not None else scale
 
     def make(i):
         k, s = _host(kernel, i), None if scale is None else _host(scale, i)
@@ -95,14 +98,14 @@ def _kernel_maker(flat: dict, ours: str, lora: str | None, settings):
             return dequantize_kernel(k, s, np.float32)
         return k
 
-    return make, [stem + n for n in ("kernel_scale", "lora_a", "lora_b") if stem + n in flat]
+    return make, [stem + n for n in names if stem + n in flat]
 
 
 def export_tensors(module: Llava | Llama, fmt: str | None = None, *, lora: str | None = None) -> list[TensorPlan]:
     """The checkpoint tensors of `module` in format `fmt` (default: `llava_hf` for `Llava`, `hf_llama`
     for `Llama`), as lazily made arrays in PyTorch layout (see `shards.TensorPlan`).
 
-    An int8 base (`kernel` + `kernel_scale`) is written dequantized. LoRA adapters (`lora_a`, `lora_b`):
+    A quantised base (int8: `kernel` + `kernel_scale`; NF4: `kernel` + `kernel_absmax`) is written dequantized. LoRA adapters (`lora_a`, `lora_b`):
     `lora="merge"` folds them into the kernels (W + A B alpha / r, per layer, in float32);
     `lora="base"` writes the base kernels only (the adapters go to a PEFT file: `adapter_tensors`);
     a model with adapters and `lora=None` is an error (export would drop them)."""
@@ -129,11 +132,13 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None, *, lora: str |
         covered.add(rule.ours)
         value = flat[rule.ours].value
         make = lambda i, v=value: _host(v, i)  # noqa: E731
+        ours_shape = tuple(value.shape)
         if rule.ours.endswith("/kernel"):
             make, extra = _kernel_maker(flat, rule.ours, lora, settings)
             covered.update(extra)
+            ours_shape = float_kernel_shape(ours_shape, value.dtype)  # an NF4 kernel holds in / 2 rows
         if rule.stacked:
-            shape = _theirs_shape(rule.kind, tuple(value.shape[1:]))
+            shape = _theirs_shape(rule.kind, ours_shape[1:])
             plans += [
                 TensorPlan(rule.theirs.format(i=i), shape, lambda m=make, i=i, k=rule.kind: to_theirs(k, m(i)))
                 for i in range(value.shape[0])
@@ -142,7 +147,7 @@ def export_tensors(module: Llava | Llama, fmt: str | None = None, *, lora: str |
             plans.append(
                 TensorPlan(
                     rule.theirs,
-                    _theirs_shape(rule.kind, tuple(value.shape)),
+                    _theirs_shape(rule.kind, ours_shape),
                     lambda m=make, k=rule.kind: to_theirs(k, m(None)),
                 )
             )
@@ -264,7 +269,7 @@ def export_llava_hf(
     tokenizer: a tokenizer with `<image>`=32000 and `<pad>`=32001 (default: `load_tokenizer()`).
     template: conversation template name for the chat template (None: no chat template).
     image_aspect_ratio: `square` or `pad`, the preprocessing the model was trained with.
-    merge_lora: fold LoRA adapters into the weights (W + A B alpha / r; an int8 base is dequantized first).
+    merge_lora: fold LoRA adapters into the weights (W + A B alpha / r; an int8 / NF4 base is dequantized first).
     lora_format: "peft": write the base weights and the adapters as a PEFT adapter in `out_dir/adapter`.
     """
     if not isinstance(model, Llava):

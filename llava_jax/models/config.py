@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from llava_jax.data.image import CLIP_MEAN, CLIP_STD
 from llava_jax.data.tokenizer import IMAGE_TOKEN_ID, PAD_TOKEN_ID  # "<image>", "<pad>": the llava-hf ids
-from llava_jax.models.lora import DEFAULT_TARGETS, check_settings
+from llava_jax.models.lora import DEFAULT_TARGETS, NF4_BLOCK, check_settings
 from llava_jax.models.rope import check_rope_type
 
 
@@ -90,7 +90,8 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: str = DEFAULT_TARGETS
-    # Storage of the block linears' (frozen) kernels: 'none' (param dtype) or 'int8' (per-output-channel).
+    # Storage of the block linears' (frozen) kernels: 'none' (param dtype), 'int8' (per-output-channel)
+    # or 'nf4' (4-bit NormalFloat, blocks of 64 along the input, as bitsandbytes / QLoRA).
     quantized_base: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -100,6 +101,14 @@ class LlamaConfig:
     def __post_init__(self):
         check_rope_type(self.rope_type, self.rope_factor)
         check_settings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, self.quantized_base)
+        if self.quantized_base == "nf4":
+            sizes = {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size}
+            sizes["num_heads * head_dim"] = self.num_heads * self.head_dim
+            if bad := [f"{k}={v}" for k, v in sizes.items() if v % NF4_BLOCK]:
+                raise ValueError(
+                    f"quantized_base='nf4' quantises blocks of {NF4_BLOCK} inputs, but {', '.join(bad)} is not a "
+                    f"multiple of {NF4_BLOCK}: use quantized_base='int8' or 'none' for this model"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 

@@ -80,7 +80,7 @@ def _attend_cache(q, k, v, mask):
 
 def _block_dense(cfg: LlamaConfig, name: str, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs):
     """A block linear: `nnx.Linear`, or `AdaptedLinear` with a LoRA adapter (when `name` matches
-    cfg.lora_targets) and/or an int8 kernel (cfg.quantized_base)."""
+    cfg.lora_targets) and/or an int8 / NF4 kernel (cfg.quantized_base)."""
     rank = cfg.lora_rank if cfg.lora_rank and is_target(name, cfg.lora_targets) else 0
     if not rank and cfg.quantized_base == "none":
         return _dense(cfg, din, dout, axes, rngs)

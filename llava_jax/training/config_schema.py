@@ -110,7 +110,9 @@ def base_config() -> mlc.ConfigDict:
             alpha=16.0,  # scaling alpha / rank
             dropout=0.05,  # on the adapter's input, training only
             targets=DEFAULT_TARGETS,  # regex fully matching block linear names; lm_head never
-            quantized_base="none",  # 'none' (frozen_dtype) or 'int8' (per-output-channel, weight-only)
+            # 'none' (frozen_dtype), 'int8' (per-output-channel, weight-only) or 'nf4' (QLoRA's 4-bit
+            # NormalFloat, blocks of 64, absmax float32, no double quantisation)
+            quantized_base="none",
         )
     )
     c.mesh = mlc.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))  # (data, fsdp, tensor); -1 = fill

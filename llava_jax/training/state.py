@@ -58,16 +58,18 @@ class ModelSpec:
             if mask is None
             else [a for a, t in zip(jax.tree.leaves(self.abstract), jax.tree.leaves(mask), strict=True) if t]
         )
-        return int(sum(np.prod(a.shape) for a in leaves))
+        # an NF4 kernel (uint8, models/lora.py) packs two weights per element
+        return int(sum(np.prod(a.shape) * (2 if a.dtype == jnp.uint8 else 1) for a in leaves))
 
 
 def cast(params: Any, mask: Any, frozen_dtype, trainable_dtype=jnp.float32) -> Any:
     """Trainable leaves keep float32 masters; frozen leaves may be stored narrower (e.g. bf16).
-    An int8 base (`models/lora.py`) keeps its int8 kernels and float32 `kernel_scale`s. Works on
+    A quantised base (`models/lora.py`) keeps its int8 / uint8 (NF4) kernels and float32 `kernel_scale` /
+    `kernel_absmax`. Works on
     arrays and on ShapeDtypeStructs."""
 
     def one(path, t, p):
-        if not jnp.issubdtype(p.dtype, jnp.floating) or path_str(path).endswith("/kernel_scale"):
+        if not jnp.issubdtype(p.dtype, jnp.floating) or path_str(path).endswith(("/kernel_scale", "/kernel_absmax")):
             dtype = p.dtype
         else:
             dtype = trainable_dtype if t else frozen_dtype

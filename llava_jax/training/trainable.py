@@ -13,7 +13,7 @@ exactly one part pattern, so a new parameter can never silently fall through.
 
 The `lora` part is the adapters (`lora_a`, `lora_b`, see `models/lora.py`); `llm` is every other LLM
 parameter (its base), so `projector,llm` on a model with adapters trains the base, not the adapters.
-An int8 base cannot train (`check_trainable_dtypes`).
+An int8 or NF4 base cannot train (`check_trainable_dtypes`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def trainable_mask(params: Any, trainable: str) -> Any:
 
 
 def check_trainable_dtypes(params: Any, mask: Any) -> None:
-    """Every trainable parameter is a float (an int8 base kernel cannot take gradient updates)."""
+    """Every trainable parameter is a float (an int8 / NF4 base kernel cannot take gradient updates)."""
     bad = [
         path_str(p)
         for p, a in jax.tree_util.tree_leaves_with_path(params)
@@ -75,7 +75,7 @@ def check_trainable_dtypes(params: Any, mask: Any) -> None:
     bad = [p for p in bad if flags[p]]
     if bad:
         raise ValueError(
-            f"{len(bad)} trainable parameter(s) are integer (an int8 base), e.g. {bad[0]!r}: train the "
+            f"{len(bad)} trainable parameter(s) are integer (an int8 or nf4 base), e.g. {bad[0]!r}: train the "
             "adapters instead (trainable='projector,lora') or set lora.quantized_base='none'"
         )
 

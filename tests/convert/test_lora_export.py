@@ -3,6 +3,7 @@
 transformers, and with `peft` loading the adapter onto the transformers model."""
 
 import copy
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from llava_jax.convert import export_llava_hf
 from llava_jax.convert.__main__ import main
 from llava_jax.inference import generate
 from llava_jax.models import Llava
-from llava_jax.models.lora import quantize_kernel
+from llava_jax.models.lora import nf4_quantize, quantize_kernel
 from llava_jax.parallel.tree_paths import path_str
 
 RANK, ALPHA = 4, 8.0
@@ -29,23 +30,29 @@ RANK, ALPHA = 4, 8.0
 
 def _lora_model(quantized_base: str, seed: int) -> Llava:
     """A tiny Llava with adapters on every block linear and random weights everywhere (lora_b too, so the
-    adapters change the output); an int8 base is quantized from random float kernels. Built from numpy
-    arrays on the abstract model: eager random init compiles hundreds of small programs."""
-    cfg = _config("mlp2x_gelu").with_lora(
-        lora_rank=RANK, lora_alpha=ALPHA, lora_dropout=0.1, quantized_base=quantized_base
-    )
+    adapters change the output); an int8 or NF4 base is quantized from random float kernels (NF4: with an
+    MLP width of 128, a multiple of its block of 64). Built from numpy arrays on the abstract model: eager
+    random init compiles hundreds of small programs."""
+    cfg = _config("mlp2x_gelu")
+    if quantized_base == "nf4":
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, intermediate_size=128))
+    cfg = cfg.with_lora(lora_rank=RANK, lora_alpha=ALPHA, lora_dropout=0.1, quantized_base=quantized_base)
     abstract = nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(seed)
     arrays = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         key, shape = path_str(path), tuple(var.value.shape)
-        if path[-1] == "kernel_scale":
+        if path[-1] in ("kernel_scale", "kernel_absmax"):
             continue
         noise = 0.05 * rng.standard_normal(shape).astype(np.float32)
         if path[-1] == "scale":  # norm weights around 1
             noise += 1.0
         if var.value.dtype == jnp.int8:
             arrays[key], arrays[key + "_scale"] = quantize_kernel(noise)
+        elif var.value.dtype == jnp.uint8:  # NF4: the stored kernel is [.., in / 2, out]
+            arrays[key], arrays[key + "_absmax"] = nf4_quantize(
+                0.05 * rng.standard_normal((*shape[:-2], 2 * shape[-2], shape[-1])).astype(np.float32)
+            )
         else:
             arrays[key] = noise
     model = materialize(abstract, arrays)
@@ -118,6 +125,22 @@ def test_merged_export_of_int8_base(tmp_path):
     export_llava_hf(model, tmp_path, dtype="float32", merge_lora=True)
     diff = _logits_diff(model, _hf(tmp_path))
     print(f"merged LoRA export, int8 base: max |logits diff| vs unmerged = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_merged_export_of_nf4_base(tmp_path):
+    """An NF4 base goes through a stage checkpoint (packed bytes and absmax) and `export --merge-lora`:
+    dequantized (NF4 value * block absmax) before the adapter is added."""
+    model = _lora_model("nf4", seed=3)
+    assert model.language_model.layers.q_proj.kernel[...].dtype == jnp.uint8
+    save_stage(model, tmp_path / "stage", template="v1", image_aspect_ratio="pad")
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(tmp_path / "stage"), "--out", str(out), "--dtype", "float32", "--merge-lora"]
+    assert main(argv) == 0
+    ref = _hf(out)
+    assert ref.config.text_config.intermediate_size == 128
+    diff = _logits_diff(model, ref)
+    print(f"merged LoRA export, nf4 base: max |logits diff| vs unmerged = {diff:.2e}")
     assert diff < 1e-5
 
 

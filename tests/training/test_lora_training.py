@@ -1,4 +1,4 @@
-"""LoRA training: adapters + projector train through the same masks; the base (bf16 or int8) stays
+"""LoRA training: adapters + projector train through the same masks; the base (bf16, int8 or nf4) stays
 bit-identical and has no optimizer state; the projector's own learning rate; sharding, remat,
 accumulation and dropout behave as for full training."""
 
@@ -23,7 +23,10 @@ def _leaves(tree):
     return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize("quantized_base", [pytest.param("none", marks=pytest.mark.slow), "int8"])
+@pytest.mark.parametrize(
+    "quantized_base",
+    [pytest.param("none", marks=pytest.mark.slow), "int8", pytest.param("nf4", marks=pytest.mark.slow)],
+)
 def test_base_bit_identical_and_stateless(quantized_base):
     s = build(
         trainable="projector,lora",
@@ -42,17 +45,19 @@ def test_base_bit_identical_and_stateless(quantized_base):
     for k in frozen:
         assert after[k].tobytes() == before[k].tobytes(), f"frozen {k} changed"
         if k == "language_model/layers/q_proj/kernel":
-            assert after[k].dtype == (np.int8 if quantized_base == "int8" else jnp.bfloat16), k
-        if k.endswith("kernel_scale"):
+            assert after[k].dtype == {"int8": np.int8, "nf4": np.uint8}.get(quantized_base, jnp.bfloat16), k
+        if k.endswith(("kernel_scale", "kernel_absmax")):
             assert after[k].dtype == np.float32
-    assert quantized_base == "none" or sum(k.endswith("kernel_scale") for k in frozen) == 7
+    aux = {"int8": "kernel_scale", "nf4": "kernel_absmax"}.get(quantized_base)
+    assert quantized_base == "none" or sum(k.endswith(aux) for k in frozen) == 7
     for k in trained:
         assert after[k].dtype == np.float32, k
         assert not np.array_equal(after[k], before[k]), f"trainable {k} did not move"
     n_trainable = sum(before[k].size for k in trained)
     opt = [x for x in jax.tree.leaves(state.opt_state) if hasattr(x, "size")]
     assert sum(x.size for x in opt if x.ndim > 0) == 2 * n_trainable  # Adam's moments, trainable only
-    assert n_trainable < 0.1 * sum(a.size for a in before.values())
+    n_weights = sum(a.size * (2 if a.dtype == np.uint8 else 1) for a in before.values())  # nf4: 2 per byte
+    assert n_trainable < 0.1 * n_weights
 
 
 @pytest.mark.slow
@@ -130,11 +135,12 @@ def test_bad_settings_are_refused():
         SMALL.with_lora(quantized_base="int4")
 
 
-def test_int8_base_cannot_train():
+@pytest.mark.parametrize("quantized_base", ["int8", "nf4"])
+def test_quantized_base_cannot_train(quantized_base):
     from llava_jax.training.state import ModelSpec
     from llava_jax.training.trainable import check_trainable_dtypes, trainable_mask
 
-    spec = ModelSpec.create(lora_cfg("int8"))
+    spec = ModelSpec.create(lora_cfg(quantized_base))
     with pytest.raises(ValueError, match="integer.*projector,lora"):
         check_trainable_dtypes(spec.abstract, trainable_mask(spec.abstract, "projector,llm"))
 

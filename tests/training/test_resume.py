@@ -52,6 +52,10 @@ LORA_ARGS = [
 ]
 
 
+# The same on an NF4 base (packed uint8 kernels and float32 absmax in the checkpoint).
+NF4_ARGS = [a.replace("quantized_base=int8", "quantized_base=nf4") for a in LORA_ARGS]
+
+
 def _train(workdir, kill_after_step=0, args=ARGS):
     """The entry point; with `kill_after_step`, the same run SIGKILLed after that step's checkpoint."""
     env = {
@@ -78,7 +82,11 @@ def _losses(workdir, stage="stage1") -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,stage", [(ARGS, "stage1"), (LORA_ARGS, "stage2")], ids=["full", "lora_int8"])
+@pytest.mark.parametrize(
+    "args,stage",
+    [(ARGS, "stage1"), (LORA_ARGS, "stage2"), (NF4_ARGS, "stage2")],
+    ids=["full", "lora_int8", "lora_nf4"],
+)
 def test_killed_run_resumes_exactly(tmp_path, args, stage):
     whole = _train(tmp_path / "whole", args=args)
     assert whole.returncode == 0, whole.stderr[-3000:]
