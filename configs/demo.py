@@ -56,9 +56,13 @@ def _lora(c):
     """Stage 2 as the original's LoRA recipe: adapters on every LLM block linear + the projector,
     the projector at its own learning rate; the LLM base stays frozen. LoRA adapts a pretrained LLM,
     so this variant first runs stage 0 (a random frozen base cannot learn: 21 % held-out, below
-    chance); the adapters start at B = 0 and train in stage 2 only."""
+    chance); the adapters start at B = 0 and train in stage 2 only. Stage 0 reads the captions in the
+    chat (v1) template, so the frozen base learns to end an answer with </s>, as Vicuna does; LoRA
+    leaves lm_head frozen and cannot teach it that."""
     c.arg = "lora"
     c.stages = "stage0,stage1,stage2"
+    c.stage0.data.template = "v1"
+    c.stage0.data.max_length = 192  # the v1 system prompt + 64 image tokens + caption
     c.stage1.targets_per_row = 16
     c.stage2.targets_per_row = 16
     c.lora.update(rank=32, alpha=64.0, dropout=0.05)
