@@ -89,6 +89,9 @@ def base_config() -> mlc.ConfigDict:
     c.stage0 = stage_config(
         trainable="vision,llm", lr=1e-3, batch_size=32, epochs=1, template="plain", objective="clip_lm"
     )
+    # >0: this fraction of stage 0's rows hold their caption's tokens in the image slots (the LLM
+    # learns to read what stands there; training/contrastive.py)
+    c.stage0.caption_prefix = 0.0
     c.stage1 = stage_config(trainable="projector", lr=2e-3, batch_size=128, epochs=1, template="plain")
     c.stage2 = stage_config(trainable="projector,llm", lr=2e-5, batch_size=32, epochs=3, template="v1")
     # Instruction data varies in length (LLaVA-Instruct-158K: ~100 to 1000+ tokens with the image):

@@ -132,6 +132,7 @@ class StageSetup:
             self.stage.loss_reduction,
             self.loss_groups,
             self.stage.get("objective", "lm"),
+            float(self.stage.get("caption_prefix", 0.0)),
         )
         return jax.jit(
             step,

@@ -88,13 +88,15 @@ def make_train_step(
     loss_reduction: str = "global_token_mean",
     loss_groups: int = 1,
     objective: str = "lm",
+    caption_prefix: float = 0.0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns step(state, batch) -> (state, metrics). `batch` holds the MODEL_KEYS arrays.
 
     loss_reduction / loss_groups: see `loss.reduce_sums`; with "original", each micro-batch's rows
     form `loss_groups` consecutive groups (the data-parallel devices' shares of it).
     objective: "lm" (LLaVA's next-token loss on the conversation) or "clip_lm" (stage 0, see
-    `contrastive.py`: caption LM + image-caption InfoNCE; its parts are added to the metrics)."""
+    `contrastive.py`: caption LM + image-caption InfoNCE; its parts are added to the metrics).
+    caption_prefix: with "clip_lm", the fraction of rows whose image slots hold their caption."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {OBJECTIVES}")
 
@@ -102,7 +104,7 @@ def make_train_step(
         def f(tr):
             params = _join(mask, tr, frozen)
             if objective == "clip_lm":
-                return clip_lm_loss(graphdef, params, batch, targets_per_row)
+                return clip_lm_loss(graphdef, params, batch, targets_per_row, caption_prefix)
             total, (denom, count) = loss_fn(graphdef, params, batch, targets_per_row, loss_reduction, loss_groups, key)
             return total, (denom, count, {})
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from train_fixtures import IMAGE_TOKEN, P, build, random_batch
 
-from llava_jax.training.contrastive import info_nce, last_target_index
+from llava_jax.training.contrastive import caption_prefix_ids, info_nce, last_target_index
 
 
 def _log_softmax(x, axis):
@@ -37,6 +37,22 @@ def test_last_target_index():
     labels[0, 2:5] = 1
     labels[1, 6] = 1
     np.testing.assert_array_equal(np.asarray(last_target_index(labels)), [4, 6, 0])
+
+
+def test_caption_prefix_fills_the_image_slots_with_the_rows_caption():
+    """Each image slot holds one of its row's caption tokens, every caption token is there, nothing
+    else changes; a row without targets holds token 0 in its slots."""
+    image = 99
+    ids = np.array([[1] + [image] * 12 + [5, 6, 7, 2], [1] + [image] * 12 + [8, 8, 3, 3], [1] + [image] * 12 + [4] * 4])
+    labels = np.full_like(ids, -100)
+    labels[0, 13:] = ids[0, 13:]
+    labels[1, 15:] = ids[1, 15:]  # targets 3, 3; the 8s are prompt
+    got = np.asarray(caption_prefix_ids(ids, labels, ids == image))
+    slots = ids == image
+    np.testing.assert_array_equal(got[~slots], ids[~slots])
+    assert set(got[0, slots[0]]) == {5, 6, 7, 2}
+    assert set(got[1, slots[1]]) == {3}
+    assert set(got[2, slots[2]]) == {0}
 
 
 def test_stage0_step_learns_and_leaves_the_projector_alone():
