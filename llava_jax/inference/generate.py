@@ -25,7 +25,6 @@ the batch, not on `chunk_size`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import NamedTuple
 
@@ -37,6 +36,7 @@ from flax import nnx
 from llava_jax.inference.sampling import GREEDY, Sampling, SamplingMode, sample_tokens
 from llava_jax.models.llama import KVCache, Llama
 from llava_jax.models.llava import Llava
+from llava_jax.models.platform import PlatformJit
 
 NO_TOKEN = -1  # in chunk outputs: the row was already done, or the step did not run
 
@@ -82,8 +82,7 @@ def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_length"))
-def _prefill(
+def _prefill_impl(
     graphdef,
     params,
     ids,
@@ -112,8 +111,7 @@ def _prefill(
     return jnp.where(active, token, NO_TOKEN), state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int):
+def _decode_impl(graphdef, params, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int):
     """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first.
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, DecodeState)."""
     lm = _language_model(nnx.merge(graphdef, params))
@@ -139,6 +137,11 @@ def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, m
     out = jnp.full((b, chunk), NO_TOKEN, jnp.int32)
     _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
     return out, state
+
+
+# Jitted per platform with its compiler options (models/platform.py), chosen on the first call.
+_prefill = PlatformJit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
+_decode = PlatformJit(_decode_impl, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
 
 
 class _Batch(NamedTuple):

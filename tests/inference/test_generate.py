@@ -226,3 +226,23 @@ def test_filters_match_transformers_warpers(temperature, top_k, top_p):
     keys = jax.random.split(jax.random.key(0), 64)
     draws = np.asarray(jax.vmap(lambda k: sample_tokens(jnp.asarray(logits.numpy()), k, s.mode, s.values))(keys))
     assert np.isfinite(np.take_along_axis(got, draws.T, axis=1)).all()
+
+
+def test_cpu_programs_are_compiled_with_the_cpu_options(llama_pair):
+    from llava_jax.inference.generate import _prefill_impl
+    from llava_jax.models.platform import cpu_compiler_options
+
+    if jax.default_backend() != "cpu" or cpu_compiler_options("cpu") is None:
+        pytest.skip("the CPU compiler options apply to an XLA:CPU that knows them")
+    _, ours = llama_pair
+    generate(ours, _prompts([5, 9]), max_new_tokens=3, chunk_size=2)
+    for program in (_prefill, _decode):  # the programs that call ran are those of the 'cpu' entry
+        assert program.for_platform("cpu")._cache_size() >= 1
+    graphdef, params = nnx.split(ours)
+    ids = jnp.ones((2, 16), jnp.int32)
+    args = (graphdef, params, ids, None, ids, ids, jnp.ones((2,), bool), jnp.full((4,), -1, jnp.int32))
+    kwargs = {"mode": Sampling().mode, "cache_length": 32}
+    tail = (Sampling().values, jax.random.key(0))
+    plain = jax.jit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
+    assert "ynn_fusion" in plain.lower(*args, *tail, **kwargs).compile().as_text()  # XLA:CPU's default
+    assert "ynn_fusion" not in _prefill.for_platform("cpu").lower(*args, *tail, **kwargs).compile().as_text()
