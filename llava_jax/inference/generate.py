@@ -102,7 +102,7 @@ def _prefill_impl(
     model = nnx.merge(graphdef, params)
     lm = _language_model(model)
     embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
-    cache = KVCache.init(lm.cfg, ids.shape[0], cache_length)
+    cache = KVCache.init(lm.cfg, ids.shape[0], cache_length, per_layer=True)
     hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache)
     logits = lm.logits(hidden[:, -1:])[:, 0]
     token = sample_tokens(logits, jax.random.fold_in(key, 0), mode, values)
@@ -115,6 +115,7 @@ def _decode_impl(graphdef, params, state: DecodeState, steps, stop, eos, values,
     """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first.
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, DecodeState)."""
     lm = _language_model(nnx.merge(graphdef, params))
+    layers = lm.layer_list()  # sliced once per chunk, not once per step
     b = state.token.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -125,7 +126,7 @@ def _decode_impl(graphdef, params, state: DecodeState, steps, stop, eos, values,
     def body(carry):
         i, s, out = carry
         hidden, cache = lm.hidden(
-            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache
+            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache, layers=layers
         )
         logits = lm.logits(hidden)[:, 0]
         token = sample_tokens(logits, jax.random.fold_in(s.key, s.step), mode, values)
