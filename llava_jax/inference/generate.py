@@ -65,13 +65,20 @@ class DecodeState(NamedTuple):
     key: jax.Array  # base PRNG key
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Static size for n: the next power of two (at least `minimum`) up to 256, then multiples of 128.
-    Decode reads the whole KV cache every step, so its length tracks the need closely (a 289-token
-    prompt + 64 new tokens: 384 + 63 -> 512 slots, not 1024)."""
+def bucket(n: int, minimum: int = 16, step: int = 128) -> int:
+    """Static size for n: the next power of two (at least `minimum`) up to 256, then multiples of
+    `step`. Decode reads the whole KV cache every step, so its length tracks the need closely (a
+    289-token prompt + 64 new tokens: 384 + 63 -> 512 slots, not 1024)."""
     if n <= 256:
         return max(minimum, 1 << max(0, n - 1).bit_length())
-    return -(-n // 128) * 128
+    return -(-n // step) * step
+
+
+# `generate` pads prompts and sizes caches in finer steps beyond 256: prefill computes every padding
+# slot and decode reads every cache slot, so a 289-token LLaVA prompt (256 image tokens) is prefilled
+# at 320 slots (not 384) and decoded over a 384-slot cache (not 512). Twice the shapes of `bucket`'s
+# default, each compiled once.
+LENGTH_STEP = 64
 
 
 def _language_model(model) -> Llama:
@@ -103,7 +110,7 @@ def _prefill_impl(
     lm = _language_model(model)
     embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
     cache = KVCache.init(lm.cfg, ids.shape[0], cache_length, per_layer=True)
-    hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache)
+    hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True)
     logits = lm.logits(hidden[:, -1:])[:, 0]
     token = sample_tokens(logits, jax.random.fold_in(key, 0), mode, values)
     done = ~active | _is_eos(token, eos)
@@ -203,7 +210,7 @@ def _prepare(
         rows = 1 << (n - 1).bit_length()
     elif rows < n:
         raise ValueError(f"rows={rows} is fewer than the {n} prompts; pass rows >= the number of prompts")
-    width = bucket(max(longest, min_prompt_length))
+    width = bucket(max(longest, min_prompt_length), step=LENGTH_STEP)
     ids = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
     segment_ids = np.zeros((rows, width), np.int32)
@@ -322,7 +329,7 @@ def _eos_table(eos_ids: Iterable[int]) -> tuple[set[int], np.ndarray]:
 def _start(graphdef, params, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode):
     """Prefill with a cache long enough for the prompt bucket and the new tokens; `put` places each
     host array on devices. Returns (first tokens [Bp] int32, DecodeState)."""
-    cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1)
+    cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1, step=LENGTH_STEP)
     return _prefill(
         graphdef,
         params,

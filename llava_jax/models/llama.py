@@ -131,8 +131,10 @@ class LlamaBlock(nnx.Module):
         cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, K, S, H], this
         block's layer and the first slot to write, or (layer=None) this block's own caches
         [B, K, S, H]. The new keys/values are written in place (only T slots change) and attention
-        reads this layer's slice. dropout_key: this block's key for the LoRA dropout (None: no
-        dropout). Returns (x, (k, v) or None)."""
+        reads this layer's slice with the dense `mask`; with a `Segments` mask the cache is empty
+        (index 0) and attention runs among the T new tokens only (`attention.attend`: no reads of
+        empty slots, and the fused kernels where they apply). dropout_key: this block's key for the
+        LoRA dropout (None: no dropout). Returns (x, (k, v) or None)."""
         cfg = self.cfg
         b, t, _ = x.shape
         idx = {n: i for i, n in enumerate(BLOCK_LINEARS)}
@@ -150,8 +152,9 @@ class LlamaBlock(nnx.Module):
         kv = None
         if cache is None:
             a = attention.attend(q, k, v, mask, implementation=cfg.attention, causal=True)
-        else:  # fused kernels take no cache offsets: plain attention over this layer's cache slice
+        else:
             ks, vs, layer, index = cache
+            k_new, v_new = k, v
             if layer is None:
                 ks = jax.lax.dynamic_update_slice(ks, k.swapaxes(1, 2).astype(ks.dtype), (0, 0, index, 0))
                 vs = jax.lax.dynamic_update_slice(vs, v.swapaxes(1, 2).astype(vs.dtype), (0, 0, index, 0))
@@ -162,7 +165,10 @@ class LlamaBlock(nnx.Module):
                 vs = jax.lax.dynamic_update_slice(vs, v.swapaxes(1, 2).astype(vs.dtype)[None], start)
                 k = jax.lax.dynamic_index_in_dim(ks, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(vs, layer, 0, keepdims=False)
-            a = _attend_cache(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            if isinstance(mask, attention.Segments):  # an empty cache: the T new tokens attend among themselves
+                a = attention.attend(q, k_new, v_new, mask, implementation=cfg.attention, causal=True)
+            else:  # fused kernels take no cache offsets: plain attention over this layer's cache slice
+                a = _attend_cache(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             kv = (ks, vs)
         x = x + _name(lin("o_proj", a.reshape(b, t, -1)), "out_proj")
         h = self.post_attention_layernorm(x)
@@ -227,13 +233,17 @@ class Llama(nnx.Module):
         cache: KVCache | None = None,
         dropout_key=None,
         layers: list[LlamaBlock] | None = None,
+        prefill: bool = False,
     ):
         """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache).
 
         dropout_key: a PRNG key for the LoRA dropout in training (split per layer); None: none.
         With a per-layer `cache` (`KVCache.init(..., per_layer=True)`) the layers run one after the
         other, unrolled (each reads and writes its own cache buffer in place), taken from `layers`
-        (`layer_list()`, e.g. made once before a decode loop) or else sliced from the stacks here."""
+        (`layer_list()`, e.g. made once before a decode loop) or else sliced from the stacks here.
+        prefill=True promises an empty `cache` (index 0, as `KVCache.init` makes it): the T tokens
+        then attend among themselves (causal, `segment_ids`) instead of over all S cache slots, which
+        is the same result at a fraction of the cost when S > T."""
         cfg = self.cfg
         b, t, _ = embeddings.shape
         if segment_ids is None and cache is not None:
@@ -257,7 +267,10 @@ class Llama(nnx.Module):
             x, _ = scan(self.layers, body, x, keys, policy=cfg.remat)
         else:
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
-            mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
+            if prefill:
+                mask = attention.Segments(segment_ids.astype(jnp.int32))
+            else:
+                mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
             if isinstance(cache.k, (tuple, list)):
                 ks, vs = list(cache.k), list(cache.v)
                 for i, blk in enumerate(self.layer_list() if layers is None else layers):
