@@ -36,7 +36,7 @@ from flax import nnx
 from llava_jax.inference.sampling import GREEDY, Sampling, SamplingMode, sample_tokens
 from llava_jax.models.llama import KVCache, Llama
 from llava_jax.models.llava import Llava
-from llava_jax.models.platform import PlatformJit
+from llava_jax.models.platform import PlatformJit, arrays_platform
 
 NO_TOKEN = -1  # in chunk outputs: the row was already done, or the step did not run
 
@@ -92,6 +92,7 @@ def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
 def _prefill_impl(
     graphdef,
     params,
+    layers,
     ids,
     images,
     positions,
@@ -104,13 +105,23 @@ def _prefill_impl(
     mode: SamplingMode,
     cache_length: int,
 ):
-    """ids/positions/segment_ids [B, P]; images [B, M, S, S, 3] or None; active [B] bool.
+    """ids/positions/segment_ids [B, P]; images [B, M, S, S, 3] or None; active [B] bool; layers: the
+    LLM blocks' `layer_states()` (the cache is then kept per layer and the layers run unrolled) or
+    None (stacked cache, scanned layers).
     Returns (first new tokens [B] int32 with NO_TOKEN for inactive rows, DecodeState)."""
     model = nnx.merge(graphdef, params)
     lm = _language_model(model)
     embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
-    cache = KVCache.init(lm.cfg, ids.shape[0], cache_length, per_layer=True)
-    hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache, prefill=True)
+    per_layer = layers is not None
+    cache = KVCache.init(lm.cfg, ids.shape[0], cache_length, per_layer=per_layer)
+    hidden, cache = lm.hidden(
+        embeddings,
+        positions=positions,
+        segment_ids=segment_ids,
+        cache=cache,
+        prefill=True,
+        layers=lm.layer_list(layers) if per_layer else None,
+    )
     logits = lm.logits(hidden[:, -1:])[:, 0]
     token = sample_tokens(logits, jax.random.fold_in(key, 0), mode, values)
     done = ~active | _is_eos(token, eos)
@@ -118,11 +129,14 @@ def _prefill_impl(
     return jnp.where(active, token, NO_TOKEN), state
 
 
-def _decode_impl(graphdef, params, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int):
-    """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first.
+def _decode_impl(
+    graphdef, params, layers, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int
+):
+    """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first. `layers`
+    as in `_prefill_impl`, the same for the whole call.
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, DecodeState)."""
     lm = _language_model(nnx.merge(graphdef, params))
-    layers = lm.layer_list()  # sliced once per chunk, not once per step
+    layers = None if layers is None else lm.layer_list(layers)
     b = state.token.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -147,7 +161,12 @@ def _decode_impl(graphdef, params, state: DecodeState, steps, stop, eos, values,
     return out, state
 
 
+def _split_layers_impl(graphdef, params):
+    return _language_model(nnx.merge(graphdef, params)).layer_states()
+
+
 # Jitted per platform with its compiler options (models/platform.py), chosen on the first call.
+_split_layers = PlatformJit(_split_layers_impl, static_argnames=("graphdef",))
 _prefill = PlatformJit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
 _decode = PlatformJit(_decode_impl, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
 
@@ -290,7 +309,12 @@ def stream_generate(
     eos_set, eos = _eos_table(eos_ids)
     mode, values = sampling.mode, sampling.values
     graphdef, params = nnx.split(model)
-    first, state = _start(graphdef, params, batch, put, max_new_tokens, eos, values, seed, mode)
+    # On CPU the layers' weights are sliced out of their stacks once per call (a copy), then prefill
+    # and every decode step read them in place; a scanned stack would copy each layer's weights at
+    # every step (XLA:CPU materialises the dynamic slice). Elsewhere the stacks are scanned (no
+    # second copy of the weights in device memory).
+    layers = _split_layers(graphdef, params) if arrays_platform(params) == "cpu" else None
+    first, state = _start(graphdef, params, layers, batch, put, max_new_tokens, eos, values, seed, mode)
     remaining = max_new_tokens - 1
     stop = np.zeros(batch.ids.shape[0], bool)
     result: list[list[int]] = [[] for _ in range(n)]
@@ -303,7 +327,16 @@ def stream_generate(
             steps = min(chunk_size, remaining)
             remaining -= steps
             following, state = _decode(
-                graphdef, params, state, np.int32(steps), put(stop.copy()), eos, values, mode=mode, chunk=chunk_size
+                graphdef,
+                params,
+                layers,
+                state,
+                np.int32(steps),
+                put(stop.copy()),
+                eos,
+                values,
+                mode=mode,
+                chunk=chunk_size,
             )
             stop[:] = False
         new = _read_chunk(np.asarray(in_flight), finish, eos_set)
@@ -326,13 +359,16 @@ def _eos_table(eos_ids: Iterable[int]) -> tuple[set[int], np.ndarray]:
     return eos_set, eos
 
 
-def _start(graphdef, params, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode):
+def _start(
+    graphdef, params, layers, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode
+):
     """Prefill with a cache long enough for the prompt bucket and the new tokens; `put` places each
     host array on devices. Returns (first tokens [Bp] int32, DecodeState)."""
     cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1, step=LENGTH_STEP)
     return _prefill(
         graphdef,
         params,
+        layers,
         put(batch.ids),
         None if batch.images is None else put(batch.images),
         put(batch.positions),

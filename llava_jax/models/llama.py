@@ -217,12 +217,18 @@ class Llama(nnx.Module):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-    def layer_list(self) -> list[LlamaBlock]:
-        """The L stacked blocks as separate modules, each parameter sliced out of its stack (a copy).
-        A decode loop takes them once, before the loop, so that each step reads every weight where it
-        lies instead of slicing it out of the stack again (see `hidden`'s `layers`)."""
-        graphdef, state = nnx.split(self.layers)
-        return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(self.cfg.num_layers)]
+    def layer_states(self) -> list[nnx.State]:
+        """The state of each of the L stacked blocks, sliced out of the stacks (a copy)."""
+        state = nnx.state(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.num_layers)]
+
+    def layer_list(self, states: list[nnx.State] | None = None) -> list[LlamaBlock]:
+        """The L stacked blocks as separate modules, with the given `layer_states()` (default: sliced
+        here). A decode loop takes them once, before the loop (or once per call, as program inputs),
+        so that each step reads every weight where it lies instead of slicing it out of the stack
+        again (see `hidden`'s `layers`)."""
+        graphdef = nnx.graphdef(self.layers)
+        return [nnx.merge(graphdef, s) for s in (self.layer_states() if states is None else states)]
 
     def hidden(
         self,

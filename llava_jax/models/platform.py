@@ -67,13 +67,15 @@ class PlatformJit:
         return jitted
 
     def __call__(self, *args, **kwargs):
-        return self.for_platform(_arrays_platform(args))(*args, **kwargs)
+        return self.for_platform(arrays_platform(args))(*args, **kwargs)
 
     def _cache_size(self) -> int:
         return sum(j._cache_size() for j in self._jitted.values())
 
 
-def _arrays_platform(args) -> str:
+def arrays_platform(args) -> str:
+    """'cpu', 'gpu' or 'tpu': the platform of the first `jax.Array` in the pytree `args`, else
+    `platform()`."""
     for leaf in jax.tree.leaves(args):
         if isinstance(leaf, jax.Array):
             try:

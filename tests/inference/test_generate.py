@@ -240,7 +240,7 @@ def test_cpu_programs_are_compiled_with_the_cpu_options(llama_pair):
         assert program.for_platform("cpu")._cache_size() >= 1
     graphdef, params = nnx.split(ours)
     ids = jnp.ones((2, 16), jnp.int32)
-    args = (graphdef, params, ids, None, ids, ids, jnp.ones((2,), bool), jnp.full((4,), -1, jnp.int32))
+    args = (graphdef, params, None, ids, None, ids, ids, jnp.ones((2,), bool), jnp.full((4,), -1, jnp.int32))
     kwargs = {"mode": Sampling().mode, "cache_length": 32}
     tail = (Sampling().values, jax.random.key(0))
     plain = jax.jit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
