@@ -25,6 +25,7 @@ the batch, not on `chunk_size`.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import NamedTuple
 
@@ -171,6 +172,24 @@ _prefill = PlatformJit(_prefill_impl, static_argnames=("graphdef", "mode", "cach
 _decode = PlatformJit(_decode_impl, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
 
 
+# The layer states of the most recent parameters: (graphdef, weak references to their leaves, states).
+# Calls on the same model reuse them; they are dropped as soon as any of those leaves is freed.
+_recent_layers: list = []
+
+
+def _layer_states(graphdef, params) -> list[nnx.State]:
+    """The LLM blocks' `layer_states()` for these parameters, sliced once per model (not per call)."""
+    leaves = jax.tree.leaves(params)
+    if _recent_layers:
+        known, refs, states = _recent_layers[0]
+        if known == graphdef and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves, strict=True)):
+            return states
+    states = _split_layers(graphdef, params)
+    refs = [weakref.ref(x, lambda _: _recent_layers.clear()) for x in leaves]
+    _recent_layers[:] = [(graphdef, refs, states)]
+    return states
+
+
 class _Batch(NamedTuple):
     ids: np.ndarray  # [Bp, P] int32, left-padded
     positions: np.ndarray  # [Bp, P] int32
@@ -313,7 +332,7 @@ def stream_generate(
     # and every decode step read them in place; a scanned stack would copy each layer's weights at
     # every step (XLA:CPU materialises the dynamic slice). Elsewhere the stacks are scanned (no
     # second copy of the weights in device memory).
-    layers = _split_layers(graphdef, params) if arrays_platform(params) == "cpu" else None
+    layers = _layer_states(graphdef, params) if arrays_platform(params) == "cpu" else None
     first, state = _start(graphdef, params, layers, batch, put, max_new_tokens, eos, values, seed, mode)
     remaining = max_new_tokens - 1
     stop = np.zeros(batch.ids.shape[0], bool)

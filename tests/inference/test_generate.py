@@ -246,3 +246,24 @@ def test_cpu_programs_are_compiled_with_the_cpu_options(llama_pair):
     plain = jax.jit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
     assert "ynn_fusion" in plain.lower(*args, *tail, **kwargs).compile().as_text()  # XLA:CPU's default
     assert "ynn_fusion" not in _prefill.for_platform("cpu").lower(*args, *tail, **kwargs).compile().as_text()
+
+
+def test_new_weights_of_the_same_model_are_used(llama_pair):
+    """On CPU the layers' weights are sliced once per model and reused by later calls: after the model's
+    weights change, generation follows the new ones (transformers with the same change)."""
+    import copy
+
+    ref, ours = llama_pair
+    prompts = _prompts([6, 9], seed=4)
+    model = nnx.clone(ours)
+    before = _hf_greedy(ref, prompts, 8)[0]
+    assert generate(model, prompts, max_new_tokens=8, eos_ids=()) == before
+    nnx.update(model.layers, jax.tree.map(lambda a: a * 1.5, nnx.state(model.layers)))
+    changed = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in changed.model.layers.parameters():
+            p.mul_(1.5)
+    want, margin = _hf_greedy(changed, prompts, 8)
+    assert margin > 1e-3, f"near-tie in the reference logits ({margin}); pick another factor"
+    assert want != before  # so stale weights would show
+    assert generate(model, prompts, max_new_tokens=8, eos_ids=()) == want
