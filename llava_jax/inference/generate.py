@@ -8,7 +8,10 @@ How a call runs, for B prompts of different lengths:
    power of two with inactive rows, and the KV cache gets S >= P + max_new_tokens - 1 slots, also
    bucketed. Calls whose sizes fall in the same buckets reuse the compiled programs.
 2. Prefill, one jitted call: embeddings (image features merged in for `Llava`) -> decoder, filling
-   the cache -> logits at the last slot -> first new token of every row.
+   the cache (the prompt attends among itself, not over the empty cache slots) -> logits at the last
+   slot -> first new token of every row. On CPU the cache is kept per layer and the layers run
+   unrolled on weights sliced out of their stacks once per model, so no step copies a layer's
+   weights or cache (see `stream_generate`).
 3. Decode, one jitted call per chunk of up to `chunk_size` tokens: a `jax.lax.while_loop` feeds one
    token per step, samples the next, and leaves early once every row is done. The number of steps
    is a traced argument, so every chunk (the last, shorter one too) runs the same compiled program.
