@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -36,6 +37,7 @@ from llava_jax.inference.generate import NO_TOKEN, _is_eos, _language_model, buc
 from llava_jax.inference.sampling import Sampling, SamplingMode, sample_tokens
 from llava_jax.models.llama import KVCache
 from llava_jax.models.llava import Llava
+from llava_jax.models.platform import cpu_compiler_options, platform
 
 
 class SlotState(NamedTuple):
@@ -62,7 +64,6 @@ def _sample_rows(logits, seed, step, mode: SamplingMode, values):
     return jax.vmap(one)(logits, seed, step, values)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode"))
 def _prefill(graphdef, params, ids, images, positions, segment_ids, seed, values, *, mode: SamplingMode):
     """ids/positions/segment_ids [n, P]; images [n, M, S, S, 3] or None; seed [n]; values [n, 3].
     Returns (first tokens [n], k and v [L, n, K, P, H], segment ids [n, P])."""
@@ -76,7 +77,6 @@ def _prefill(graphdef, params, ids, images, positions, segment_ids, seed, values
     return token, cache.k, cache.v, cache.segment_ids
 
 
-@functools.partial(jax.jit, static_argnames=("length",))
 def _rebase(state: SlotState, shift, *, length: int) -> SlotState:
     """Every row's cache slot j + shift moves to slot j, in a buffer of `length` slots (slots that come
     from outside the old buffer are empty); the write index moves by -shift."""
@@ -90,7 +90,6 @@ def _rebase(state: SlotState, shift, *, length: int) -> SlotState:
     return state._replace(cache=KVCache(k, v, segment_ids, cache.index - shift))
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
 def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, seed, limit, values) -> SlotState:
     """Writes n prefilled rows into `slots` [n] (int32): k/v [L, n, K, P, H] end at the write index,
     segment_ids [n, P]; token, position, done, seed, limit [n]; values [n, 3]. Rows are written
@@ -112,7 +111,6 @@ def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, s
     return SlotState(KVCache(ks, vs, seg, cache.index), **fields)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
 def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: SamplingMode, chunk: int):
     """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first.
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, SlotState)."""
@@ -139,6 +137,36 @@ def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: Sampling
     out = jnp.full((b, chunk), NO_TOKEN, jnp.int32)
     _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
     return out, state
+
+
+class Programs(NamedTuple):
+    """The jitted slot-batch programs (one set per XLA option set)."""
+
+    prefill: Callable
+    rebase: Callable
+    insert: Callable
+    run: Callable
+
+
+@functools.cache
+def programs(options: tuple[tuple[str, str], ...] = ()) -> Programs:
+    """The slot programs compiled with XLA `options` ((name, value) pairs; () = XLA's defaults)."""
+    opts = dict(options) or None
+    return Programs(
+        prefill=jax.jit(_prefill, static_argnames=("graphdef", "mode"), compiler_options=opts),
+        rebase=jax.jit(_rebase, static_argnames=("length",), compiler_options=opts),
+        insert=jax.jit(_insert, donate_argnames=("state",), compiler_options=opts),
+        run=jax.jit(
+            _run, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",), compiler_options=opts
+        ),
+    )
+
+
+def platform_programs() -> Programs:
+    """The slot programs for the default platform: on a CPU with XLA's own dot emitter
+    (`models.platform.cpu_compiler_options`), elsewhere with XLA's defaults. Decided on first use (the
+    decision compiles a probe), never at import."""
+    return programs(tuple(sorted((cpu_compiler_options(platform()) or {}).items())))
 
 
 @dataclasses.dataclass
@@ -170,6 +198,7 @@ class SlotBatch:
         self._eos = np.full(bucket(len(self.eos_set), minimum=4), NO_TOKEN, np.int32)
         self._eos[: len(self.eos_set)] = sorted(self.eos_set)
         self._graphdef, self._params = nnx.split(model)
+        self._jit = platform_programs()
         self.context = _language_model(model).cfg.context_length
         self.reset()
 
@@ -212,9 +241,28 @@ class SlotBatch:
             span, remaining = max(span, p), max(remaining, m)
         return span + remaining <= self.context
 
+    def groups(self, prompts: list[list[int]], images) -> list[list[int]]:
+        """How `admit` prefills `prompts`: lists of prompt indices, one prefill call each. Prompts of one
+        length bucket and image use share calls (a text prompt never pays for an image prompt's width
+        or for the vision tower), in calls of 2^k rows from the largest (7 prompts: 4 + 2 + 1), so no
+        call computes padding rows."""
+        image_id = getattr(getattr(self.model, "cfg", None), "image_token_id", None)
+        keys: dict[tuple[bool, int], list[int]] = {}
+        for i, p in enumerate(prompts):
+            has_image = images is not None and image_id is not None and image_id in p
+            keys.setdefault((has_image, bucket(len(p))), []).append(i)
+        out = []
+        for members in keys.values():
+            while members:
+                size = 1 << (len(members).bit_length() - 1)
+                out.append(members[:size])
+                members = members[size:]
+        return out
+
     def admit(self, prompts: list[list[int]], images, limits: list[int], seeds: list[int], sampling: list[Sampling]):
-        """Prefill `prompts` (token-id lists; `images` [n, M, S, S, 3] or None) into free slots. The
-        caller has checked each with `fits`. Returns (slot per prompt, first token per prompt)."""
+        """Prefill `prompts` (token-id lists; `images` [n, M, S, S, 3] or None) into free slots, in the
+        calls that `groups` names. The caller has checked each with `fits`. Returns (slot per prompt,
+        first token per prompt)."""
         n = len(prompts)
         modes = {s.mode for s in sampling}
         if len(modes) != 1 or (self.rows and self.mode not in modes):
@@ -222,52 +270,54 @@ class SlotBatch:
         if n > len(self.free):
             raise ValueError(f"{n} prompts for {len(self.free)} free slots")
         self.mode = modes.pop()
-        rows = 1 << (n - 1).bit_length()  # prefill batch bucket; extra rows copy the first prompt
-        width = bucket(max(len(p) for p in prompts))
-        ids = np.zeros((rows, width), np.int32)
-        positions = np.zeros((rows, width), np.int32)
-        segment_ids = np.zeros((rows, width), np.int32)
-        order = list(range(n)) + [0] * (rows - n)
-        for r, i in enumerate(order):
+        groups = self.groups(prompts, images)
+        prefilled = [self._prefill(group, prompts, images, seeds, sampling) for group in groups]
+        self._make_room(max(out[1].shape[3] for out in prefilled), max(limits))
+        slots = self.free[:n]
+        first = [0] * n
+        for group, (tokens, k, v, seg, seed, values) in zip(groups, prefilled, strict=True):
+            tokens_host = np.asarray(tokens)
+            for i, t in zip(group, tokens_host.tolist(), strict=True):
+                first[i] = t
+            self._state = self._jit.insert(
+                self._state,
+                np.asarray([slots[i] for i in group], np.int32),
+                k,
+                v,
+                seg,
+                tokens,
+                np.asarray([len(prompts[i]) for i in group], np.int32),
+                np.asarray([first[i] in self.eos_set or limits[i] <= 1 for i in group]),
+                seed,
+                np.asarray([limits[i] for i in group], np.int32),
+                values,
+            )
+        for i, b in enumerate(slots):
+            self.rows[b] = _Slot(start=self._index - len(prompts[i]), limit=limits[i], produced=1)
+        return slots, first
+
+    def _prefill(self, group: list[int], prompts, images, seeds, sampling):
+        """One prefill call for `prompts[i]`, i in `group`, left-padded to their length bucket.
+        Returns (first tokens, k, v, segment ids, seeds, sampling values) of the rows, on the device."""
+        width = bucket(max(len(prompts[i]) for i in group))
+        ids = np.zeros((len(group), width), np.int32)
+        positions = np.zeros((len(group), width), np.int32)
+        segment_ids = np.zeros((len(group), width), np.int32)
+        for r, i in enumerate(group):
             p = prompts[i]
             ids[r, width - len(p) :] = p
             positions[r, width - len(p) :] = np.arange(len(p))
             segment_ids[r, width - len(p) :] = 1
-        if images is not None:
-            images = np.asarray(images)[order]
-        seed = np.asarray([seeds[i] for i in order], np.uint32)
-        values = np.stack([np.asarray(sampling[i].values) for i in order])
-        first, k, v, seg = _prefill(
-            self._graphdef,
-            self._params,
-            ids,
-            images,
-            positions,
-            segment_ids,
-            seed,
-            values,
-            mode=self.mode,
+        image_id = getattr(getattr(self.model, "cfg", None), "image_token_id", None)
+        rows_images = None
+        if images is not None and any(image_id in prompts[i] for i in group):
+            rows_images = np.asarray(images)[group]
+        seed = np.asarray([seeds[i] for i in group], np.uint32)
+        values = np.stack([np.asarray(sampling[i].values, np.float32) for i in group])
+        tokens, k, v, seg = self._jit.prefill(
+            self._graphdef, self._params, ids, rows_images, positions, segment_ids, seed, values, mode=self.mode
         )
-        self._make_room(width, max(limits))
-        slots = self.free[:n]
-        first_host = np.asarray(first)
-        done = np.asarray([first_host[i] in self.eos_set or limits[i] <= 1 for i in order])
-        self._state = _insert(
-            self._state,
-            np.asarray([slots[i] for i in order], np.int32),
-            k,
-            v,
-            seg,
-            first,
-            np.asarray([len(prompts[i]) for i in order], np.int32),
-            done,
-            seed,
-            np.asarray([limits[i] for i in order], np.int32),
-            values,
-        )
-        for i, b in enumerate(slots):
-            self.rows[b] = _Slot(start=self._index - len(prompts[i]), limit=limits[i], produced=1)
-        return slots, [int(t) for t in first_host[:n]]
+        return tokens, k, v, seg, seed, values
 
     def _make_room(self, width: int, max_tokens: int) -> None:
         """Ensure `width` cache slots before the write index and every row's remaining budget after it:
@@ -281,7 +331,7 @@ class SlotBatch:
         if self._state is None:
             self._state = self._empty(length)
         shift = self._index - index
-        self._state = _rebase(self._state, np.int32(shift), length=length)
+        self._state = self._jit.rebase(self._state, np.int32(shift), length=length)
         for r in self.rows.values():
             r.start -= shift
         self._index = index
@@ -308,7 +358,7 @@ class SlotBatch:
         steps = min(self.chunk, max(r.limit - r.produced for r in self.rows.values()))
         free = np.ones(self.slots, bool)
         free[list(self.rows)] = False
-        out, self._state = _run(
+        out, self._state = self._jit.run(
             self._graphdef,
             self._params,
             self._state,
