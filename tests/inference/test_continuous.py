@@ -61,6 +61,52 @@ def test_rows_joining_a_running_batch_equal_generate_alone(chat):
         assert got == want, (slot, got, want)
 
 
+def test_one_admission_of_mixed_prompts_equals_generate_alone(chat):
+    """Text and image prompts of several lengths admitted together are prefilled in separate calls
+    (by length bucket and image use, 2^k rows each); every row still gives what `generate` gives it
+    alone, and rows that join a running batch do too."""
+    model, eos = chat.model, chat.eos_ids
+    rng = np.random.default_rng(5)
+    size = chat.image_size
+    pictures = rng.integers(0, 256, (6, 1, size, size, 3), dtype=np.uint8)
+    jobs = [
+        (_prompt(chat, "hi"), 6),
+        (_prompt(chat, "What is shown?", image=True), 9),
+        (_prompt(chat, "A longer question " + "with many words " * 12), 7),
+        (_prompt(chat, "yo"), 5),
+        (_prompt(chat, "And here?", image=True), 8),
+        (_prompt(chat, "ok then"), 4),
+    ]
+    prompts = [p for p, _ in jobs]
+    images = pictures.copy()
+    image_id = model.cfg.image_token_id
+    for i, p in enumerate(prompts):
+        if image_id not in p:
+            images[i] = 0  # as the scheduler fills them: rows without an image get zeros
+    engine = SlotBatch(model, slots=8, chunk=3, eos_ids=eos)
+    groups = engine.groups(prompts, images)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        assert len(g) & (len(g) - 1) == 0, groups  # 2^k rows, no padding rows
+        assert len({image_id in prompts[i] for i in g}) == 1, groups  # text and image prompts apart
+    assert [0, 3] in groups and [5] in groups and [1, 4] in groups and [2] in groups, groups
+
+    produced = {}
+    (slot,), (first,) = engine.admit([prompts[5]], None, [jobs[5][1]], [0], [GREEDY])
+    produced[slot] = [first]
+    for s, tokens in engine.run().items():
+        produced[s] += tokens
+    slots, firsts = engine.admit(prompts[:5], images[:5], [b for _, b in jobs[:5]], [0] * 5, [GREEDY] * 5)
+    produced.update({s: [f] for s, f in zip(slots, firsts, strict=True)})
+    _drain(engine, produced)
+    for (prompt, budget), i in zip(jobs, [*range(5), 5], strict=True):
+        slot = slots[i] if i < 5 else min(set(produced) - set(slots))
+        img = pictures[i : i + 1] if image_id in prompt else None
+        want = generate(model, [prompt], img, max_new_tokens=budget, eos_ids=eos)[0]
+        got = [t for t in produced[slot] if t not in engine.eos_set]
+        assert got == want, (i, got, want)
+
+
 def test_seeded_row_ignores_its_slot_and_neighbours(chat):
     model, eos = chat.model, chat.eos_ids
     hot = Sampling(temperature=1.0, top_k=50)
