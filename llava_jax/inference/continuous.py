@@ -5,8 +5,9 @@ queueing, per-row token budgets and stop strings, cancel, figures settled before
 runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after another:
 
 - between two decode chunks, finished rows leave (their slots are free at once) and waiting jobs
-  are admitted, oldest first, into the free slots: prefilled together, then decoded with the rows
-  already running. `batch_sizes` counts these admissions (jobs prefilled together);
+  are admitted, oldest first, into the free slots: prefilled (`SlotBatch.admit`: grouped by length
+  bucket and image use), then decoded with the rows already running. `batch_sizes` counts these
+  admissions (jobs admitted together);
 - a job joins when a slot is free, it samples in the same `SamplingMode` as the running rows (greedy
   with greedy; temperature / top-k / top-p values and seeds are per row), and the running rows'
   longest cache span plus the largest remaining token budget stay within the context (so 940 + 40

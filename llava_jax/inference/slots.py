@@ -5,9 +5,11 @@ The device holds B slots (B = `slots`), one KV cache [L, B, K, S, H] with one wr
 all slots (as in `generate`), and per slot: the last token, its position, done, tokens sampled so
 far, the sampling seed, the token budget and the sampling values. Between chunks the host may
 
-- `admit` n new prompts: they are prefilled together (left-padded to a length bucket P, as
-  `generate` does), and each one's P cache slots are written into a free slot's row so that they
-  end at the shared write index; the rest of that row is marked empty (segment id 0);
+- `admit` n new prompts: they are prefilled in groups of one length bucket P and image use (each
+  left-padded to P, as `generate` does; text prompts never pay for an image prompt's width or for
+  the vision tower), in calls of 2^k rows with no padding rows (`groups`), and each one's P cache
+  slots are written into a free slot's row so that they end at the shared write index; the rest of
+  that row is marked empty (segment id 0);
 - `run` one chunk of up to `chunk` decode steps for all slots (free slots compute and are ignored);
 - `release` a slot (its request ended): the slot is free for the next `admit`.
 
@@ -19,6 +21,10 @@ So S tracks the running rows (not the model context), and decode reads no more c
 Sampling is per row: row b's t-th token uses key `fold_in(key(seed_b), t)` (as a batch of one in
 `generate` with that seed), with its own temperature / top-k / top-p values; only the static
 `SamplingMode` (greedy or not, which filters are on) is shared by the slots.
+
+On a CPU the programs are compiled with `models.platform.cpu_compiler_options` (XLA's own dot
+emitter instead of YNNPACK fusions, faster at LLaMA widths); the choice is made at the first
+`SlotBatch`, not at import.
 """
 
 from __future__ import annotations
