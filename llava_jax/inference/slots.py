@@ -119,7 +119,8 @@ def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, s
 
 def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: SamplingMode, chunk: int):
     """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first.
-    Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, SlotState)."""
+    Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, the write index after the
+    chunk (a buffer of its own: the state's is donated to the next call), SlotState)."""
     lm = _language_model(nnx.merge(graphdef, params))
     b = state.token.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
@@ -142,7 +143,7 @@ def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: Sampling
     state = state._replace(done=state.done | free)
     out = jnp.full((b, chunk), NO_TOKEN, jnp.int32)
     _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-    return out, state
+    return out, state.cache.index + 0, state
 
 
 PREFILL_STEP = 32
@@ -194,6 +195,17 @@ class _Slot:
     produced: int = 0
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A decode chunk dispatched to the device and not yet read back."""
+
+    tokens: jax.Array  # [B, chunk] int32
+    index: jax.Array  # the write index after the chunk
+    rows: dict[int, _Slot]  # the running rows when it was dispatched (slot -> record)
+    steps: int
+    settled: bool = False  # `index` has been read into the host mirror
+
+
 class SlotBatch:
     """The continuous-batching engine: B decode slots over one KV cache (see the module docstring).
 
@@ -223,7 +235,8 @@ class SlotBatch:
         self.rows: dict[int, _Slot] = {}
         self.mode: SamplingMode | None = None
         self._state: SlotState | None = None
-        self._index = 0  # the device write index, mirrored
+        self._index = 0  # the device write index, mirrored (before the chunk in flight, if unsettled)
+        self._pending: _Pending | None = None  # the chunk in flight (`run(ahead=True)`)
 
     @property
     def free(self) -> list[int]:
@@ -288,6 +301,7 @@ class SlotBatch:
         self.mode = modes.pop()
         groups = self.groups(prompts, images)
         prefilled = [self._prefill(group, prompts, images, seeds, sampling) for group in groups]
+        self._settle()
         self._make_room(max(out[1].shape[3] for out in prefilled), max(limits))
         slots = self.free[:n]
         first = [0] * n
@@ -366,28 +380,31 @@ class SlotBatch:
             jnp.ones((b, 3), jnp.float32),
         )
 
-    def run(self) -> dict[int, list[int]]:
+    def run(self, ahead: bool = False) -> dict[int, list[int]]:
         """One decode chunk for the running rows. Returns each running slot's new tokens: up to the
-        chunk size, cut after an EOS (kept, so the caller sees why the row ended) or at its budget."""
-        if not self.rows:
-            return {}
-        steps = min(self.chunk, max(r.limit - r.produced for r in self.rows.values()))
-        free = np.ones(self.slots, bool)
-        free[list(self.rows)] = False
-        out, self._state = self._jit.run(
-            self._graphdef,
-            self._params,
-            self._state,
-            np.int32(steps),
-            free,
-            self._eos,
-            mode=self.mode,
-            chunk=self.chunk,
-        )
-        out = np.asarray(out)
-        self._index = int(self._state.cache.index)
+        chunk size, cut after an EOS (kept, so the caller sees why the row ended) or at its budget.
+
+        ahead: before reading this chunk back, dispatch the next one for the rows running now, so the
+        device decodes while the caller handles these tokens (one chunk stays in flight; the next
+        `run` or `admit` takes it up). A row released meanwhile computes that chunk in vain; its
+        tokens are dropped, also when a newcomer has taken its slot."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            if not self.rows:
+                return {}
+            self._make_room(0, 0)
+            pending = self._dispatch(None)
+            if pending is None:
+                return {}
+        if ahead and self.rows:
+            self._pending = self._dispatch(pending)
+        out = np.asarray(pending.tokens)
+        if not pending.settled:
+            self._index = int(pending.index)
         new = {}
-        for b, r in self.rows.items():
+        for b, r in pending.rows.items():
+            if self.rows.get(b) is not r:  # released since (its slot may hold a newcomer now)
+                continue
             tokens = []
             for t in out[b, : r.limit - r.produced].tolist():
                 if t == NO_TOKEN:
@@ -398,6 +415,35 @@ class SlotBatch:
             r.produced += len(tokens)
             new[b] = tokens
         return new
+
+    def _dispatch(self, after: _Pending | None) -> _Pending | None:
+        """Queue a chunk for the running rows behind `after` (a chunk in flight, or None); None when no
+        row needs another step or the cache has no room for one before `after` is read back."""
+        in_flight = {} if after is None else {b: after.steps for b, r in after.rows.items() if self.rows.get(b) is r}
+        steps = max((r.limit - r.produced - in_flight.get(b, 0) for b, r in self.rows.items()), default=0)
+        index = self._index + (after.steps if after is not None and not after.settled else 0)  # an upper bound
+        steps = min(self.chunk, steps, self.length - index)
+        if steps <= 0:
+            return None
+        free = np.ones(self.slots, bool)
+        free[list(self.rows)] = False
+        tokens, index, self._state = self._jit.run(
+            self._graphdef,
+            self._params,
+            self._state,
+            np.int32(steps),
+            free,
+            self._eos,
+            mode=self.mode,
+            chunk=self.chunk,
+        )
+        return _Pending(tokens, index, dict(self.rows), steps)
+
+    def _settle(self) -> None:
+        """Read the write index after the chunk in flight (waits for it), before the cache changes."""
+        if self._pending is not None and not self._pending.settled:
+            self._index = int(self._pending.index)
+            self._pending.settled = True
 
     def release(self, slot: int) -> None:
         """Free `slot` (its request has ended; the device stops it at the next chunk)."""

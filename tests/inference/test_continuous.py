@@ -25,10 +25,10 @@ def _prompt(chat, text, image=False):
     return chat.prompt_ids([text], image=image).tolist()
 
 
-def _drain(engine, produced):
+def _drain(engine, produced, ahead=False):
     """Run chunks until every running row has ended (EOS or budget); tokens land in `produced[slot]`."""
     while engine.rows:
-        for slot, tokens in engine.run().items():
+        for slot, tokens in engine.run(ahead=ahead).items():
             produced[slot] += tokens
         for slot in list(engine.rows):
             if len(produced[slot]) >= engine.rows[slot].limit or produced[slot][-1] in engine.eos_set:
@@ -105,6 +105,31 @@ def test_one_admission_of_mixed_prompts_equals_generate_alone(chat):
         want = generate(model, [prompt], img, max_new_tokens=budget, eos_ids=eos)[0]
         got = [t for t in produced[slot] if t not in engine.eos_set]
         assert got == want, (i, got, want)
+
+
+def test_chunk_in_flight_keeps_rows_apart(chat):
+    """With one chunk kept in flight (`run(ahead=True)`), a row released early (as on a stop string)
+    while the next chunk already computes it, and a newcomer that takes its slot meanwhile: the
+    newcomer gets none of the old row's tokens, and every row gives what `generate` gives it alone."""
+    model, eos = chat.model, chat.eos_ids
+    long, early, late = _prompt(chat, "hi"), _prompt(chat, "Tell me more."), _prompt(chat, "And then?")
+    engine = SlotBatch(model, slots=2, chunk=3, eos_ids=eos)
+    (s_long, s_early), firsts = engine.admit([long, early], None, [20, 12], [0, 0], [GREEDY, GREEDY])
+    produced = {s_long: [firsts[0]], s_early: [firsts[1]]}
+    for s, tokens in engine.run(ahead=True).items():  # the next chunk is dispatched before this one is read
+        produced[s] += tokens
+    assert engine._pending is not None and s_early in engine._pending.rows
+    early_tokens = produced.pop(s_early)
+    engine.release(s_early)
+    (s_late,), (first,) = engine.admit([late], None, [9], [0], [GREEDY])
+    assert s_late == s_early  # the slot is taken while the released row's chunk is in flight
+    produced[s_late] = [first]
+    _drain(engine, produced, ahead=True)
+    for prompt, budget, got in ((long, 20, produced[s_long]), (late, 9, produced[s_late])):
+        want = generate(model, [prompt], max_new_tokens=budget, eos_ids=eos)[0]
+        assert [t for t in got if t not in engine.eos_set] == want
+    want_early = generate(model, [early], max_new_tokens=12, eos_ids=eos)[0]
+    assert len(early_tokens) == 4 and early_tokens == want_early[:4]
 
 
 def test_seeded_row_ignores_its_slot_and_neighbours(chat):
