@@ -386,8 +386,10 @@ class SlotBatch:
 
         ahead: before reading this chunk back, dispatch the next one for the rows running now, so the
         device decodes while the caller handles these tokens (one chunk stays in flight; the next
-        `run` or `admit` takes it up). A row released meanwhile computes that chunk in vain; its
-        tokens are dropped, also when a newcomer has taken its slot."""
+        `run` or `admit` takes it up) - unless a row reaches its token budget in this chunk (its slot
+        would stay taken for a chunk more instead of taking a newcomer). A row released meanwhile
+        (EOS, stop string) computes that chunk in vain; its tokens are dropped, also when a newcomer
+        has taken its slot."""
         pending, self._pending = self._pending, None
         if pending is None:
             if not self.rows:
@@ -396,7 +398,7 @@ class SlotBatch:
             pending = self._dispatch(None)
             if pending is None:
                 return {}
-        if ahead and self.rows:
+        if ahead and self.rows and all(r.limit - r.produced > pending.steps for r in pending.rows.values()):
             self._pending = self._dispatch(pending)
         out = np.asarray(pending.tokens)
         if not pending.settled:
