@@ -14,10 +14,9 @@ runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after a
   and 40 + 900 tokens on a 1024 context never decode together). When the oldest waiting job cannot
   join, no younger one jumps ahead of it: the running rows drain until it fits;
 - with no rows running, the oldest job waits up to `batch_wait_s` (from its arrival) for company;
-- while every slot is taken (or nobody waits) and no row reaches its budget in the current chunk,
-  the next chunk is dispatched before the current one is read (`SlotBatch.run(ahead=True)`), so the
-  device decodes while this thread streams text. A row that ends then on EOS, a stop string or a
-  cancel computes that chunk in vain, and its successor joins one chunk later.
+- each chunk is read back before the next is dispatched (`SlotBatch.run(ahead=True)`, which keeps one
+  in flight, made no measurable difference in `bench serve` on a 2-core CPU, where the host's work
+  competes with the device's for the same cores, and makes a released slot's successor wait a chunk).
 
 A seeded job's tokens depend only on its seed and settings (row b's t-th token is sampled with
 `fold_in(key(seed), t)`), not on the slot it lands in or its neighbours.
@@ -148,9 +147,7 @@ class ContinuousScheduler(Scheduler):
             self._feed(slot, row, [token])
 
     def _decode(self) -> None:
-        with self._cond:  # keep a chunk in flight unless a waiting job could take a free slot
-            ahead = len(self._rows) >= self.max_batch or not self._waiting
-        for slot, tokens in self.engine.run(ahead=ahead).items():
+        for slot, tokens in self.engine.run().items():
             self._feed(slot, self._rows[slot], tokens)
 
     def _feed(self, slot: int, row: _Row, tokens: list[int]) -> None:

@@ -5,7 +5,7 @@ The device holds B slots (B = `slots`), one KV cache [L, B, K, S, H] with one wr
 all slots (as in `generate`), and per slot: the last token, its position, done, tokens sampled so
 far, the sampling seed, the token budget and the sampling values. Between chunks the host may
 
-- `admit` n new prompts: they are prefilled in groups of one padded length P (`prefill_width`) and
+- `admit` n new prompts: they are prefilled in groups of one length bucket P (`bucket`) and
   image use (each left-padded to P; text prompts never pay for an image prompt's width or for the
   vision tower), in calls of 2^k rows with no padding rows (`groups`), and each one's P cache slots
   are written into a free slot's row so that they end at the shared write index; the rest of that
@@ -146,16 +146,6 @@ def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: Sampling
     return out, state.cache.index + 0, state
 
 
-PREFILL_STEP = 32
-
-
-def prefill_width(n: int) -> int:
-    """The padded length of a prefill call for prompts of up to n tokens: a power of two up to 32, then
-    a multiple of `PREFILL_STEP` (prefill costs about its length: a 65-token prompt computes 96 slots,
-    not `bucket`'s 128; a 323-token one 352, not 384), at most 32 widths per 1024 tokens of context."""
-    return bucket(n) if n <= PREFILL_STEP else -(-n // PREFILL_STEP) * PREFILL_STEP
-
-
 class Programs(NamedTuple):
     """The jitted slot-batch programs (one set per XLA option set)."""
 
@@ -272,14 +262,14 @@ class SlotBatch:
 
     def groups(self, prompts: list[list[int]], images) -> list[list[int]]:
         """How `admit` prefills `prompts`: lists of prompt indices, one prefill call each. Prompts of one
-        padded length and image use share calls (a text prompt never pays for an image prompt's width
+        length bucket and image use share calls (a text prompt never pays for an image prompt's width
         or for the vision tower), in calls of 2^k rows from the largest (7 prompts: 4 + 2 + 1), so no
         call computes padding rows."""
         image_id = getattr(getattr(self.model, "cfg", None), "image_token_id", None)
         keys: dict[tuple[bool, int], list[int]] = {}
         for i, p in enumerate(prompts):
             has_image = images is not None and image_id is not None and image_id in p
-            keys.setdefault((has_image, prefill_width(len(p))), []).append(i)
+            keys.setdefault((has_image, bucket(len(p))), []).append(i)
         out = []
         for members in keys.values():
             while members:
@@ -327,9 +317,9 @@ class SlotBatch:
         return slots, first
 
     def _prefill(self, group: list[int], prompts, images, seeds, sampling):
-        """One prefill call for `prompts[i]`, i in `group`, left-padded to `prefill_width`.
+        """One prefill call for `prompts[i]`, i in `group`, left-padded to their length bucket.
         Returns (first tokens, k, v, segment ids, seeds, sampling values) of the rows, on the device."""
-        width = prefill_width(max(len(prompts[i]) for i in group))
+        width = bucket(max(len(prompts[i]) for i in group))
         ids = np.zeros((len(group), width), np.int32)
         positions = np.zeros((len(group), width), np.int32)
         segment_ids = np.zeros((len(group), width), np.int32)

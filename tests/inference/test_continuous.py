@@ -63,7 +63,7 @@ def test_rows_joining_a_running_batch_equal_generate_alone(chat):
 
 def test_one_admission_of_mixed_prompts_equals_generate_alone(chat):
     """Text and image prompts of several lengths admitted together are prefilled in separate calls
-    (by padded length and image use, 2^k rows each); every row still gives what `generate` gives it
+    (by length bucket and image use, 2^k rows each); every row still gives what `generate` gives it
     alone, and rows that join a running batch do too."""
     model, eos = chat.model, chat.eos_ids
     rng = np.random.default_rng(5)
