@@ -14,9 +14,9 @@ runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after a
   and 40 + 900 tokens on a 1024 context never decode together). When the oldest waiting job cannot
   join, no younger one jumps ahead of it: the running rows drain until it fits;
 - with no rows running, the oldest job waits up to `batch_wait_s` (from its arrival) for company;
-- each chunk is read back before the next is dispatched (`SlotBatch.run(ahead=True)`, which keeps one
-  in flight, made no measurable difference in `bench serve` on a 2-core CPU, where the host's work
-  competes with the device's for the same cores, and makes a released slot's successor wait a chunk).
+- each chunk is read back before the next is dispatched (`SlotBatch.run(ahead=True)` keeps one in
+  flight; it showed no gain in `bench serve` on a 2-core CPU, where the host's work competes with the
+  device's for the same cores, and it makes a released slot's successor wait a chunk).
 
 A seeded job's tokens depend only on its seed and settings (row b's t-th token is sampled with
 `fold_in(key(seed), t)`), not on the slot it lands in or its neighbours.
