@@ -24,7 +24,10 @@ Sampling is per row: row b's t-th token uses key `fold_in(key(seed_b), t)` (as a
 
 On a CPU the programs are compiled with `models.platform.cpu_compiler_options` (XLA's own dot
 emitter instead of YNNPACK fusions, faster at LLaMA widths); the choice is made at the first
-`SlotBatch`, not at import.
+`SlotBatch`, not at import. Also on a CPU (as in `generate`), the cache is kept per layer (L arrays
+[B, K, S, H]) and the layers run unrolled on weights sliced out of their stacks once per model, so
+no decode step copies a layer's weights or cache; elsewhere the cache is stacked and the layers
+scanned. Prefill attends among the prompt's own tokens (its cache is exactly the prompt's P slots).
 """
 
 from __future__ import annotations
@@ -39,17 +42,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.inference.generate import NO_TOKEN, _is_eos, _language_model, bucket
+from llava_jax.inference.generate import NO_TOKEN, _is_eos, _language_model, _layer_states, bucket
 from llava_jax.inference.sampling import Sampling, SamplingMode, sample_tokens
 from llava_jax.models.llama import KVCache
 from llava_jax.models.llava import Llava
-from llava_jax.models.platform import cpu_compiler_options, platform
+from llava_jax.models.platform import arrays_platform, cpu_compiler_options, platform
 
 
 class SlotState(NamedTuple):
     """Device-side state of the slot batch. B = slots."""
 
-    cache: KVCache  # k/v [L, B, K, S, H], segment_ids [B, S], one write index
+    cache: KVCache  # k/v [L, B, K, S, H] or L per-layer [B, K, S, H], segment_ids [B, S], one write index
     token: jax.Array  # [B] int32, last sampled token, next to be fed
     position: jax.Array  # [B] int32, that token's position
     done: jax.Array  # [B] bool
@@ -70,14 +73,23 @@ def _sample_rows(logits, seed, step, mode: SamplingMode, values):
     return jax.vmap(one)(logits, seed, step, values)
 
 
-def _prefill(graphdef, params, ids, images, positions, segment_ids, seed, values, *, mode: SamplingMode):
-    """ids/positions/segment_ids [n, P]; images [n, M, S, S, 3] or None; seed [n]; values [n, 3].
-    Returns (first tokens [n], k and v [L, n, K, P, H], segment ids [n, P])."""
+def _prefill(graphdef, params, layers, ids, images, positions, segment_ids, seed, values, *, mode: SamplingMode):
+    """ids/positions/segment_ids [n, P]; images [n, M, S, S, 3] or None; seed [n]; values [n, 3]; layers:
+    the LLM blocks' `layer_states()` (per-layer cache, unrolled layers) or None (stacked, scanned).
+    Returns (first tokens [n], k and v [L, n, K, P, H] or L x [n, K, P, H], segment ids [n, P])."""
     model = nnx.merge(graphdef, params)
     lm = _language_model(model)
     embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
-    cache = KVCache.init(lm.cfg, ids.shape[0], ids.shape[1])
-    hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache)
+    per_layer = layers is not None
+    cache = KVCache.init(lm.cfg, ids.shape[0], ids.shape[1], per_layer=per_layer)
+    hidden, cache = lm.hidden(
+        embeddings,
+        positions=positions,
+        segment_ids=segment_ids,
+        cache=cache,
+        prefill=True,
+        layers=lm.layer_list(layers) if per_layer else None,
+    )
     logits = lm.logits(hidden[:, -1:])[:, 0]
     token = _sample_rows(logits, seed, jnp.zeros_like(seed, jnp.int32), mode, values)
     return token, cache.k, cache.v, cache.segment_ids
@@ -90,14 +102,18 @@ def _rebase(state: SlotState, shift, *, length: int) -> SlotState:
     source = jnp.arange(length) + shift
     inside = (source >= 0) & (source < cache.segment_ids.shape[1])
     source = jnp.clip(source, 0, cache.segment_ids.shape[1] - 1)
-    k = jnp.take(cache.k, source, axis=3)
-    v = jnp.take(cache.v, source, axis=3)
+
+    def move(x):  # [L, B, K, S, H] or [B, K, S, H]: the slot axis is the second last
+        return jnp.take(x, source, axis=x.ndim - 2)
+
+    k, v = jax.tree.map(move, cache.k), jax.tree.map(move, cache.v)
     segment_ids = jnp.where(inside[None], jnp.take(cache.segment_ids, source, axis=1), 0)
     return state._replace(cache=KVCache(k, v, segment_ids, cache.index - shift))
 
 
 def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, seed, limit, values) -> SlotState:
-    """Writes n prefilled rows into `slots` [n] (int32): k/v [L, n, K, P, H] end at the write index,
+    """Writes n prefilled rows into `slots` [n] (int32): k/v [L, n, K, P, H] (or L x [n, K, P, H], as the
+    state's cache is kept) end at the write index,
     segment_ids [n, P]; token, position, done, seed, limit [n]; values [n, 3]. Rows are written
     last to first, so when a slot is named twice the first row wins."""
     cache = state.cache
@@ -108,8 +124,13 @@ def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, s
     new |= {"limit": limit, "values": values}
     for i in reversed(range(slots.shape[0])):
         b = slots[i]
-        ks = jax.lax.dynamic_update_slice(ks, k[:, i : i + 1].astype(ks.dtype), (0, b, 0, start, 0))
-        vs = jax.lax.dynamic_update_slice(vs, v[:, i : i + 1].astype(vs.dtype), (0, b, 0, start, 0))
+
+        def put(dst, src, i=i, b=b):
+            if dst.ndim == 5:  # stacked [L, B, K, S, H]
+                return jax.lax.dynamic_update_slice(dst, src[:, i : i + 1].astype(dst.dtype), (0, b, 0, start, 0))
+            return jax.lax.dynamic_update_slice(dst, src[i : i + 1].astype(dst.dtype), (b, 0, start, 0))
+
+        ks, vs = jax.tree.map(put, ks, k), jax.tree.map(put, vs, v)
         seg = jax.lax.dynamic_update_slice(seg, jnp.zeros((1, seg.shape[1]), seg.dtype), (b, 0))
         seg = jax.lax.dynamic_update_slice(seg, segment_ids[i : i + 1], (b, start))
         for name, x in fields.items():
@@ -117,11 +138,13 @@ def _insert(state: SlotState, slots, k, v, segment_ids, token, position, done, s
     return SlotState(KVCache(ks, vs, seg, cache.index), **fields)
 
 
-def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: SamplingMode, chunk: int):
-    """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first.
+def _run(graphdef, params, layers, state: SlotState, steps, free, eos, *, mode: SamplingMode, chunk: int):
+    """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first. `layers` as
+    in `_prefill` (given exactly when the state's cache is per layer).
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, the write index after the
     chunk (a buffer of its own: the state's is donated to the next call), SlotState)."""
     lm = _language_model(nnx.merge(graphdef, params))
+    layers = None if layers is None else lm.layer_list(layers)
     b = state.token.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -132,7 +155,7 @@ def _run(graphdef, params, state: SlotState, steps, free, eos, *, mode: Sampling
     def body(carry):
         i, s, out = carry
         hidden, cache = lm.hidden(
-            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache
+            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache, layers=layers
         )
         token = _sample_rows(lm.logits(hidden)[:, 0], s.seed, s.step, mode, s.values)
         out = out.at[:, i].set(jnp.where(s.done, NO_TOKEN, token))
@@ -217,6 +240,8 @@ class SlotBatch:
         self._eos[: len(self.eos_set)] = sorted(self.eos_set)
         self._graphdef, self._params = nnx.split(model)
         self._jit = platform_programs()
+        # On a CPU: the per-layer cache and the layers' weights sliced once (as `generate` does).
+        self._layers = _layer_states(self._graphdef, self._params) if arrays_platform(self._params) == "cpu" else None
         self.context = _language_model(model).cfg.context_length
         self.reset()
 
@@ -292,7 +317,7 @@ class SlotBatch:
         groups = self.groups(prompts, images)
         prefilled = [self._prefill(group, prompts, images, seeds, sampling) for group in groups]
         self._settle()
-        self._make_room(max(out[1].shape[3] for out in prefilled), max(limits))
+        self._make_room(max(out[3].shape[1] for out in prefilled), max(limits))
         slots = self.free[:n]
         first = [0] * n
         for group, (tokens, k, v, seg, seed, values) in zip(groups, prefilled, strict=True):
@@ -335,7 +360,16 @@ class SlotBatch:
         seed = np.asarray([seeds[i] for i in group], np.uint32)
         values = np.stack([np.asarray(sampling[i].values, np.float32) for i in group])
         tokens, k, v, seg = self._jit.prefill(
-            self._graphdef, self._params, ids, rows_images, positions, segment_ids, seed, values, mode=self.mode
+            self._graphdef,
+            self._params,
+            self._layers,
+            ids,
+            rows_images,
+            positions,
+            segment_ids,
+            seed,
+            values,
+            mode=self.mode,
         )
         return tokens, k, v, seg, seed, values
 
@@ -360,7 +394,7 @@ class SlotBatch:
         lm = _language_model(self.model)
         b = self.slots
         return SlotState(
-            KVCache.init(lm.cfg, b, length),
+            KVCache.init(lm.cfg, b, length, per_layer=self._layers is not None),
             jnp.zeros(b, jnp.int32),
             jnp.zeros(b, jnp.int32),
             jnp.ones(b, bool),
@@ -422,6 +456,7 @@ class SlotBatch:
         tokens, index, self._state = self._jit.run(
             self._graphdef,
             self._params,
+            self._layers,
             self._state,
             np.int32(steps),
             free,
