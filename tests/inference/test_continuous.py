@@ -10,6 +10,7 @@ from serving_fixtures import PATIENCE, shared_chat_model
 
 from llava_jax.bench import serve as serve_bench
 from llava_jax.inference import generate
+from llava_jax.inference import slots as slot_batch
 from llava_jax.inference.continuous import ContinuousScheduler
 from llava_jax.inference.sampling import GREEDY, Sampling
 from llava_jax.inference.scheduler import Done, Job
@@ -35,9 +36,14 @@ def _drain(engine, produced, ahead=False):
                 engine.release(slot)
 
 
-def test_rows_joining_a_running_batch_equal_generate_alone(chat):
+@pytest.mark.parametrize("stacked", [False, True], ids=["platform-layout", "stacked"])
+def test_rows_joining_a_running_batch_equal_generate_alone(chat, stacked, monkeypatch):
     """Rows of different prompt lengths (text and image) join at different chunks, one of them with a
-    prompt longer than the cache before the write index (the cache is rebased to make room)."""
+    prompt longer than the cache before the write index (the cache is rebased to make room). Run with
+    the platform's cache layout (per layer on a CPU) and with the stacked cache and scanned layers that
+    other platforms use."""
+    if stacked:
+        monkeypatch.setattr(slot_batch, "arrays_platform", lambda _: "gpu")
     model, eos = chat.model, chat.eos_ids
     image = np.random.default_rng(3).integers(0, 256, (1, chat.image_size, chat.image_size, 3), dtype=np.uint8)
     jobs = [
@@ -46,6 +52,7 @@ def test_rows_joining_a_running_batch_equal_generate_alone(chat):
         (_prompt(chat, "A longer question " + "with many words " * 12), None, 12),
     ]
     engine = SlotBatch(model, slots=4, chunk=4, eos_ids=eos)
+    assert (engine._layers is None) == stacked
     produced = {}
     for k, (prompt, img, budget) in enumerate(jobs):
         images = None if img is None else img[None]
