@@ -1,8 +1,8 @@
 """A fixed-size batch of decode slots that requests enter and leave between decode chunks (continuous
 batching), for `Llava` and `Llama`.
 
-The device holds B slots (B = `slots`), one KV cache [L, B, K, S, H] (per layer on a CPU, see below) with one write index shared by
-all slots (as in `generate`), and per slot: the last token, its position, done, tokens sampled so
+The device holds B slots (B = `slots`), one KV cache [L, B, K, S, H] (per layer on a CPU, see below)
+with one write index shared by all slots (as in `generate`), and per slot: the last token, its position, done, tokens sampled so
 far, the sampling seed, the token budget and the sampling values. Between chunks the host may
 
 - `admit` n new prompts: they are prefilled in groups of one length bucket P (`bucket`) and
