@@ -2,8 +2,9 @@
 batching), for `Llava` and `Llama`.
 
 The device holds B slots (B = `slots`), one KV cache [L, B, K, S, H] (per layer on a CPU, see below)
-with one write index shared by all slots (as in `generate`), and per slot: the last token, its position, done, tokens sampled so
-far, the sampling seed, the token budget and the sampling values. Between chunks the host may
+with one write index shared by all slots (as in `generate`), and per slot: the last token, its
+position, done, tokens sampled so far, the sampling seed, the token budget and the sampling values.
+Between chunks the host may
 
 - `admit` n new prompts: they are prefilled in groups of one length bucket P (`bucket`) and
   image use (each left-padded to P; text prompts never pay for an image prompt's width or for the
