@@ -5,14 +5,18 @@ queueing, per-row token budgets and stop strings, cancel, figures settled before
 runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after another:
 
 - between two decode chunks, finished rows leave (their slots are free at once) and waiting jobs
-  are admitted, oldest first, into the free slots: prefilled together, then decoded with the rows
-  already running. `batch_sizes` counts these admissions (jobs prefilled together);
+  are admitted, oldest first, into the free slots: prefilled (`SlotBatch.admit`: grouped by length
+  bucket and image use), then decoded with the rows already running. `batch_sizes` counts these
+  admissions (jobs admitted together);
 - a job joins when a slot is free, it samples in the same `SamplingMode` as the running rows (greedy
   with greedy; temperature / top-k / top-p values and seeds are per row), and the running rows'
   longest cache span plus the largest remaining token budget stay within the context (so 940 + 40
   and 40 + 900 tokens on a 1024 context never decode together). When the oldest waiting job cannot
   join, no younger one jumps ahead of it: the running rows drain until it fits;
-- with no rows running, the oldest job waits up to `batch_wait_s` (from its arrival) for company.
+- with no rows running, the oldest job waits up to `batch_wait_s` (from its arrival) for company;
+- each chunk is read back before the next is dispatched (`SlotBatch.run(ahead=True)` keeps one in
+  flight; it showed no gain in `bench serve` on a 2-core CPU, where the host's work competes with the
+  device's for the same cores, and it makes a released slot's successor wait a chunk).
 
 A seeded job's tokens depend only on its seed and settings (row b's t-th token is sampled with
 `fold_in(key(seed), t)`), not on the slot it lands in or its neighbours.

@@ -8,7 +8,10 @@ How a call runs, for B prompts of different lengths:
    power of two with inactive rows, and the KV cache gets S >= P + max_new_tokens - 1 slots, also
    bucketed. Calls whose sizes fall in the same buckets reuse the compiled programs.
 2. Prefill, one jitted call: embeddings (image features merged in for `Llava`) -> decoder, filling
-   the cache -> logits at the last slot -> first new token of every row.
+   the cache (the prompt attends among itself, not over the empty cache slots) -> logits at the last
+   slot -> first new token of every row. On CPU the cache is kept per layer and the layers run
+   unrolled on weights sliced out of their stacks once per model, so no step copies a layer's
+   weights or cache (see `stream_generate`).
 3. Decode, one jitted call per chunk of up to `chunk_size` tokens: a `jax.lax.while_loop` feeds one
    token per step, samples the next, and leaves early once every row is done. The number of steps
    is a traced argument, so every chunk (the last, shorter one too) runs the same compiled program.
@@ -25,7 +28,7 @@ the batch, not on `chunk_size`.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import NamedTuple
 
@@ -37,6 +40,7 @@ from flax import nnx
 from llava_jax.inference.sampling import GREEDY, Sampling, SamplingMode, sample_tokens
 from llava_jax.models.llama import KVCache, Llama
 from llava_jax.models.llava import Llava
+from llava_jax.models.platform import PlatformJit, arrays_platform
 
 NO_TOKEN = -1  # in chunk outputs: the row was already done, or the step did not run
 
@@ -65,13 +69,20 @@ class DecodeState(NamedTuple):
     key: jax.Array  # base PRNG key
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Static size for n: the next power of two (at least `minimum`) up to 256, then multiples of 128.
-    Decode reads the whole KV cache every step, so its length tracks the need closely (a 289-token
-    prompt + 64 new tokens: 384 + 63 -> 512 slots, not 1024)."""
+def bucket(n: int, minimum: int = 16, step: int = 128) -> int:
+    """Static size for n: the next power of two (at least `minimum`) up to 256, then multiples of
+    `step`. Decode reads the whole KV cache every step, so its length tracks the need closely (a
+    289-token prompt + 64 new tokens: 384 + 63 -> 512 slots, not 1024)."""
     if n <= 256:
         return max(minimum, 1 << max(0, n - 1).bit_length())
-    return -(-n // 128) * 128
+    return -(-n // step) * step
+
+
+# `generate` pads prompts and sizes caches in finer steps beyond 256: prefill computes every padding
+# slot and decode reads every cache slot, so a 289-token LLaVA prompt (256 image tokens) is prefilled
+# at 320 slots (not 384) and decoded over a 384-slot cache (not 512). Twice the shapes of `bucket`'s
+# default, each compiled once.
+LENGTH_STEP = 64
 
 
 def _language_model(model) -> Llama:
@@ -82,10 +93,10 @@ def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "cache_length"))
-def _prefill(
+def _prefill_impl(
     graphdef,
     params,
+    layers,
     ids,
     images,
     positions,
@@ -98,13 +109,23 @@ def _prefill(
     mode: SamplingMode,
     cache_length: int,
 ):
-    """ids/positions/segment_ids [B, P]; images [B, M, S, S, 3] or None; active [B] bool.
+    """ids/positions/segment_ids [B, P]; images [B, M, S, S, 3] or None; active [B] bool; layers: the
+    LLM blocks' `layer_states()` (the cache is then kept per layer and the layers run unrolled) or
+    None (stacked cache, scanned layers).
     Returns (first new tokens [B] int32 with NO_TOKEN for inactive rows, DecodeState)."""
     model = nnx.merge(graphdef, params)
     lm = _language_model(model)
     embeddings = model.embed(ids, images) if isinstance(model, Llava) else lm.embed(ids)
-    cache = KVCache.init(lm.cfg, ids.shape[0], cache_length)
-    hidden, cache = lm.hidden(embeddings, positions=positions, segment_ids=segment_ids, cache=cache)
+    per_layer = layers is not None
+    cache = KVCache.init(lm.cfg, ids.shape[0], cache_length, per_layer=per_layer)
+    hidden, cache = lm.hidden(
+        embeddings,
+        positions=positions,
+        segment_ids=segment_ids,
+        cache=cache,
+        prefill=True,
+        layers=lm.layer_list(layers) if per_layer else None,
+    )
     logits = lm.logits(hidden[:, -1:])[:, 0]
     token = sample_tokens(logits, jax.random.fold_in(key, 0), mode, values)
     done = ~active | _is_eos(token, eos)
@@ -112,11 +133,14 @@ def _prefill(
     return jnp.where(active, token, NO_TOKEN), state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int):
-    """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first.
+def _decode_impl(
+    graphdef, params, layers, state: DecodeState, steps, stop, eos, values, *, mode: SamplingMode, chunk: int
+):
+    """Up to `steps` (<= chunk) decode steps; rows in `stop` [B] bool are marked done first. `layers`
+    as in `_prefill_impl`, the same for the whole call.
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, DecodeState)."""
     lm = _language_model(nnx.merge(graphdef, params))
+    layers = None if layers is None else lm.layer_list(layers)
     b = state.token.shape[0]
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -127,7 +151,7 @@ def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, m
     def body(carry):
         i, s, out = carry
         hidden, cache = lm.hidden(
-            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache
+            lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache, layers=layers
         )
         logits = lm.logits(hidden)[:, 0]
         token = sample_tokens(logits, jax.random.fold_in(s.key, s.step), mode, values)
@@ -139,6 +163,34 @@ def _decode(graphdef, params, state: DecodeState, steps, stop, eos, values, *, m
     out = jnp.full((b, chunk), NO_TOKEN, jnp.int32)
     _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
     return out, state
+
+
+def _split_layers_impl(graphdef, params):
+    return _language_model(nnx.merge(graphdef, params)).layer_states()
+
+
+# Jitted per platform with its compiler options (models/platform.py), chosen on the first call.
+_split_layers = PlatformJit(_split_layers_impl, static_argnames=("graphdef",))
+_prefill = PlatformJit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
+_decode = PlatformJit(_decode_impl, static_argnames=("graphdef", "mode", "chunk"), donate_argnames=("state",))
+
+
+# The layer states of the most recent parameters: (graphdef, weak references to their leaves, states).
+# Calls on the same model reuse them; they are dropped as soon as any of those leaves is freed.
+_recent_layers: list = []
+
+
+def _layer_states(graphdef, params) -> list[nnx.State]:
+    """The LLM blocks' `layer_states()` for these parameters, sliced once per model (not per call)."""
+    leaves = jax.tree.leaves(params)
+    if _recent_layers:
+        known, refs, states = _recent_layers[0]
+        if known == graphdef and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves, strict=True)):
+            return states
+    states = _split_layers(graphdef, params)
+    refs = [weakref.ref(x, lambda _: _recent_layers.clear()) for x in leaves]
+    _recent_layers[:] = [(graphdef, refs, states)]
+    return states
 
 
 class _Batch(NamedTuple):
@@ -199,7 +251,7 @@ def _prepare(
         rows = 1 << (n - 1).bit_length()
     elif rows < n:
         raise ValueError(f"rows={rows} is fewer than the {n} prompts; pass rows >= the number of prompts")
-    width = bucket(max(longest, min_prompt_length))
+    width = bucket(max(longest, min_prompt_length), step=LENGTH_STEP)
     ids = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
     segment_ids = np.zeros((rows, width), np.int32)
@@ -279,7 +331,12 @@ def stream_generate(
     eos_set, eos = _eos_table(eos_ids)
     mode, values = sampling.mode, sampling.values
     graphdef, params = nnx.split(model)
-    first, state = _start(graphdef, params, batch, put, max_new_tokens, eos, values, seed, mode)
+    # On CPU the layers' weights are sliced out of their stacks once per call (a copy), then prefill
+    # and every decode step read them in place; a scanned stack would copy each layer's weights at
+    # every step (XLA:CPU materialises the dynamic slice). Elsewhere the stacks are scanned (no
+    # second copy of the weights in device memory).
+    layers = _layer_states(graphdef, params) if arrays_platform(params) == "cpu" else None
+    first, state = _start(graphdef, params, layers, batch, put, max_new_tokens, eos, values, seed, mode)
     remaining = max_new_tokens - 1
     stop = np.zeros(batch.ids.shape[0], bool)
     result: list[list[int]] = [[] for _ in range(n)]
@@ -292,7 +349,16 @@ def stream_generate(
             steps = min(chunk_size, remaining)
             remaining -= steps
             following, state = _decode(
-                graphdef, params, state, np.int32(steps), put(stop.copy()), eos, values, mode=mode, chunk=chunk_size
+                graphdef,
+                params,
+                layers,
+                state,
+                np.int32(steps),
+                put(stop.copy()),
+                eos,
+                values,
+                mode=mode,
+                chunk=chunk_size,
             )
             stop[:] = False
         new = _read_chunk(np.asarray(in_flight), finish, eos_set)
@@ -315,13 +381,16 @@ def _eos_table(eos_ids: Iterable[int]) -> tuple[set[int], np.ndarray]:
     return eos_set, eos
 
 
-def _start(graphdef, params, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode):
+def _start(
+    graphdef, params, layers, batch: _Batch, put, max_new_tokens: int, eos, values, seed: int, mode: SamplingMode
+):
     """Prefill with a cache long enough for the prompt bucket and the new tokens; `put` places each
     host array on devices. Returns (first tokens [Bp] int32, DecodeState)."""
-    cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1)
+    cache_length = bucket(batch.ids.shape[1] + max_new_tokens - 1, step=LENGTH_STEP)
     return _prefill(
         graphdef,
         params,
+        layers,
         put(batch.ids),
         None if batch.images is None else put(batch.images),
         put(batch.positions),

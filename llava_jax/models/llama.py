@@ -31,9 +31,11 @@ class KVCache(NamedTuple):
     """Preallocated keys/values of every layer.
 
     k, v: [L, B, K, S, H] (heads before slots, so a decode step reads each head's keys and values as
-    one contiguous run, with no transposed copy of the cache); segment_ids: [B, S] (0 = empty or
-    padding slot); index: int32 scalar, the next slot to write (all rows advance together; rows of
-    different prompt lengths are left-padded).
+    one contiguous run, with no transposed copy of the cache), or tuples of L per-layer arrays
+    [B, K, S, H] (`per_layer=True`: each layer's attention reads its own buffer in place, where a
+    layer slice of the stack is a copy on some backends, e.g. XLA:CPU); segment_ids: [B, S] (0 =
+    empty or padding slot); index: int32 scalar, the next slot to write (all rows advance together;
+    rows of different prompt lengths are left-padded).
     """
 
     k: jax.Array
@@ -42,15 +44,16 @@ class KVCache(NamedTuple):
     index: jax.Array
 
     @classmethod
-    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+    def init(cls, cfg: LlamaConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> KVCache:
         dtype = dtype or cfg.dtype
-        return cls(
-            jnp.zeros(shape, dtype),
-            jnp.zeros(shape, dtype),
-            jnp.zeros((batch, length), jnp.int32),
-            jnp.zeros((), jnp.int32),
-        )
+        if per_layer:
+            shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        else:
+            shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+            k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        return cls(k, v, jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def _dense(cfg: LlamaConfig, din: int, dout: int, axes: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
@@ -126,8 +129,11 @@ class LlamaBlock(nnx.Module):
         (`attention.Segments`) or a [B, T, S] bool array (see `attention.attend`).
 
         cache: None, or (k, v, layer, index): the stacked caches of all layers [L, B, K, S, H], this
-        block's layer and the first slot to write. The new keys/values are written in place (only T
-        slots change) and attention reads this layer's slice. dropout_key: this block's key for the
+        block's layer and the first slot to write, or (layer=None) this block's own caches
+        [B, K, S, H]. The new keys/values are written in place (only T slots change) and attention
+        reads this layer's slice with the dense `mask`; with a `Segments` mask the cache is empty
+        (index 0) and attention runs among the T new tokens only (`attention.attend`: no reads of
+        empty slots, and the fused kernels where they apply). dropout_key: this block's key for the
         LoRA dropout (None: no dropout). Returns (x, (k, v) or None)."""
         cfg = self.cfg
         b, t, _ = x.shape
@@ -146,13 +152,23 @@ class LlamaBlock(nnx.Module):
         kv = None
         if cache is None:
             a = attention.attend(q, k, v, mask, implementation=cfg.attention, causal=True)
-        else:  # fused kernels take no cache offsets: plain attention over this layer's cache slice
+        else:
             ks, vs, layer, index = cache
-            ks = jax.lax.dynamic_update_slice(ks, k.swapaxes(1, 2).astype(ks.dtype)[None], (layer, 0, 0, index, 0))
-            vs = jax.lax.dynamic_update_slice(vs, v.swapaxes(1, 2).astype(vs.dtype)[None], (layer, 0, 0, index, 0))
-            k = jax.lax.dynamic_index_in_dim(ks, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(vs, layer, 0, keepdims=False)
-            a = _attend_cache(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            k_new, v_new = k, v
+            if layer is None:
+                ks = jax.lax.dynamic_update_slice(ks, k.swapaxes(1, 2).astype(ks.dtype), (0, 0, index, 0))
+                vs = jax.lax.dynamic_update_slice(vs, v.swapaxes(1, 2).astype(vs.dtype), (0, 0, index, 0))
+                k, v = ks, vs
+            else:
+                start = (layer, 0, 0, index, 0)
+                ks = jax.lax.dynamic_update_slice(ks, k.swapaxes(1, 2).astype(ks.dtype)[None], start)
+                vs = jax.lax.dynamic_update_slice(vs, v.swapaxes(1, 2).astype(vs.dtype)[None], start)
+                k = jax.lax.dynamic_index_in_dim(ks, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(vs, layer, 0, keepdims=False)
+            if isinstance(mask, attention.Segments):  # an empty cache: the T new tokens attend among themselves
+                a = attention.attend(q, k_new, v_new, mask, implementation=cfg.attention, causal=True)
+            else:  # fused kernels take no cache offsets: plain attention over this layer's cache slice
+                a = _attend_cache(q, k.astype(q.dtype), v.astype(q.dtype), mask)
             kv = (ks, vs)
         x = x + _name(lin("o_proj", a.reshape(b, t, -1)), "out_proj")
         h = self.post_attention_layernorm(x)
@@ -201,10 +217,39 @@ class Llama(nnx.Module):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return constrain(out.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
-    def hidden(self, embeddings, *, positions=None, segment_ids=None, cache: KVCache | None = None, dropout_key=None):
+    def layer_states(self) -> list[nnx.State]:
+        """The state of each of the L stacked blocks, sliced out of the stacks (a copy)."""
+        state = nnx.state(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.num_layers)]
+
+    def layer_list(self, states: list[nnx.State] | None = None) -> list[LlamaBlock]:
+        """The L stacked blocks as separate modules, with the given `layer_states()` (default: sliced
+        here). A decode loop takes them once, before the loop (or once per call, as program inputs),
+        so that each step reads every weight where it lies instead of slicing it out of the stack
+        again (see `hidden`'s `layers`)."""
+        graphdef = nnx.graphdef(self.layers)
+        return [nnx.merge(graphdef, s) for s in (self.layer_states() if states is None else states)]
+
+    def hidden(
+        self,
+        embeddings,
+        *,
+        positions=None,
+        segment_ids=None,
+        cache: KVCache | None = None,
+        dropout_key=None,
+        layers: list[LlamaBlock] | None = None,
+        prefill: bool = False,
+    ):
         """Decoder stack + final norm. embeddings [B, T, D] -> ([B, T, D], cache).
 
-        dropout_key: a PRNG key for the LoRA dropout in training (split per layer); None: none."""
+        dropout_key: a PRNG key for the LoRA dropout in training (split per layer); None: none.
+        With a per-layer `cache` (`KVCache.init(..., per_layer=True)`) the layers run one after the
+        other, unrolled (each reads and writes its own cache buffer in place), taken from `layers`
+        (`layer_list()`, e.g. made once before a decode loop) or else sliced from the stacks here.
+        prefill=True promises an empty `cache` (index 0, as `KVCache.init` makes it): the T tokens
+        then attend among themselves (causal, `segment_ids`) instead of over all S cache slots, which
+        is the same result at a fraction of the cost when S > T."""
         cfg = self.cfg
         b, t, _ = embeddings.shape
         if segment_ids is None and cache is not None:
@@ -228,7 +273,16 @@ class Llama(nnx.Module):
             x, _ = scan(self.layers, body, x, keys, policy=cfg.remat)
         else:
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
-            mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
+            if prefill:
+                mask = attention.Segments(segment_ids.astype(jnp.int32))
+            else:
+                mask = attention.make_mask(segment_ids, kv_seg, causal=True, q_offset=cache.index)
+            if isinstance(cache.k, (tuple, list)):
+                ks, vs = list(cache.k), list(cache.v)
+                for i, blk in enumerate(self.layer_list() if layers is None else layers):
+                    x, (ks[i], vs[i]) = blk(x, rope, mask, (ks[i], vs[i], None, cache.index))
+                    x = constrain(x, _ACT)
+                return self.norm(x), KVCache(tuple(ks), tuple(vs), kv_seg, cache.index + t)
 
             # The caches ride in the scan carry, so each layer's write is an in-place update of T slots
             # (as scan outputs they would be rebuilt, a full cache copy per step).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,3 +41,46 @@ def _cpu_accepts_options() -> bool:
     except Exception:  # an XLA without YNNPACK rejects the unknown option name
         return False
     return True
+
+
+class PlatformJit:
+    """`jax.jit(fun, **jit_kwargs)` compiled with the compiler options of the platform its arrays live on
+    (`cpu_compiler_options`). One jitted function per platform, made on the first call there: the
+    choice (which compiles a probe program once) never runs at import.
+
+    The platform is that of the first `jax.Array` among the call's arguments (e.g. the parameters),
+    else `platform()`. `_cache_size()` counts the compiled programs of all platforms."""
+
+    def __init__(self, fun: Callable, **jit_kwargs: Any):
+        self._fun = fun
+        self._jit_kwargs = jit_kwargs
+        self._jitted: dict[str, Any] = {}
+        functools.update_wrapper(self, fun)
+
+    def for_platform(self, platform_name: str):
+        """The jitted function for `platform_name` ('cpu', 'gpu', 'tpu')."""
+        jitted = self._jitted.get(platform_name)
+        if jitted is None:
+            options = cpu_compiler_options(platform_name)
+            jitted = jax.jit(self._fun, **self._jit_kwargs, **({"compiler_options": options} if options else {}))
+            self._jitted[platform_name] = jitted
+        return jitted
+
+    def __call__(self, *args, **kwargs):
+        return self.for_platform(arrays_platform(args))(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return sum(j._cache_size() for j in self._jitted.values())
+
+
+def arrays_platform(args) -> str:
+    """'cpu', 'gpu' or 'tpu': the platform of the first `jax.Array` in the pytree `args`, else
+    `platform()`."""
+    for leaf in jax.tree.leaves(args):
+        if isinstance(leaf, jax.Array):
+            try:
+                name = next(iter(leaf.devices())).platform
+            except Exception:  # a tracer (called inside a traced function) has no devices
+                continue
+            return "gpu" if name in ("cuda", "rocm") else name
+    return platform()

@@ -10,6 +10,7 @@ from serving_fixtures import PATIENCE, shared_chat_model
 
 from llava_jax.bench import serve as serve_bench
 from llava_jax.inference import generate
+from llava_jax.inference import slots as slot_batch
 from llava_jax.inference.continuous import ContinuousScheduler
 from llava_jax.inference.sampling import GREEDY, Sampling
 from llava_jax.inference.scheduler import Done, Job
@@ -25,19 +26,24 @@ def _prompt(chat, text, image=False):
     return chat.prompt_ids([text], image=image).tolist()
 
 
-def _drain(engine, produced):
+def _drain(engine, produced, ahead=False):
     """Run chunks until every running row has ended (EOS or budget); tokens land in `produced[slot]`."""
     while engine.rows:
-        for slot, tokens in engine.run().items():
+        for slot, tokens in engine.run(ahead=ahead).items():
             produced[slot] += tokens
         for slot in list(engine.rows):
             if len(produced[slot]) >= engine.rows[slot].limit or produced[slot][-1] in engine.eos_set:
                 engine.release(slot)
 
 
-def test_rows_joining_a_running_batch_equal_generate_alone(chat):
+@pytest.mark.parametrize("stacked", [False, True], ids=["platform-layout", "stacked"])
+def test_rows_joining_a_running_batch_equal_generate_alone(chat, stacked, monkeypatch):
     """Rows of different prompt lengths (text and image) join at different chunks, one of them with a
-    prompt longer than the cache before the write index (the cache is rebased to make room)."""
+    prompt longer than the cache before the write index (the cache is rebased to make room). Run with
+    the platform's cache layout (per layer on a CPU) and with the stacked cache and scanned layers that
+    other platforms use."""
+    if stacked:
+        monkeypatch.setattr(slot_batch, "arrays_platform", lambda _: "gpu")
     model, eos = chat.model, chat.eos_ids
     image = np.random.default_rng(3).integers(0, 256, (1, chat.image_size, chat.image_size, 3), dtype=np.uint8)
     jobs = [
@@ -46,6 +52,7 @@ def test_rows_joining_a_running_batch_equal_generate_alone(chat):
         (_prompt(chat, "A longer question " + "with many words " * 12), None, 12),
     ]
     engine = SlotBatch(model, slots=4, chunk=4, eos_ids=eos)
+    assert (engine._layers is None) == stacked
     produced = {}
     for k, (prompt, img, budget) in enumerate(jobs):
         images = None if img is None else img[None]
@@ -59,6 +66,77 @@ def test_rows_joining_a_running_batch_equal_generate_alone(chat):
         want = generate(model, [prompt], None if img is None else img[None], max_new_tokens=budget, eos_ids=eos)[0]
         got = [t for t in produced[slot] if t not in engine.eos_set]
         assert got == want, (slot, got, want)
+
+
+def test_one_admission_of_mixed_prompts_equals_generate_alone(chat):
+    """Text and image prompts of several lengths admitted together are prefilled in separate calls
+    (by length bucket and image use, 2^k rows each); every row still gives what `generate` gives it
+    alone, and rows that join a running batch do too."""
+    model, eos = chat.model, chat.eos_ids
+    rng = np.random.default_rng(5)
+    size = chat.image_size
+    pictures = rng.integers(0, 256, (6, 1, size, size, 3), dtype=np.uint8)
+    jobs = [
+        (_prompt(chat, "hi"), 6),
+        (_prompt(chat, "What is shown?", image=True), 9),
+        (_prompt(chat, "A longer question " + "with many words " * 12), 7),
+        (_prompt(chat, "yo"), 5),
+        (_prompt(chat, "And here?", image=True), 8),
+        (_prompt(chat, "ok then"), 4),
+    ]
+    prompts = [p for p, _ in jobs]
+    images = pictures.copy()
+    image_id = model.cfg.image_token_id
+    for i, p in enumerate(prompts):
+        if image_id not in p:
+            images[i] = 0  # as the scheduler fills them: rows without an image get zeros
+    engine = SlotBatch(model, slots=8, chunk=3, eos_ids=eos)
+    groups = engine.groups(prompts, images)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups:
+        assert len(g) & (len(g) - 1) == 0, groups  # 2^k rows, no padding rows
+        assert len({image_id in prompts[i] for i in g}) == 1, groups  # text and image prompts apart
+    assert groups == [[0, 3], [5], [1, 4], [2]], groups  # prompt lengths 40, 110, 79, 40, 109, 41
+
+    produced = {}
+    (slot,), (first,) = engine.admit([prompts[5]], None, [jobs[5][1]], [0], [GREEDY])
+    produced[slot] = [first]
+    for s, tokens in engine.run().items():
+        produced[s] += tokens
+    slots, firsts = engine.admit(prompts[:5], images[:5], [b for _, b in jobs[:5]], [0] * 5, [GREEDY] * 5)
+    produced.update({s: [f] for s, f in zip(slots, firsts, strict=True)})
+    _drain(engine, produced)
+    for (prompt, budget), i in zip(jobs, [*range(5), 5], strict=True):
+        slot = slots[i] if i < 5 else min(set(produced) - set(slots))
+        img = pictures[i : i + 1] if image_id in prompt else None
+        want = generate(model, [prompt], img, max_new_tokens=budget, eos_ids=eos)[0]
+        got = [t for t in produced[slot] if t not in engine.eos_set]
+        assert got == want, (i, got, want)
+
+
+def test_chunk_in_flight_keeps_rows_apart(chat):
+    """With one chunk kept in flight (`run(ahead=True)`), a row released early (as on a stop string)
+    while the next chunk already computes it, and a newcomer that takes its slot meanwhile: the
+    newcomer gets none of the old row's tokens, and every row gives what `generate` gives it alone."""
+    model, eos = chat.model, chat.eos_ids
+    long, early, late = _prompt(chat, "hi"), _prompt(chat, "Tell me more."), _prompt(chat, "And then?")
+    engine = SlotBatch(model, slots=2, chunk=3, eos_ids=eos)
+    (s_long, s_early), firsts = engine.admit([long, early], None, [20, 12], [0, 0], [GREEDY, GREEDY])
+    produced = {s_long: [firsts[0]], s_early: [firsts[1]]}
+    for s, tokens in engine.run(ahead=True).items():  # the next chunk is dispatched before this one is read
+        produced[s] += tokens
+    assert engine._pending is not None and s_early in engine._pending.rows
+    early_tokens = produced.pop(s_early)
+    engine.release(s_early)
+    (s_late,), (first,) = engine.admit([late], None, [9], [0], [GREEDY])
+    assert s_late == s_early  # the slot is taken while the released row's chunk is in flight
+    produced[s_late] = [first]
+    _drain(engine, produced, ahead=True)
+    for prompt, budget, got in ((long, 20, produced[s_long]), (late, 9, produced[s_late])):
+        want = generate(model, [prompt], max_new_tokens=budget, eos_ids=eos)[0]
+        assert [t for t in got if t not in engine.eos_set] == want
+    want_early = generate(model, [early], max_new_tokens=12, eos_ids=eos)[0]
+    assert len(early_tokens) == 4 and early_tokens == want_early[:4]
 
 
 def test_seeded_row_ignores_its_slot_and_neighbours(chat):

@@ -226,3 +226,44 @@ def test_filters_match_transformers_warpers(temperature, top_k, top_p):
     keys = jax.random.split(jax.random.key(0), 64)
     draws = np.asarray(jax.vmap(lambda k: sample_tokens(jnp.asarray(logits.numpy()), k, s.mode, s.values))(keys))
     assert np.isfinite(np.take_along_axis(got, draws.T, axis=1)).all()
+
+
+def test_cpu_programs_are_compiled_with_the_cpu_options(llama_pair):
+    from llava_jax.inference.generate import _prefill_impl
+    from llava_jax.models.platform import cpu_compiler_options
+
+    if jax.default_backend() != "cpu" or cpu_compiler_options("cpu") is None:
+        pytest.skip("the CPU compiler options apply to an XLA:CPU that knows them")
+    _, ours = llama_pair
+    generate(ours, _prompts([5, 9]), max_new_tokens=3, chunk_size=2)
+    for program in (_prefill, _decode):  # the programs that call ran are those of the 'cpu' entry
+        assert program.for_platform("cpu")._cache_size() >= 1
+    graphdef, params = nnx.split(ours)
+    ids = jnp.ones((2, 16), jnp.int32)
+    args = (graphdef, params, None, ids, None, ids, ids, jnp.ones((2,), bool), jnp.full((4,), -1, jnp.int32))
+    kwargs = {"mode": Sampling().mode, "cache_length": 32}
+    tail = (Sampling().values, jax.random.key(0))
+    plain = jax.jit(_prefill_impl, static_argnames=("graphdef", "mode", "cache_length"))
+    assert "ynn_fusion" in plain.lower(*args, *tail, **kwargs).compile().as_text()  # XLA:CPU's default
+    assert "ynn_fusion" not in _prefill.for_platform("cpu").lower(*args, *tail, **kwargs).compile().as_text()
+
+
+def test_new_weights_of_the_same_model_are_used(llama_pair):
+    """On CPU the layers' weights are sliced once per model and reused by later calls: after the model's
+    weights change, generation follows the new ones (transformers with the same change)."""
+    import copy
+
+    ref, ours = llama_pair
+    prompts = _prompts([6, 9], seed=4)
+    model = nnx.clone(ours)
+    before = _hf_greedy(ref, prompts, 8)[0]
+    assert generate(model, prompts, max_new_tokens=8, eos_ids=()) == before
+    nnx.update(model.layers, jax.tree.map(lambda a: a * 1.5, nnx.state(model.layers)))
+    changed = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in changed.model.layers.parameters():
+            p.mul_(1.5)
+    want, margin = _hf_greedy(changed, prompts, 8)
+    assert margin > 1e-3, f"near-tie in the reference logits ({margin}); pick another factor"
+    assert want != before  # so stale weights would show
+    assert generate(model, prompts, max_new_tokens=8, eos_ids=()) == want

@@ -408,7 +408,7 @@ def test_disconnected_stream_does_not_stop_the_server(server, client):
 
 def test_warm_up_compiles_before_serving(chat):
     def compiled():  # a jitted function's cache holds one entry per compiled program
-        programs = (_prefill, _decode, slots._prefill, slots._insert, slots._rebase, slots._run)
+        programs = (_prefill, _decode, *slots.platform_programs())
         return tuple(f._cache_size() for f in programs)
 
     config = ServerConfig(model_name="warm", max_batch=2, warmup=True, limits=Limits(default_max_tokens=8))

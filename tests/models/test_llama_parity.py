@@ -82,9 +82,12 @@ def test_packed_rows_equal_separate_sequences():
     assert np.abs(np.asarray(got)[0, 10:27] - wb).max() < 1e-4
 
 
-def test_kv_cache_decode_equals_full_forward():
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per_layer_prefill"])
+def test_kv_cache_decode_equals_full_forward(per_layer):
     """Prefill left-padded prompts of different lengths, decode token by token; every step's logits
-    equal the full (no-cache) forward over the same sequence."""
+    equal the full (no-cache) forward over the same sequence. The cache is one stacked buffer
+    (prefill attends over all cache slots), or one per layer (the layers then run unrolled) with
+    `prefill=True` (the prompt attends among itself), as `generate` runs it."""
     ref = llama(kv_heads=2, seed=5)
     ours = _ours(ref)
     rng = np.random.default_rng(0)
@@ -96,8 +99,15 @@ def test_kv_cache_decode_equals_full_forward():
         prompt[b, t - n :] = rng.integers(1, 512, n)
         seg[b, t - n :] = 1
         pos[b, t - n :] = np.arange(n)
-    cache = KVCache.init(ours.cfg, batch=2, length=t + steps)
-    logits, cache = ours(jnp.asarray(prompt), positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg), cache=cache)
+    cache = KVCache.init(ours.cfg, batch=2, length=t + steps, per_layer=per_layer)
+    hidden, cache = ours.hidden(
+        ours.embed(jnp.asarray(prompt)),
+        positions=jnp.asarray(pos),
+        segment_ids=jnp.asarray(seg),
+        cache=cache,
+        prefill=per_layer,
+    )
+    logits = ours.logits(hidden)
     seq = [prompt[b, t - n :].tolist() for b, n in enumerate(lengths)]
     step = jax.jit(lambda m, tok, p, c: m(tok, positions=p, segment_ids=jnp.ones_like(tok), cache=c))
     for s in range(steps):
@@ -109,6 +119,7 @@ def test_kv_cache_decode_equals_full_forward():
         p = jnp.asarray([[len(seq[b]) - 1] for b in range(2)], jnp.int32)
         logits, cache = step(ours, jnp.asarray(nxt[:, None], jnp.int32), p, cache)
     assert int(cache.index) == t + steps
+    assert isinstance(cache.k, tuple) == per_layer
 
 
 def test_scan_keeps_program_size_flat_in_depth():
