@@ -11,9 +11,9 @@ the previous one is answered), streamed, greedy. The requests are a fixed random
 image, text of `--words` words (uniform), `max_tokens` uniform in `--max-tokens`; a random model
 rarely says EOS, so most replies run to their budget.
 
-Each scheduler serves the whole load once to compile its programs (shapes depend on how requests
-happen to be batched, so a few compilations may remain), then `--repeats` times measured, the two
-schedulers taking turns. Figures per scheduler (medians over the repeats): requests/s, completion
+Each scheduler serves the whole load `--warmup` times (default 2) to compile its programs (shapes
+depend on how requests happen to be batched, so a few compilations may remain), then `--repeats` times
+measured, the two schedulers taking turns. Figures per scheduler (medians over the repeats): requests/s, completion
 tokens/s, latency p50/p99 (request sent -> last chunk), time to first token p50/p99 (request sent ->
 first streamed content), failed requests; and the ratios continuous / batch.
 """
@@ -197,9 +197,12 @@ def main(argv: list[str]) -> int:
     passes: dict[str, list[dict]] = {name: [] for name in SCHEDULERS}
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(_server(app)) for name, app in apps.items()}
-        for name in SCHEDULERS:  # compile
-            warm = _load(urls[name], requests, args.clients)
-            print(f"{name:10s} first pass (compiles): {warm['wall_s']:.1f} s, {warm['failed']} failed", flush=True)
+        # Unmeasured passes compile: a pass's arrival order decides which prefill groups and lengths
+        # occur, so one pass leaves shapes that a later one compiles inside its measurement.
+        for i in range(args.warmup):
+            for name in SCHEDULERS:
+                warm = _load(urls[name], requests, args.clients)
+                print(f"{name:10s} warm-up pass {i + 1}: {warm['wall_s']:.1f} s, {warm['failed']} failed", flush=True)
         for _ in range(args.repeats):
             for name in SCHEDULERS:
                 passes[name].append(_load(urls[name], requests, args.clients))
@@ -259,7 +262,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--words", type=int, nargs=2, default=[2, 40], metavar=("MIN", "MAX"), help="prompt text words")
     ap.add_argument("--max-batch", type=int, default=8, help="the schedulers' max_batch (slots)")
     ap.add_argument("--chunk-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=1, help="measured passes per scheduler")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured passes per scheduler (they compile)")
+    ap.add_argument("--repeats", type=int, default=1, help="measured passes per scheduler (median)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     args.prompt_tokens, args.new_tokens = 0, 0  # read by the shared header
