@@ -24,7 +24,8 @@ def get_config(arg: str = ""):
     c.dtype = "float32"  # CPU matmuls are fastest in fp32
     c.frozen_dtype = "float32"
     c.synthetic.enabled = True
-    c.synthetic.update(image_size=64, num_pretrain=3000, num_instruct=3000, num_eval=300)
+    # Every instruct image is asked all four questions (colour, shape, count, position; random order).
+    c.synthetic.update(image_size=64, num_pretrain=3000, num_instruct=3000, num_eval=300, questions=(4, 4))
 
     # Stage 0 (opt-in: --config.stages=stage0,stage1,stage2): the tower and the LLM start random;
     # pretrain them on the captions (image-caption InfoNCE + caption LM, training/contrastive.py), then
@@ -35,12 +36,14 @@ def get_config(arg: str = ""):
     c.stage0.data.max_length = 128
 
     c.stage1.data.json_path = "{workdir}/data/pretrain.json"
-    c.stage1.update(batch_size=32, epochs=1, targets_per_row=24, checkpoint_every=50)
+    c.stage1.update(batch_size=32, epochs=1, targets_per_row=16, checkpoint_every=50)  # captions: <= 12 targets
     c.stage1.optim.lr = 2e-3
     c.stage1.data.max_length = 128
 
     c.stage2.data.json_path = "{workdir}/data/instruct.json"
-    c.stage2.update(batch_size=32, epochs=3, targets_per_row=32, checkpoint_every=100)
+    # 16 rows per step: twice the optimizer steps of 32 for the same compute; the tiny LLM learns far more
+    # per minute from more, smaller steps (README: 56 % at 32 rows x 282 steps, 94 % at 16 x 564).
+    c.stage2.update(batch_size=16, epochs=3, targets_per_row=16, checkpoint_every=200)  # answers: <= 12 targets
     c.stage2.optim.update(lr=1e-3, warmup_ratio=0.05)
     c.stage2.data.max_length = 192  # the longest synthetic conversation is 189 tokens
     c.stage2.data.packing = False  # rows of 192 hold one sample of this data: packing saves little here
@@ -63,8 +66,8 @@ def _lora(c):
     c.stages = "stage0,stage1,stage2"
     c.stage0.data.template = "v1"
     c.stage0.data.max_length = 192  # the v1 system prompt + 64 image tokens + caption
-    c.stage1.targets_per_row = 16
-    c.stage2.targets_per_row = 16
+    c.synthetic.questions = (2, 4)  # the data and batch this variant was measured with (README)
+    c.stage2.batch_size = 32
     c.lora.update(rank=32, alpha=64.0, dropout=0.05)
     c.stage2.trainable = "projector,lora"
     c.stage2.optim.update(lr=5e-3, mm_projector_lr=1e-3)

@@ -54,6 +54,7 @@ def prepare_synthetic(config) -> None:
             num_instruct=s.num_instruct,
             num_eval=s.num_eval,
             seed=s.seed,
+            questions=tuple(s.questions),
         )
         log.info("synthetic data written to %s in %.1fs", out, time.time() - t)
     if jax.process_count() > 1:

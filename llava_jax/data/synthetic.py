@@ -171,10 +171,17 @@ def generate(
     num_eval: int = 400,
     seed: int = 0,
     image_format: str = "png",
+    questions: tuple[int, int] = (2, 4),
 ) -> dict:
-    """Writes the dataset described in the module docstring; returns {split: json path} plus counts."""
+    """Writes the dataset described in the module docstring; returns {split: json path} plus counts.
+
+    questions: (min, max) questions per instruct image, each category at most once (1 <= min <= max <= 4).
+    """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    lo, hi = (int(q) for q in questions)
+    if not 1 <= lo <= hi <= len(QUESTIONS):
+        raise ValueError(f"questions must be (min, max) with 1 <= min <= max <= {len(QUESTIONS)}, got {questions!r}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the shapes to be recognisable, got {image_size}")
     out = as_path(out_dir)  # a local folder or a URL (gs://...)
@@ -184,7 +191,7 @@ def generate(
     rngs = {split: np.random.default_rng([seed, k]) for k, split in enumerate(("pretrain", "instruct", "eval"))}
     splits = {
         "pretrain": _pretrain_records(num_pretrain, images, rngs["pretrain"]),
-        "instruct": _instruct_records(num_instruct, images, rngs["instruct"]),
+        "instruct": _instruct_records(num_instruct, images, rngs["instruct"], (lo, hi)),
         "eval": _eval_records(num_eval, images, rngs["eval"]),
     }
     paths = {}
@@ -195,6 +202,7 @@ def generate(
         "image_size": image_size,
         "seed": seed,
         "image_format": image_format,
+        "questions": [lo, hi],
         "counts": {"pretrain": num_pretrain, "instruct": num_instruct, "eval": num_eval},
         "colors": list(COLORS),
         "shapes": list(SHAPES),
@@ -251,13 +259,14 @@ def _pretrain_records(n: int, images: _ImageWriter, rng: np.random.Generator) ->
     return records
 
 
-def _instruct_records(n: int, images: _ImageWriter, rng: np.random.Generator) -> list[dict]:
-    """Stage 2: 2-4 one-word questions per image, each category at most once."""
+def _instruct_records(n: int, images: _ImageWriter, rng: np.random.Generator, questions: tuple[int, int]) -> list[dict]:
+    """Stage 2: `questions` = (min, max) one-word questions per image, each category at most once."""
     categories = tuple(QUESTIONS)
+    lo, hi = questions
     records = []
     for i in range(n):
         image, scene = images("instruct", i, rng)
-        order = rng.permutation(len(categories))[: int(rng.integers(2, len(categories) + 1))]
+        order = rng.permutation(len(categories))[: int(rng.integers(lo, hi + 1))]
         conversations = []
         for t, c in enumerate(order):
             question = _question(categories[c], rng)
@@ -304,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-eval", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("png", "jpg"), default="png")
+    p.add_argument(
+        "--questions", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"), help="questions per instruct image"
+    )
     a = p.parse_args(argv)
     r = generate(
         a.out,
@@ -313,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         num_eval=a.num_eval,
         seed=a.seed,
         image_format=a.format,
+        questions=tuple(a.questions),
     )
     c = r["counts"]
     print(

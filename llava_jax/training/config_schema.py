@@ -136,6 +136,7 @@ def base_config() -> mlc.ConfigDict:
             num_pretrain=2000,
             num_instruct=2000,
             num_eval=400,
+            questions=(2, 4),  # (min, max) questions per instruct image
             seed=0,
         )
     )

@@ -155,3 +155,24 @@ def test_cli(tmp_path, repo_root):
     assert res.returncode == 0, res.stderr
     assert "wrote 5 pretrain, 6 instruct, 7 eval records" in res.stdout
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 18
+
+
+@pytest.mark.parametrize("questions", [(4, 4), (1, 2)])
+def test_questions_per_image(tmp_path, questions):
+    synthetic.generate(str(tmp_path), image_size=48, num_pretrain=4, num_instruct=40, num_eval=4, questions=questions)
+    counts = set()
+    for r in _load(tmp_path, "instruct"):
+        asked = [t["value"].removeprefix("<image>\n") for t in r["conversations"][0::2]]
+        categories = [
+            c for q in asked for c, options in synthetic.QUESTIONS.items() if q.split(" Answer")[0] in options
+        ]
+        assert len(categories) == len(asked) == len(set(categories))  # each category at most once
+        counts.add(len(asked))
+    assert counts == set(range(questions[0], questions[1] + 1))
+    assert json.loads((tmp_path / "meta.json").read_text())["questions"] == list(questions)
+
+
+@pytest.mark.parametrize("questions", [(0, 2), (3, 2), (2, 5)])
+def test_bad_questions_range_is_refused(tmp_path, questions):
+    with pytest.raises(ValueError, match="questions"):
+        synthetic.generate(str(tmp_path), num_pretrain=1, num_instruct=1, num_eval=1, questions=questions)
