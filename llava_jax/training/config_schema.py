@@ -60,6 +60,9 @@ def stage_config(
             # >0: compute logits only at up to this many target tokens per row (most LLaVA positions
             # are image tokens or prompt and have none); a row with more targets stops the run. 0: all.
             targets_per_row=0,
+            # with targets_per_row: compile the full-logits fall-back step before the first step (its
+            # memory shows at start) or only if a batch needs it (saves a compile when none will)
+            eager_fallback=True,
             # 'global_token_mean': sum of target NLL / target tokens of the global batch. 'original': the
             # original's HF Trainer + DeepSpeed reduction, the mean over (micro-batch, device) groups of each
             # group's token mean (see llava_jax/training/loss.py).

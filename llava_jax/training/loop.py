@@ -353,6 +353,7 @@ class CompiledSteps:
 
     def __init__(self, setup: StageSetup, name: str):
         self.name, self.cap = name, setup.stage.targets_per_row
+        self.eager = setup.stage.get("eager_fallback", True)
         self.jitted = setup.jitted_steps()
         self.compiled: dict[tuple, Any] = {}
         self.warned = False
@@ -374,8 +375,10 @@ class CompiledSteps:
         return self.compiled[key]
 
     def compile_all(self, state, batch) -> None:
+        """Every variant (or, with eager_fallback off, the capped one) for this batch shape."""
         for variant in self.jitted:
-            self.get(variant, state, batch)
+            if self.eager or variant != "full" or not self.cap:
+                self.get(variant, state, batch)
 
     def variant(self, labels: np.ndarray) -> str:
         if not self.cap:

@@ -135,6 +135,27 @@ def test_checkpoint_every_zero_clean_console_and_full_logits_step_up_front(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cap", [90, 2])
+def test_full_logits_step_on_demand_without_eager_fallback(tmp_path, cap):
+    r = _train(
+        tmp_path,
+        "--config.stage1.num_steps=2",
+        "--config.stage1.checkpoint_every=0",
+        f"--config.stage1.targets_per_row={cap}",
+        "--config.stage1.eager_fallback=False",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    assert "compiled the train step" in text
+    if cap == 90:  # no caption row has 90 targets: the fallback is never needed, never compiled
+        assert "compiled the full-logits fallback step" not in text
+        assert "more than targets_per_row" not in text
+    else:  # every caption row has more than 2 targets: compiled when the first batch needs it
+        assert text.index("more than targets_per_row") < text.index("compiled the full-logits fallback step")
+        assert text.index("compiled the full-logits fallback step") < text.index("stage1: done")
+
+
+@pytest.mark.slow
 def test_non_finite_loss_is_caught_before_the_first_checkpoint(tmp_path):
     r = _train(
         tmp_path,
