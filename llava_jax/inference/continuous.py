@@ -8,8 +8,8 @@ runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after a
   are admitted, oldest first, into the free slots: prefilled (`SlotBatch.admit`: grouped by length
   bucket and image use), then decoded with the rows already running. `batch_sizes` counts these
   admissions (jobs admitted together);
-- a job joins when a slot is free, it samples in the same `SamplingMode` as the running rows (greedy
-  with greedy; temperature / top-k / top-p values and seeds are per row), and the running rows'
+- a job joins when a slot is free, it is greedy with greedy rows or sampled with sampled ones
+  (`slots.engine_mode`; temperature / top-k / top-p values and seeds are per row), and the running rows'
   longest cache span plus the largest remaining token budget stay within the context (so 940 + 40
   and 40 + 900 tokens on a 1024 context never decode together). When the oldest waiting job cannot
   join, no younger one jumps ahead of it: the running rows drain until it fits;
@@ -29,8 +29,9 @@ import time
 
 import numpy as np
 
+from llava_jax.inference.sampling import Sampling
 from llava_jax.inference.scheduler import Done, Failed, Job, Scheduler, _Row
-from llava_jax.inference.slots import SlotBatch
+from llava_jax.inference.slots import SlotBatch, engine_mode
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,11 @@ class ContinuousScheduler(Scheduler):
         self.engine = SlotBatch(chat.model, slots=self.max_batch, chunk=self.chunk_size, eos_ids=chat.eos_ids)
         self._rows: dict[int, _Row] = {}  # slot -> running row
 
-    def warm_up(self, prompt, image, *, max_new_tokens, sampling) -> None:
-        """Compile the prefill for 1, 2, 4, ... `max_batch` newcomers with `prompt`, and a decode chunk
-        with the slot batch full."""
-        engine, size = self.engine, 1
-        while True:
-            images = None if image is None else np.broadcast_to(image, (size, 1, *image.shape))
-            engine.admit([prompt] * size, images, [max_new_tokens] * size, list(range(size)), [sampling] * size)
-            engine.run()
-            engine.reset()
-            if size >= self.max_batch:
-                return
-            size = min(2 * size, self.max_batch)
+    def warm_up(self, *, max_prompt_tokens: int, max_new_tokens: int, sampling: Sampling | None = None) -> int:
+        """Compile every program that requests within these limits can need (`SlotBatch.compile_all`),
+        so that serving them compiles nothing; `sampling` is not needed (greedy and sampled programs
+        are both compiled). Returns the number of program calls made."""
+        return self.engine.compile_all(max_prompt_tokens, max_new_tokens)
 
     # ----------------------------------------------------------------------------------------
     def _take_newcomers(self) -> list[Job] | None:
@@ -97,7 +91,7 @@ class ContinuousScheduler(Scheduler):
         for job in self._waiting:
             if job.cancelled:
                 continue
-            if batch and job.sampling.mode != batch[0].sampling.mode:
+            if batch and engine_mode(job.sampling) != engine_mode(batch[0].sampling):
                 break
             if not self.engine.fits(len(job.prompt), job.max_tokens, job.sampling, joining):
                 break
