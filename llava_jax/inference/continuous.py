@@ -14,6 +14,8 @@ runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after a
   and 40 + 900 tokens on a 1024 context never decode together). When the oldest waiting job cannot
   join, no younger one jumps ahead of it: the running rows drain until it fits;
 - with no rows running, the oldest job waits up to `batch_wait_s` (from its arrival) for company;
+- while requests wait, a chunk ends after the step in which a row ends (`SlotBatch.run(until_one_ends=
+  True)`), so a freed slot does not idle to the chunk's end;
 - each chunk is read back before the next is dispatched (`SlotBatch.run(ahead=True)` keeps one in
   flight; it showed no gain in `bench serve` on a 2-core CPU, where the host's work competes with the
   device's for the same cores, and it makes a released slot's successor wait a chunk).
@@ -141,7 +143,8 @@ class ContinuousScheduler(Scheduler):
             self._feed(slot, row, [token])
 
     def _decode(self) -> None:
-        for slot, tokens in self.engine.run().items():
+        # With requests waiting, a chunk ends as soon as a row does, so its slot is taken at once.
+        for slot, tokens in self.engine.run(until_one_ends=bool(self._waiting)).items():
             self._feed(slot, self._rows[slot], tokens)
 
     def _feed(self, slot: int, row: _Row, tokens: list[int]) -> None:

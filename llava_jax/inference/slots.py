@@ -93,6 +93,11 @@ def serve_bucket(n: int) -> int:
     return 3 * p // 4 if 3 * p // 4 >= n else p
 
 
+# Prompts are prefilled at >= MIN_WIDTH slots: chat templates make shorter prompts rare, and each
+# prefill width is a program to compile at start-up.
+MIN_WIDTH = 64
+
+
 def serve_buckets(low: int, high: int) -> list[int]:
     """Every `serve_bucket` value that n in [low, high] can take, ascending."""
     out, n = [], low
@@ -214,9 +219,13 @@ def _empty(*, cfg, slots: int, length: int, per_layer: bool) -> SlotState:
     )
 
 
-def _run(graphdef, params, layers, state: SlotState, steps, free, eos, *, mode: SamplingMode, chunk: int):
-    """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first. `layers` as
-    in `_prefill` (given exactly when the state's cache is per layer).
+def _run(
+    graphdef, params, layers, state: SlotState, steps, free, eos, until_one_ends, *, mode: SamplingMode, chunk: int
+):
+    """Up to `steps` (<= chunk) decode steps; slots in `free` [B] bool are marked done first; with
+    `until_one_ends` (bool scalar) the chunk also ends after the first step in which a row ends (EOS
+    or budget), so that a waiting request can take its slot at once. `layers` as in `_prefill`
+    (given exactly when the state's cache is per layer).
     Returns (tokens [B, chunk] int32, NO_TOKEN where none was produced, the write index after the
     chunk (a buffer of its own: the state's is donated to the next call), SlotState)."""
     lm = _language_model(nnx.merge(graphdef, params))
@@ -225,23 +234,24 @@ def _run(graphdef, params, layers, state: SlotState, steps, free, eos, *, mode: 
     ones = jnp.ones((b, 1), jnp.int32)
 
     def cond(carry):
-        i, s, _ = carry
-        return (i < steps) & ~jnp.all(s.done)
+        i, s, _, ended = carry
+        return (i < steps) & ~jnp.all(s.done) & ~(until_one_ends & ended)
 
     def body(carry):
-        i, s, out = carry
+        i, s, out, _ = carry
         hidden, cache = lm.hidden(
             lm.embed(s.token[:, None]), positions=s.position[:, None], segment_ids=ones, cache=s.cache, layers=layers
         )
         token = _sample_rows(lm.logits(hidden)[:, 0], s.seed, s.step, mode, s.values)
         out = out.at[:, i].set(jnp.where(s.done, NO_TOKEN, token))
         done = s.done | _is_eos(token, eos) | (s.step + 1 >= s.limit)
+        ended = jnp.any(done & ~s.done)
         s = s._replace(cache=cache, token=token, position=s.position + 1, done=done, step=s.step + 1)
-        return i + 1, s, out
+        return i + 1, s, out, ended
 
     state = state._replace(done=state.done | free)
     out = jnp.full((b, chunk), NO_TOKEN, jnp.int32)
-    _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+    _, state, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out, jnp.bool_(False)))
     return out, state.cache.index + 0, state
 
 
@@ -374,7 +384,7 @@ class SlotBatch:
         keys: dict[tuple[bool, int], list[int]] = {}
         for i, p in enumerate(prompts):
             has_image = images is not None and image_id is not None and image_id in p
-            keys.setdefault((has_image, serve_bucket(len(p))), []).append(i)
+            keys.setdefault((has_image, serve_bucket(max(MIN_WIDTH, len(p)))), []).append(i)
         out = []
         for members in keys.values():
             while members:
@@ -431,7 +441,7 @@ class SlotBatch:
     def _prefill(self, group: list[int], prompts, images, seeds, sampling):
         """One prefill call for `prompts[i]`, i in `group`, left-padded to their length bucket.
         Returns (first tokens, per-row (k, v, segment ids), seeds, sampling values) of the rows."""
-        width = serve_bucket(max(len(prompts[i]) for i in group))
+        width = serve_bucket(max(MIN_WIDTH, *(len(prompts[i]) for i in group)))
         ids = np.zeros((len(group), width), np.int32)
         positions = np.zeros((len(group), width), np.int32)
         segment_ids = np.zeros((len(group), width), np.int32)
@@ -497,10 +507,10 @@ class SlotBatch:
         cfg = getattr(self.model, "cfg", None)
         image_id = getattr(cfg, "image_token_id", None)
         sizes = [1 << k for k in range(self.slots.bit_length()) if 1 << k <= self.slots]
-        widths = serve_buckets(1, max_prompt_tokens)
+        widths = serve_buckets(MIN_WIDTH, max(MIN_WIDTH, max_prompt_tokens))
         kinds = [(False, widths)]
         if image_id is not None and max_prompt_tokens >= cfg.num_image_tokens:
-            kinds.append((True, serve_buckets(cfg.num_image_tokens, max_prompt_tokens)))
+            kinds.append((True, serve_buckets(max(MIN_WIDTH, cfg.num_image_tokens), max_prompt_tokens)))
         # The write index is at most the longest running span (<= prompt + 2 budgets, and within the
         # context by `fits`) or a newcomer's bucket; the cache holds it plus the largest remaining budget.
         need = max(min(self.context, max_prompt_tokens + 2 * max_new_tokens), widths[-1] + max_new_tokens)
@@ -536,7 +546,7 @@ class SlotBatch:
         self.reset()
         return calls
 
-    def run(self, ahead: bool = False) -> dict[int, list[int]]:
+    def run(self, ahead: bool = False, until_one_ends: bool = False) -> dict[int, list[int]]:
         """One decode chunk for the running rows. Returns each running slot's new tokens: up to the
         chunk size, cut after an EOS (kept, so the caller sees why the row ended) or at its budget.
 
@@ -545,17 +555,20 @@ class SlotBatch:
         `run` or `admit` takes it up) - unless a row reaches its token budget in this chunk (its slot
         would stay taken for a chunk more instead of taking a newcomer). A row released meanwhile
         (EOS, stop string) computes that chunk in vain; its tokens are dropped, also when a newcomer
-        has taken its slot."""
+        has taken its slot.
+
+        until_one_ends: end the chunk after the first step in which a row ends (a caller with requests
+        waiting for a slot), instead of running rows on while the ended row's slot idles."""
         pending, self._pending = self._pending, None
         if pending is None:
             if not self.rows:
                 return {}
             self._make_room(0, 0)
-            pending = self._dispatch(None)
+            pending = self._dispatch(None, until_one_ends)
             if pending is None:
                 return {}
         if ahead and self.rows and all(r.limit - r.produced > pending.steps for r in pending.rows.values()):
-            self._pending = self._dispatch(pending)
+            self._pending = self._dispatch(pending, until_one_ends)
         out = np.asarray(pending.tokens)
         if not pending.settled:
             self._index = int(pending.index)
@@ -574,7 +587,7 @@ class SlotBatch:
             new[b] = tokens
         return new
 
-    def _dispatch(self, after: _Pending | None) -> _Pending | None:
+    def _dispatch(self, after: _Pending | None, until_one_ends: bool = False) -> _Pending | None:
         """Queue a chunk for the running rows behind `after` (a chunk in flight, or None); None when no
         row needs another step or the cache has no room for one before `after` is read back."""
         in_flight = {} if after is None else {b: after.steps for b, r in after.rows.items() if self.rows.get(b) is r}
@@ -583,10 +596,10 @@ class SlotBatch:
         steps = min(self.chunk, steps, self.length - index)
         if steps <= 0:
             return None
-        tokens, index = self._run_chunk(steps)
+        tokens, index = self._run_chunk(steps, until_one_ends)
         return _Pending(tokens, index, dict(self.rows), steps)
 
-    def _run_chunk(self, steps: int):
+    def _run_chunk(self, steps: int, until_one_ends: bool = False):
         """Dispatch `_run` for `steps` steps over the running rows; returns (tokens, write index)."""
         free = np.ones(self.slots, bool)
         free[list(self.rows)] = False
@@ -598,6 +611,7 @@ class SlotBatch:
             np.int32(steps),
             free,
             self._eos,
+            np.bool_(until_one_ends),
             mode=self.mode,
             chunk=self.chunk,
         )
