@@ -4,18 +4,25 @@ at-a-time scheduler, on the same random model, the same requests and the same ma
     python -m llava_jax.bench serve                                   # tiny preset
     python -m llava_jax.bench serve --hidden 512 --layers 4 --heads 8 --image-size 224 --patch-size 14
 
-An in-process server (uvicorn on a loopback port) serves a random LLaVA of the chosen shape (model
-flags as in `bench decode`). `--clients` threads, each with the official `openai` client, send
-`--requests` chat completions between them (a closed loop: each client sends its next request when
-the previous one is answered), streamed, greedy. The requests are a fixed random mix: half with an
-image, text of `--words` words (uniform), `max_tokens` uniform in `--max-tokens`; a random model
-rarely says EOS, so most replies run to their budget.
+An in-process server (uvicorn on a loopback port) per scheduler serves a random LLaVA of the chosen
+shape (model flags as in `bench decode`), with `ServerConfig.warmup` and limits of
+`--max-prompt-tokens` and MAX new tokens: the continuous scheduler compiles every shape such requests
+can need before serving (its start-up time is printed), the batch scheduler batches of a typical
+image question. `--clients` threads, each with the official `openai` client, send `--requests` chat
+completions between them (a closed loop: each client sends its next request when the previous one
+is answered; use many more requests than clients, so that requests keep joining running batches),
+streamed, greedy. The requests are a fixed random mix: half with an image, text of `--words` words
+(uniform), `max_tokens` in `--max-tokens` drawn by `--lengths` (uniform, or log-uniform: as many
+one-word answers as long descriptions, closer to real chat and VQA traffic); a random model rarely
+says EOS, so most replies run to their budget.
 
-Each scheduler serves the whole load `--warmup` times (default 2) to compile its programs (shapes
-depend on how requests happen to be batched, so a few compilations may remain), then `--repeats` times
-measured, the two schedulers taking turns. Figures per scheduler (medians over the repeats): requests/s, completion
-tokens/s, latency p50/p99 (request sent -> last chunk), time to first token p50/p99 (request sent ->
-first streamed content), failed requests; and the ratios continuous / batch.
+Each scheduler serves the whole load `--warmup` times (default 1; the batch scheduler compiles the
+batch shapes it meets), then `--repeats` times measured, the two schedulers taking turns. Figures per
+scheduler (medians over the repeats): requests/s, completion tokens/s, latency p50/p99 (request sent
+-> last chunk), time to first token p50/p99 (request sent -> first streamed content), failed
+requests, compilations during the measured passes; the ratios continuous / batch; and the ideal
+ratios for the same request list (`ideal`: both schedulers simulated in decode steps, prefill free),
+which bound what continuous batching can gain on that length mix.
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ with one write index shared by all slots (as in `generate`), and per slot: the l
 position, done, tokens sampled so far, the sampling seed, the token budget and the sampling values.
 Between chunks the host may
 
-- `admit` n new prompts: they are prefilled in groups of one length bucket P (`bucket`) and
-  image use (each left-padded to P; text prompts never pay for an image prompt's width or for the
-  vision tower), in calls of 2^k rows with no padding rows (`groups`), and each one's P cache slots
-  are written into a free slot's row so that they end at the shared write index; the rest of that
-  row is marked empty (segment id 0);
-- `run` one chunk of up to `chunk` decode steps for all slots (free slots compute and are ignored);
+- `admit` n new prompts: they are prefilled in groups of one length bucket P (`serve_bucket`, at
+  least `MIN_WIDTH`) and image use (each left-padded to P; text prompts never pay for an image
+  prompt's width or for the vision tower), in calls of 2^k rows with no padding rows (`groups`), and
+  each one's P cache slots are written, one row per call, into a free slot's row so that they end at
+  the shared write index; the rest of that row is marked empty (segment id 0);
+- `run` one chunk of up to `chunk` decode steps for all slots (free slots compute and are ignored),
+  optionally ending early after the step in which a row ends (`until_one_ends`);
 - `release` a slot (its request ended): the slot is free for the next `admit`.
 
 The shared index only grows; when a newcomer's P slots do not fit before it, or the slots'
@@ -20,8 +21,14 @@ running row's start (or right, to make room), into a buffer whose length S is th
 So S tracks the running rows (not the model context), and decode reads no more cache than they need.
 
 Sampling is per row: row b's t-th token uses key `fold_in(key(seed_b), t)` (as a batch of one in
-`generate` with that seed), with its own temperature / top-k / top-p values; only the static
-`SamplingMode` (greedy or not, which filters are on) is shared by the slots.
+`generate` with that seed), with its own temperature / top-k / top-p values. Two decode programs
+serve every setting: greedy, and sampled with both filters on (`SAMPLED`; a request without top-k
+or top-p gets values that keep every token), so greedy rows share a batch with greedy rows and
+sampled rows with sampled rows. Prefill serves both (greedy is an input, not a compiled choice).
+
+Every program's shapes come from a short list (prompt buckets x 2^k rows for prefill; cache
+lengths S for decode; (P, S) for insertion; (S, S') for rebasing), so `compile_all` can compile all
+that requests within a server's limits can need, and serving then compiles nothing.
 
 On a CPU the programs are compiled with `models.platform.cpu_compiler_options` (XLA's own dot
 emitter instead of YNNPACK fusions, faster at LLaMA widths); the choice is made at the first
