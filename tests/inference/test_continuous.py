@@ -254,6 +254,28 @@ def test_nothing_compiles_after_warm_up(chat):
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
 
 
+def test_ideal_ratio_simulation_by_hand():
+    """`bench serve`'s ideal ratio on a load worked out by hand: budgets 3, 9, 3, 9, 4 clients, 2 slots.
+    Batch: rows 0+1 run 8 steps, then 2+3 run 8 (16 steps; latencies 8 8 16 16). Continuous (joins
+    every step): row 0 ends at 2, row 2 joins and ends at 4, row 3 joins, row 1 ends at 8, row 3 at 12
+    (12 steps; latencies 2 4 8 12). With joins every 4 steps: 16 steps."""
+    got = serve_bench.ideal([3, 9, 3, 9], clients=4, slots=2)
+    assert got["batch"] == {"steps": 16, "latency_p50": 12.0}
+    assert got["continuous"] == {"steps": 12, "latency_p50": 6.0}
+    assert got["requests_s"] == pytest.approx(16 / 12) and got["latency_p50"] == pytest.approx(0.5)
+    assert serve_bench.ideal([3, 9, 3, 9], clients=4, slots=2, chunk=4)["continuous"]["steps"] == 16
+    # a closed loop: with one client, nothing ever shares a batch, and both take every step
+    alone = serve_bench.ideal([3, 9, 3, 9], clients=1, slots=2)
+    assert alone["batch"]["steps"] == alone["continuous"]["steps"] == 2 + 8 + 2 + 8
+
+
+def test_loguniform_budgets_span_the_range_evenly_in_log():
+    budgets = np.asarray(serve_bench.output_budgets("loguniform", (4, 256), 4000))
+    assert budgets.min() >= 4 and budgets.max() <= 256
+    short, long = np.mean(budgets < 16), np.mean(budgets >= 64)  # [4, 16) and [64, 256]: 2 of 6 octaves each
+    assert 0.28 < short < 0.39 and 0.28 < long < 0.39, (short, long)
+
+
 @pytest.mark.slow
 def test_serve_benchmark_runs_at_a_tiny_size(tmp_path):
     """`python -m llava_jax.bench serve` end to end, both schedulers: every request answered, figures
