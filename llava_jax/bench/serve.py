@@ -28,6 +28,7 @@ which bound what continuous batching can gain on that length mix.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as futures
 import contextlib
 import json
@@ -305,7 +306,13 @@ def main(argv: list[str]) -> int:
                 )
         for _ in range(args.repeats):
             for name in SCHEDULERS:
-                passes[name].append(_load(urls[name], requests, args.clients, compilations))
+                scheduler = apps[name].state.scheduler
+                before = collections.Counter(getattr(scheduler, "seconds", {}))
+                figures = _load(urls[name], requests, args.clients, compilations)
+                spent = collections.Counter(getattr(scheduler, "seconds", {}))
+                spent.subtract(before)
+                figures["worker_s"] = {k: round(v, 2) for k, v in spent.items()}
+                passes[name].append(figures)
     result = {
         "device": decode_bench._header(chat.model.cfg, args)["device"],
         "llm": decode_bench._header(chat.model.cfg, args)["llm"],
@@ -338,6 +345,8 @@ def main(argv: list[str]) -> int:
             f"  failed {f['failed']}/{f['requests']}  compilations {f['compilations']}",
             flush=True,
         )
+    for p in passes["continuous"]:
+        print(f"continuous worker seconds per pass (of {p['wall_s']:.1f} s): {p['worker_s']}")
     r = result["ratios"]
     print(
         f"continuous / batch: requests/s x{r['requests_s']:.2f}, tokens/s x{r['tokens_s']:.2f},"

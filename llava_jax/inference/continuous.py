@@ -26,6 +26,7 @@ A seeded job's tokens depend only on its seed and settings (row b's t-th token i
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -45,6 +46,9 @@ class ContinuousScheduler(Scheduler):
         super().__init__(chat, **kwargs)
         self.engine = SlotBatch(chat.model, slots=self.max_batch, chunk=self.chunk_size, eos_ids=chat.eos_ids)
         self._rows: dict[int, _Row] = {}  # slot -> running row
+        # Worker seconds by activity: 'waiting' (nothing to run), 'prefill' (`SlotBatch.admit`), 'decode'
+        # (`SlotBatch.run`: the chunk and its read-back), 'streaming' (detokenising, stop strings, events).
+        self.seconds: collections.Counter[str] = collections.Counter()
 
     def warm_up(self, *, max_prompt_tokens: int, max_new_tokens: int, sampling: Sampling | None = None) -> int:
         """Compile every program that requests within these limits can need (`SlotBatch.compile_all`),
@@ -102,7 +106,12 @@ class ContinuousScheduler(Scheduler):
         return batch
 
     def _loop(self) -> None:
-        while (batch := self._take_newcomers()) is not None:
+        while True:
+            start = time.perf_counter()
+            batch = self._take_newcomers()
+            self.seconds["waiting"] += time.perf_counter() - start
+            if batch is None:
+                return
             try:
                 if batch:
                     self._admit(batch)
@@ -131,6 +140,7 @@ class ContinuousScheduler(Scheduler):
                 if job.image is not None:
                     images[b, 0] = job.image
         seeds = [job.seed if job.seed is not None else int(self._rng.integers(2**31)) for job in batch]
+        start = time.perf_counter()
         slots, first = self.engine.admit(
             [job.prompt for job in batch],
             images,
@@ -138,14 +148,22 @@ class ContinuousScheduler(Scheduler):
             seeds,
             [job.sampling for job in batch],
         )
+        fed = time.perf_counter()
+        self.seconds["prefill"] += fed - start
         for job, slot, token in zip(batch, slots, first, strict=True):
             self._rows[slot] = row = _Row(job, chat.tokenizer)
             self._feed(slot, row, [token])
+        self.seconds["streaming"] += time.perf_counter() - fed
 
     def _decode(self) -> None:
+        start = time.perf_counter()
         # With requests waiting, a chunk ends as soon as a row does, so its slot is taken at once.
-        for slot, tokens in self.engine.run(until_one_ends=bool(self._waiting)).items():
+        new = self.engine.run(until_one_ends=bool(self._waiting))
+        fed = time.perf_counter()
+        self.seconds["decode"] += fed - start
+        for slot, tokens in new.items():
             self._feed(slot, self._rows[slot], tokens)
+        self.seconds["streaming"] += time.perf_counter() - fed
 
     def _feed(self, slot: int, row: _Row, tokens: list[int]) -> None:
         """Pass one chunk's tokens of `slot` to its row; free the slot when the row has ended."""
