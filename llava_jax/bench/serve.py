@@ -346,7 +346,7 @@ def main(argv: list[str]) -> int:
             flush=True,
         )
     for p in passes["continuous"]:
-        print(f"continuous worker seconds per pass (of {p['wall_s']:.1f} s): {p['worker_s']}")
+        print(f"continuous worker seconds in a {p['wall_s']:.1f} s pass: {p['worker_s']} (the rest waiting)")
     r = result["ratios"]
     print(
         f"continuous / batch: requests/s x{r['requests_s']:.2f}, tokens/s x{r['tokens_s']:.2f},"

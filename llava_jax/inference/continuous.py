@@ -46,8 +46,8 @@ class ContinuousScheduler(Scheduler):
         super().__init__(chat, **kwargs)
         self.engine = SlotBatch(chat.model, slots=self.max_batch, chunk=self.chunk_size, eos_ids=chat.eos_ids)
         self._rows: dict[int, _Row] = {}  # slot -> running row
-        # Worker seconds by activity: 'waiting' (nothing to run), 'prefill' (`SlotBatch.admit`), 'decode'
-        # (`SlotBatch.run`: the chunk and its read-back), 'streaming' (detokenising, stop strings, events).
+        # Worker seconds by activity: 'prefill' (`SlotBatch.admit`), 'decode' (`SlotBatch.run`: the chunk
+        # and its read-back), 'streaming' (detokenising, stop strings, events); the rest is waiting.
         self.seconds: collections.Counter[str] = collections.Counter()
 
     def warm_up(self, *, max_prompt_tokens: int, max_new_tokens: int, sampling: Sampling | None = None) -> int:
@@ -106,12 +106,7 @@ class ContinuousScheduler(Scheduler):
         return batch
 
     def _loop(self) -> None:
-        while True:
-            start = time.perf_counter()
-            batch = self._take_newcomers()
-            self.seconds["waiting"] += time.perf_counter() - start
-            if batch is None:
-                return
+        while (batch := self._take_newcomers()) is not None:
             try:
                 if batch:
                     self._admit(batch)
