@@ -55,7 +55,9 @@ def parse_args(argv):
     g.add_argument(
         "--warmup",
         action="store_true",
-        help="compile batches of 1..max-batch image questions (default settings) before serving",
+        help="compile before serving: the continuous scheduler every shape that requests within the limits"
+        " (--max-prompt-tokens, --max-output-tokens) can need, so serving compiles nothing (tighter limits"
+        " start faster); the batch scheduler batches of 1..max-batch image questions",
     )
     g = p.add_argument_group("limits per request")
     g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes)

@@ -8,12 +8,14 @@ runs its jobs on a `SlotBatch` of `max_batch` slots instead of one batch after a
   are admitted, oldest first, into the free slots: prefilled (`SlotBatch.admit`: grouped by length
   bucket and image use), then decoded with the rows already running. `batch_sizes` counts these
   admissions (jobs admitted together);
-- a job joins when a slot is free, it samples in the same `SamplingMode` as the running rows (greedy
-  with greedy; temperature / top-k / top-p values and seeds are per row), and the running rows'
+- a job joins when a slot is free, it is greedy with greedy rows or sampled with sampled ones
+  (`slots.engine_mode`; temperature / top-k / top-p values and seeds are per row), and the running rows'
   longest cache span plus the largest remaining token budget stay within the context (so 940 + 40
   and 40 + 900 tokens on a 1024 context never decode together). When the oldest waiting job cannot
   join, no younger one jumps ahead of it: the running rows drain until it fits;
 - with no rows running, the oldest job waits up to `batch_wait_s` (from its arrival) for company;
+- while requests wait, a chunk ends after the step in which a row ends (`SlotBatch.run(until_one_ends=
+  True)`), so a freed slot does not idle to the chunk's end;
 - each chunk is read back before the next is dispatched (`SlotBatch.run(ahead=True)` keeps one in
   flight; it showed no gain in `bench serve` on a 2-core CPU, where the host's work competes with the
   device's for the same cores, and it makes a released slot's successor wait a chunk).
@@ -24,13 +26,15 @@ A seeded job's tokens depend only on its seed and settings (row b's t-th token i
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
 import numpy as np
 
+from llava_jax.inference.sampling import Sampling
 from llava_jax.inference.scheduler import Done, Failed, Job, Scheduler, _Row
-from llava_jax.inference.slots import SlotBatch
+from llava_jax.inference.slots import SlotBatch, engine_mode
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +46,15 @@ class ContinuousScheduler(Scheduler):
         super().__init__(chat, **kwargs)
         self.engine = SlotBatch(chat.model, slots=self.max_batch, chunk=self.chunk_size, eos_ids=chat.eos_ids)
         self._rows: dict[int, _Row] = {}  # slot -> running row
+        # Worker seconds by activity: 'prefill' (`SlotBatch.admit`), 'decode' (`SlotBatch.run`: the chunk
+        # and its read-back), 'streaming' (detokenising, stop strings, events); the rest is waiting.
+        self.seconds: collections.Counter[str] = collections.Counter()
 
-    def warm_up(self, prompt, image, *, max_new_tokens, sampling) -> None:
-        """Compile the prefill for 1, 2, 4, ... `max_batch` newcomers with `prompt`, and a decode chunk
-        with the slot batch full."""
-        engine, size = self.engine, 1
-        while True:
-            images = None if image is None else np.broadcast_to(image, (size, 1, *image.shape))
-            engine.admit([prompt] * size, images, [max_new_tokens] * size, list(range(size)), [sampling] * size)
-            engine.run()
-            engine.reset()
-            if size >= self.max_batch:
-                return
-            size = min(2 * size, self.max_batch)
+    def warm_up(self, *, max_prompt_tokens: int, max_new_tokens: int, sampling: Sampling | None = None) -> int:
+        """Compile every program that requests within these limits can need (`SlotBatch.compile_all`),
+        so that serving them compiles nothing; `sampling` is not needed (greedy and sampled programs
+        are both compiled). Returns the number of program calls made."""
+        return self.engine.compile_all(max_prompt_tokens, max_new_tokens)
 
     # ----------------------------------------------------------------------------------------
     def _take_newcomers(self) -> list[Job] | None:
@@ -97,7 +97,7 @@ class ContinuousScheduler(Scheduler):
         for job in self._waiting:
             if job.cancelled:
                 continue
-            if batch and job.sampling.mode != batch[0].sampling.mode:
+            if batch and engine_mode(job.sampling) != engine_mode(batch[0].sampling):
                 break
             if not self.engine.fits(len(job.prompt), job.max_tokens, job.sampling, joining):
                 break
@@ -135,6 +135,7 @@ class ContinuousScheduler(Scheduler):
                 if job.image is not None:
                     images[b, 0] = job.image
         seeds = [job.seed if job.seed is not None else int(self._rng.integers(2**31)) for job in batch]
+        start = time.perf_counter()
         slots, first = self.engine.admit(
             [job.prompt for job in batch],
             images,
@@ -142,13 +143,22 @@ class ContinuousScheduler(Scheduler):
             seeds,
             [job.sampling for job in batch],
         )
+        fed = time.perf_counter()
+        self.seconds["prefill"] += fed - start
         for job, slot, token in zip(batch, slots, first, strict=True):
             self._rows[slot] = row = _Row(job, chat.tokenizer)
             self._feed(slot, row, [token])
+        self.seconds["streaming"] += time.perf_counter() - fed
 
     def _decode(self) -> None:
-        for slot, tokens in self.engine.run().items():
+        start = time.perf_counter()
+        # With requests waiting, a chunk ends as soon as a row does, so its slot is taken at once.
+        new = self.engine.run(until_one_ends=bool(self._waiting))
+        fed = time.perf_counter()
+        self.seconds["decode"] += fed - start
+        for slot, tokens in new.items():
             self._feed(slot, self._rows[slot], tokens)
+        self.seconds["streaming"] += time.perf_counter() - fed
 
     def _feed(self, slot: int, row: _Row, tokens: list[int]) -> None:
         """Pass one chunk's tokens of `slot` to its row; free the slot when the row has ended."""

@@ -231,20 +231,25 @@ class Scheduler:
             self._waiting.append(job)
             self._cond.notify_all()
 
-    def warm_up(self, prompt: list[int], image: np.ndarray | None, *, max_new_tokens: int, sampling: Sampling) -> None:
-        """Compile the prefill and decode programs for batches of 1, 2, 4, ... `max_batch` copies of
-        `prompt` (so the first requests of that shape do not wait for compilation). Generation stops
-        after the first decode chunk."""
-        size = 1
+    def warm_up(self, *, max_prompt_tokens: int, max_new_tokens: int, sampling: Sampling) -> int:
+        """Compile the prefill and decode programs for batches of 1, 2, 4, ... `max_batch` copies of a
+        one-image question with `sampling` and a budget of `max_new_tokens` (so the first requests of
+        that shape do not wait for compilation); other prompt lengths and budgets compile at first use
+        (batches of them make too many shapes to compile beforehand). Generation stops after the first
+        decode chunk. Returns the number of batches run."""
+        chat = self.chat
+        image = np.full((chat.image_size, chat.image_size, 3), 128, np.uint8)
+        prompt = chat.prompt_ids(["Describe this image in detail."], image=True).tolist()
+        budget = max(1, min(max_new_tokens, chat.context_length - len(prompt)))
+        size, calls = 1, 0
         while True:
-            images = None if image is None else np.broadcast_to(image, (size, 1, *image.shape))
             gen = stream_generate(
-                self.chat.model,
+                chat.model,
                 [prompt] * size,
-                images,
-                max_new_tokens=max_new_tokens,
+                np.broadcast_to(image, (size, 1, *image.shape)),
+                max_new_tokens=budget,
                 sampling=sampling,
-                eos_ids=self.chat.eos_ids,
+                eos_ids=chat.eos_ids,
                 chunk_size=self.chunk_size,
             )
             try:
@@ -252,8 +257,9 @@ class Scheduler:
                     pass
             finally:
                 gen.close()
+            calls += 1
             if size >= self.max_batch:
-                return
+                return calls
             size = min(2 * size, self.max_batch)
 
     # ----------------------------------------------------------------------------------------

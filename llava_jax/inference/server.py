@@ -26,7 +26,6 @@ import json
 import logging
 import time
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -55,7 +54,7 @@ class ServerConfig:
     max_queue: int = 64
     batch_wait_ms: float = 10.0
     chunk_size: int = 8
-    warmup: bool = False  # compile batches of a typical image question before serving
+    warmup: bool = False  # compile before serving (continuous: every shape within `limits`)
     scheduler: str = "continuous"  # 'continuous' (rows join and leave between chunks) or 'batch' (one batch at a time)
     limits: Limits = Limits()
 
@@ -77,15 +76,24 @@ def _sse(payload) -> str:
     return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
 
 
-def _warm_up(chat: ChatModel, scheduler: Scheduler, limits: Limits) -> None:
-    """Compile for a one-image question with the default sampling and reply budget."""
+def _warm_up(chat: ChatModel, scheduler: Scheduler, limits: Limits) -> float:
+    """Compile before serving: `ContinuousScheduler` every program that requests within `limits` can
+    need, `Scheduler` batches of a typical image question. Returns the seconds it took."""
     start = time.monotonic()
-    image = np.full((chat.image_size, chat.image_size, 3), 128, np.uint8)
-    prompt = chat.prompt_ids(["Describe this image in detail."], image=True)
-    budget = min(limits.default_max_tokens, chat.context_length - len(prompt))
+    max_prompt = min(limits.max_prompt_tokens or chat.context_length - 1, chat.context_length - 1)
+    max_new = min(limits.max_output_tokens, chat.context_length - 1)
     sampling = Sampling(limits.default_temperature, limits.default_top_p)
-    scheduler.warm_up(prompt.tolist(), image, max_new_tokens=budget, sampling=sampling)
-    log.info("warmed up batches of 1..%d in %.1f s", scheduler.max_batch, time.monotonic() - start)
+    calls = scheduler.warm_up(max_prompt_tokens=max_prompt, max_new_tokens=max_new, sampling=sampling)
+    seconds = time.monotonic() - start
+    log.warning(
+        "warm-up (%s scheduler, prompts <= %d tokens, max_tokens <= %d): %d program calls in %.1f s",
+        type(scheduler).__name__,
+        max_prompt,
+        max_new,
+        calls,
+        seconds,
+    )
+    return seconds
 
 
 def create_app(chat: ChatModel, config: ServerConfig = ServerConfig(), *, start_scheduler: bool = True) -> FastAPI:
@@ -118,7 +126,7 @@ def _lifespan(chat: ChatModel, scheduler: Scheduler, config: ServerConfig, start
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         if config.warmup:
-            await run_in_threadpool(_warm_up, chat, scheduler, config.limits)
+            _app.state.warm_up_s = await run_in_threadpool(_warm_up, chat, scheduler, config.limits)
         if start_scheduler:
             scheduler.start()
         try:

@@ -4,6 +4,7 @@ short request that arrives while a long one decodes is answered before the long 
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 from serving_fixtures import PATIENCE, shared_chat_model
@@ -201,6 +202,78 @@ def test_short_request_overtakes_a_long_one(chat):
     assert [name for name, _ in finished] == ["short", "long"], finished
     assert finished[1][1].token_ids == alone
     assert dict(scheduler.batch_sizes) == {1: 2}  # two admissions of one job each
+
+
+def test_nothing_compiles_after_warm_up(chat):
+    """After `warm_up` for the server's limits, a mix of requests (text and image prompts of several
+    lengths, budgets from 1 to the limit, greedy and sampled with different filters; arriving together,
+    so later ones join running rows) is served without one compilation: jax reports no backend
+    compilation while they run."""
+    max_prompt, max_new = 150, 10
+    scheduler = ContinuousScheduler(chat, max_batch=4, batch_wait_s=0, chunk_size=3)
+    assert scheduler.warm_up(max_prompt_tokens=max_prompt, max_new_tokens=max_new) > 0
+    rng = np.random.default_rng(0)
+    size = chat.image_size
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    samplings = [GREEDY, Sampling(temperature=0.7), Sampling(temperature=1.0, top_k=5), Sampling(0.2, top_p=0.7)]
+    jobs, done, lock = [], threading.Event(), threading.Lock()
+    finished = []
+
+    def emit(event):
+        if isinstance(event, Done):
+            with lock:
+                finished.append(event)
+                if len(finished) == len(jobs):
+                    done.set()
+
+    texts = ["hi", "What is it?", "A longer question " + "with many words " * 5, "x " * 40]
+    for i in range(14):
+        with_image = i % 3 == 0
+        prompt = _prompt(chat, texts[i % len(texts)], image=with_image)
+        assert len(prompt) <= max_prompt
+        budget = [1, max_new, 4, 7, 2][i % 5]
+        sampling = samplings[(i // 2) % len(samplings)]
+        jobs.append(Job(prompt, image if with_image else None, budget, sampling, emit, seed=i))
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for job in jobs:
+            scheduler.submit(job)
+        scheduler.start()
+        assert done.wait(PATIENCE), len(finished)
+    finally:
+        scheduler.stop()
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert all(len(e.token_ids) >= 1 for e in finished)
+    assert sum(scheduler.batch_sizes.values()) > 3, scheduler.batch_sizes  # rows joined running batches
+    assert compiles == [], f"{len(compiles)} compilations after warm-up"
+
+
+def test_ideal_ratio_simulation_by_hand():
+    """`bench serve`'s ideal ratio on a load worked out by hand: budgets 3, 9, 3, 9, 4 clients, 2 slots.
+    Batch: rows 0+1 run 8 steps, then 2+3 run 8 (16 steps; latencies 8 8 16 16). Continuous (joins
+    every step): row 0 ends at 2, row 2 joins and ends at 4, row 3 joins, row 1 ends at 8, row 3 at 12
+    (12 steps; latencies 2 4 8 12). With joins every 4 steps: 16 steps."""
+    got = serve_bench.ideal([3, 9, 3, 9], clients=4, slots=2)
+    assert got["batch"] == {"steps": 16, "latency_p50": 12.0}
+    assert got["continuous"] == {"steps": 12, "latency_p50": 6.0}
+    assert got["requests_s"] == pytest.approx(16 / 12) and got["latency_p50"] == pytest.approx(0.5)
+    assert serve_bench.ideal([3, 9, 3, 9], clients=4, slots=2, chunk=4)["continuous"]["steps"] == 16
+    # a closed loop: with one client, nothing ever shares a batch, and both take every step
+    alone = serve_bench.ideal([3, 9, 3, 9], clients=1, slots=2)
+    assert alone["batch"]["steps"] == alone["continuous"]["steps"] == 2 + 8 + 2 + 8
+
+
+def test_loguniform_budgets_span_the_range_evenly_in_log():
+    budgets = np.asarray(serve_bench.output_budgets("loguniform", (4, 256), 4000))
+    assert budgets.min() >= 4 and budgets.max() <= 256
+    short, long = np.mean(budgets < 16), np.mean(budgets >= 64)  # [4, 16) and [64, 256]: 2 of 6 octaves each
+    assert 0.28 < short < 0.39 and 0.28 < long < 0.39, (short, long)
 
 
 @pytest.mark.slow

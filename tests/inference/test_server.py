@@ -411,7 +411,8 @@ def test_warm_up_compiles_before_serving(chat):
         programs = (_prefill, _decode, *slots.platform_programs())
         return tuple(f._cache_size() for f in programs)
 
-    config = ServerConfig(model_name="warm", max_batch=2, warmup=True, limits=Limits(default_max_tokens=8))
+    limits = Limits(max_prompt_tokens=128, max_output_tokens=16, default_max_tokens=8)
+    config = ServerConfig(model_name="warm", max_batch=2, warmup=True, limits=limits)
     app = create_app(chat, config)
     with running_server(app) as url:
         before = compiled()
