@@ -120,6 +120,7 @@ def test_checkpoint_every_zero_clean_console_and_full_logits_step_up_front(tmp_p
         "--config.stage1.checkpoint_every=0",
         "--config.log_every=1",
         "--config.stage1.targets_per_row=90",
+        "--config.stage1.eager_fallback=True",  # the default (the demo config turns it off)
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert _checkpoints(tmp_path) == [3]  # only the final one
