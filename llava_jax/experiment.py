@@ -42,10 +42,11 @@ def prepare_synthetic(config) -> None:
     if not s.enabled:
         return
     out = as_path(s.out)
-    if (out / "meta.json").exists():
+    # Only process 0 looks and writes; every process then meets at the barrier. (Each process looking
+    # for itself races: a fast process 0 can finish writing before another one looks and skips it.)
+    if jax.process_index() == 0 and (out / "meta.json").exists():
         log.info("synthetic data already at %s", out)
-        return
-    if jax.process_index() == 0:
+    elif jax.process_index() == 0:
         t = time.time()
         generate(
             str(out),

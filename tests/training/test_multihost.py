@@ -76,3 +76,24 @@ def test_full_job_under_the_launcher(tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["stage2"]["steps"] == 2 and summary["eval"]["n"] == 8
     assert (work / "stage2" / "checkpoints" / "2").exists() and (work / "stage2" / "final_params").exists()
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_every_process_meets_at_the_synthetic_data_barrier(tmp_path, monkeypatch, process):
+    """Data written by a fast process 0 before another process looks must not let that one skip the barrier
+    (it did: process 1 went on to the checkpoint barrier while process 0 waited at this one)."""
+    from jax.experimental import multihost_utils
+    from ml_collections import ConfigDict
+
+    from llava_jax import experiment
+
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")  # already there when this process looks
+    barriers, generated = [], []
+    monkeypatch.setattr(experiment.jax, "process_index", lambda: process)
+    monkeypatch.setattr(experiment.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(experiment, "generate", lambda *a, **k: generated.append(a))
+    experiment.prepare_synthetic(ConfigDict({"synthetic": {"enabled": True, "out": str(out)}}))
+    assert barriers == ["synthetic data"] and generated == []
